@@ -1,0 +1,42 @@
+"""surgery: rewrite exported PyTorch graphs into plain arithmetic that every backend accepts.
+
+    import surgery
+    program = torch.export.export(model, args)
+    clean = surgery.rewrite(program)                  # all rewrites, in the right order
+    clean = surgery.rewrite(program, ["scatter"])     # just some
+    clean.module()(*args)                             # same results as program.module()(*args)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .rewrites import REGISTRY, Rewrite, RewriteError, RewriteResult, op_census, resolve
+
+__version__ = "0.1.0"
+
+
+def rewrite_with_log(program: torch.export.ExportedProgram, rewrites=None) -> tuple[torch.export.ExportedProgram, list[tuple[Rewrite, RewriteResult]]]:
+    """Like ``rewrite``, also returning each rewrite with what it replaced."""
+    if not isinstance(program, torch.export.ExportedProgram):
+        raise TypeError(f"surgery.rewrite expects a torch.export.ExportedProgram, got {type(program).__name__}")
+    log = []
+    for rw in resolve(rewrites):
+        result = rw(program)
+        program = result.program
+        log.append((rw, result))
+    return program, log
+
+
+def rewrite(program: torch.export.ExportedProgram, rewrites=None) -> torch.export.ExportedProgram:
+    """Apply the named rewrites (default: all) in the right order.
+
+    ``rewrites`` is None, a name, or a list of names and/or ``Rewrite`` instances (to change a
+    rewrite's settings, e.g. ``RoiAlignToGridSample(max_samples_per_bin=4)``). The result holds
+    none of the rewritten operators and its ``.module()`` gives the original's results within
+    each rewrite's contract. Unknown names raise ``RewriteError`` listing the known ones.
+    """
+    return rewrite_with_log(program, rewrites)[0]
+
+
+__all__ = ["REGISTRY", "Rewrite", "RewriteError", "RewriteResult", "op_census", "rewrite", "rewrite_with_log"]

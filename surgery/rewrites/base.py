@@ -1,0 +1,96 @@
+"""The rewrite pass: one object, one entry point, and a report of what it changed.
+
+A rewrite replaces every call of some operator overloads in a ``torch.export.ExportedProgram``
+by a subgraph of core ATen operators. It does so with torch's own mechanism,
+``ExportedProgram.run_decompositions`` with a decomposition table that holds only the rewrite's
+entries, so every other operator is left as it was and the result is again an
+``ExportedProgram`` (savable with ``torch.export.save``, runnable with ``.module()``).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Callable, ClassVar, Mapping
+
+import torch
+from torch._ops import OpOverload
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+
+class RewriteError(RuntimeError):
+    """A rewrite could not do what it promises (unknown name, operator left behind, ...)."""
+
+
+def op_census(program: torch.export.ExportedProgram) -> collections.Counter:
+    """How many times each operator is called in the program's graph, keyed by its name."""
+    census: collections.Counter = collections.Counter()
+    for node in program.graph.nodes:
+        if node.op == "call_function":
+            census[_op_name(node.target)] += 1
+    return census
+
+
+def _op_name(target) -> str:
+    # OpOverloads print as "aten.scatter.src", "torchvision.roi_align.default".
+    return str(target) if isinstance(target, OpOverload) else getattr(target, "__name__", str(target))
+
+
+def is_tracing(*tensors: torch.Tensor) -> bool:
+    """True while the values are symbolic (export, decomposition, make_fx): data checks can't run."""
+    if _get_current_dispatch_mode() is not None or torch.compiler.is_compiling():
+        return True
+    return any(type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter) for t in tensors)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewriteResult:
+    program: torch.export.ExportedProgram
+    replaced: Mapping[str, int]  # operator name -> calls replaced
+
+    @property
+    def modified(self) -> bool:
+        return sum(self.replaced.values()) > 0
+
+
+class Rewrite:
+    """Base of every rewrite. Subclasses set the class attributes and ``decompositions``."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    contract: ClassVar[str]
+    # Position in the canonical order: a rewrite whose replacement emits another rewrite's
+    # operator must run before it (roi_align emits grid_sampler_2d).
+    order: ClassVar[int]
+
+    def targets(self) -> tuple[OpOverload, ...]:
+        """Every operator this rewrite removes: its decomposition keys, plus the in-place
+        variants that ``run_decompositions`` functionalizes into them (``scatter_`` in a
+        training-IR graph becomes ``scatter`` and is then decomposed)."""
+        return tuple(self.decompositions()) + self.functionalized_variants()
+
+    def functionalized_variants(self) -> tuple[OpOverload, ...]:
+        return ()
+
+    def decompositions(self) -> dict[OpOverload, Callable]:
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        """The rewrite's parameters, for reports."""
+        return {}
+
+    def __call__(self, program: torch.export.ExportedProgram) -> RewriteResult:
+        names = {_op_name(op) for op in self.targets()}
+        before = op_census(program)
+        replaced = {name: before[name] for name in sorted(names) if before[name]}
+        if not replaced:
+            return RewriteResult(program, {})
+        rewritten = program.run_decompositions(self.decompositions())
+        left = {name: n for name, n in op_census(rewritten).items() if name in names}
+        if left:
+            raise RewriteError(f"rewrite {self.name!r} left operators behind: {left}")
+        return RewriteResult(rewritten, replaced)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
+        return f"{type(self).__name__}({args})"
