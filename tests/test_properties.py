@@ -27,41 +27,34 @@ def _within_contract(case) -> bool:
 
 
 @pytest.mark.parametrize("name", REWRITES)
-def test_function_form(name):
-    @given(strategy_for(name))
-    def check(case):
-        event(f"dtype={case.input.dtype}")
-        for kind in getattr(case, "kinds", ()):
-            event(f"box={kind}")
-        expected = case.reference()
-        if not _within_contract(case):
-            event("outside contract: raises")
-            with pytest.raises(ValueError, match="beyond the static bound"):
-                case.rewritten()
-            return
-        assert_equivalent(case.rewritten(), expected, scale=case.scale, context=repr(case))
-
-    check()
-
-
-_cache: dict = {}
+@given(data=st.data())
+def test_function_form(name, data):
+    case = data.draw(strategy_for(name), label="case")
+    event(f"dtype={case.input.dtype}")
+    for kind in getattr(case, "kinds", ()):
+        event(f"box={kind}")
+    expected = case.reference()
+    if not _within_contract(case):
+        event("outside contract: raises")
+        with pytest.raises(ValueError, match="beyond the static bound"):
+            case.rewritten()
+        return
+    assert_equivalent(case.rewritten(), expected, scale=case.scale, context=repr(case))
 
 
 @pytest.mark.parametrize("name", REWRITES)
-def test_graph_form(name):
-    @settings(max_examples=graph_examples())
-    @given(strategy_for(name))
-    def check(case):
-        program = torch.export.export(case.module(), case.args())
-        assert any(str(op) in surgery.op_census(program) for op in REGISTRY[name]().targets()), "op not in graph"
-        rewritten = surgery.rewrite(program)
-        left = set(surgery.op_census(rewritten)) & ALL_TARGETS
-        assert not left, f"rewritten graph still calls {left}"
-        if not _within_contract(case):
-            event("outside contract: graph caps samples")
-            return  # checked by test_roi_align_graph_caps_beyond_bound
-        expected = program.module()(*case.args())
-        assert_equivalent(rewritten.module()(*case.args()), expected, scale=case.scale, context=repr(case))
-        assert_equivalent(expected, case.reference(), scale=case.scale, context="export changed the op?")
-
-    check()
+@settings(max_examples=graph_examples())
+@given(data=st.data())
+def test_graph_form(name, data):
+    case = data.draw(strategy_for(name), label="case")
+    program = torch.export.export(case.module(), case.args())
+    assert any(str(op) in surgery.op_census(program) for op in REGISTRY[name]().targets()), "op not in graph"
+    rewritten = surgery.rewrite(program)
+    left = set(surgery.op_census(rewritten)) & ALL_TARGETS
+    assert not left, f"rewritten graph still calls {left}"
+    if not _within_contract(case):
+        event("outside contract: graph caps samples")
+        return  # checked by test_roi_align_graph_caps_beyond_bound
+    expected = program.module()(*case.args())
+    assert_equivalent(rewritten.module()(*case.args()), expected, scale=case.scale, context=repr(case))
+    assert_equivalent(expected, case.reference(), scale=case.scale, context="export changed the op?")

@@ -14,7 +14,7 @@ rule (a sample beyond -1 or the map's size contributes 0), so it is not exact fo
 straddle the map's edge. We follow the C++ kernel (``roi_align_kernel.cpp``) instead.
 
 Contract: exact (float64 relative error <= 1e-12, float32 absolute <= 1e-5 on unit-scale data)
-for every finite box whose adaptive sample count fits the bound:
+on a finite feature map for every finite box whose adaptive sample count fits the bound:
 ``ceil(roi_h / PH) <= GH`` and ``ceil(roi_w / PW) <= GW`` (roi sizes in feature-map pixels, after
 ``spatial_scale``; ``(GH, GW) = max_samples_per_bin``, default ``(ceil(H / PH), ceil(W / PW))``),
 so in particular for every box no larger than the feature map. ``sampling_ratio > 0`` is exact
@@ -38,7 +38,7 @@ from torch.nn.modules.utils import _pair
 from .base import Rewrite, is_tracing
 
 CONTRACT = (
-    "exact for every finite box whose adaptive sample count fits the static bound: "
+    "exact on a finite feature map for every finite box whose adaptive sample count fits the static bound: "
     "ceil(roi_h/PH) <= GH and ceil(roi_w/PW) <= GW in feature-map pixels, with "
     "(GH, GW) = max_samples_per_bin, default (ceil(H/PH), ceil(W/PW)), i.e. every box no larger "
     "than the feature map; sampling_ratio > 0 is exact for every finite box; batch indices in "
@@ -148,11 +148,13 @@ def roi_align_grid_sample(
 
     # The kernel's boundary rule: a sample beyond -1 or the map's size contributes 0; one in
     # [-1, 0] (or [size-1, size]) is clamped onto the edge pixel. grid_sample's own zero padding
-    # is a different rule, so clamp here and sample with border padding.
+    # is a different rule, so clamp here. Samples that don't count (beyond the boundary, or past
+    # the box's adaptive count) are sent far outside the map, where zero padding makes them
+    # exactly 0: no mask over the [K, C, ...] samples is needed.
     used_y = (iy[None, :] < grid_h[:, None])[:, None, :] & (y >= -1) & (y <= H)  # [K, PH, GH]
     used_x = (ix[None, :] < grid_w[:, None])[:, None, :] & (x >= -1) & (x <= W)  # [K, PW, GW]
-    gy = _normalize(y.clamp(0, H - 1), H)  # [K, PH, GH]
-    gx = _normalize(x.clamp(0, W - 1), W)  # [K, PW, GW]
+    gy = torch.where(used_y, _normalize(y.clamp(0, H - 1), H), _OUTSIDE)  # [K, PH, GH]
+    gx = torch.where(used_x, _normalize(x.clamp(0, W - 1), W), _OUTSIDE)  # [K, PW, GW]
     grid = torch.stack(
         [
             gx.reshape(K, 1, PW * GW).expand(K, PH * GH, PW * GW),
@@ -165,18 +167,18 @@ def roi_align_grid_sample(
         maps = input.expand(K, C, H, W)  # [K, C, H, W]
     else:
         maps = input.index_select(0, rois[:, 0].to(torch.int64))  # [K, C, H, W]
-    samples = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=True)  # [K, C, PH*GH, PW*GW]
-    samples = samples.reshape(K, C, PH, GH, PW, GW)  # [K, C, PH, GH, PW, GW]
-    used = used_y[:, :, :, None, None] & used_x[:, None, None, :, :]  # [K, PH, GH, PW, GW]
-    samples = torch.where(used[:, None], samples, 0)  # [K, C, PH, GH, PW, GW]
-    return samples.sum(dim=(3, 5)) / count[:, None, None, None]  # [K, C, PH, PW]
+    samples = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # [K, C, PH*GH, PW*GW]
+    sums = samples.reshape(K, C, PH, GH, PW, GW).sum(dim=(3, 5))  # [K, C, PH, PW]
+    return sums / count[:, None, None, None]  # [K, C, PH, PW]
+
+
+# A normalized coordinate whose four bilinear taps all lie outside any map (pixel -size-0.5).
+_OUTSIDE = -3.0
 
 
 def _normalize(coord: Tensor, size: int) -> Tensor:
-    """Pixel coordinate in [0, size-1] -> grid_sample's [-1, 1] with align_corners=True."""
-    if size == 1:
-        return torch.zeros_like(coord)
-    return coord * (2 / (size - 1)) - 1
+    """Pixel coordinate in [0, size-1] -> grid_sample's [-1, 1] (align_corners=False)."""
+    return (2 * coord + 1) / size - 1
 
 
 def _raise_outside_bound(rois: Tensor, needed_h: Tensor, needed_w: Tensor, GH: int, GW: int) -> None:

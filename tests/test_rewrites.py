@@ -1,0 +1,258 @@
+"""Unit tests: the rewrite API, each rewrite's edges and choices, and the comparison metrics."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import surgery
+from surgery.equivalence import assert_equivalent, compare, ulp_distance
+from surgery.rewrites import RewriteError
+from surgery.rewrites.grid_sample import grid_sample
+from surgery.rewrites.roi_align import RoiAlignToGridSample, roi_align
+from surgery.rewrites.scatter import ScatterToSelect, ScatterTooLarge, scatter
+
+
+class AllThree(torch.nn.Module):
+    def forward(self, x, boxes, grid, index, src):
+        pooled = torchvision.ops.roi_align(x, boxes, (3, 3), 0.5, -1, True)  # [K, C, 3, 3]
+        sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        table = src.new_zeros(4, 6)
+        table.scatter_(1, index, src)  # in place: a training-IR graph keeps scatter_
+        return pooled, sampled, table
+
+
+def all_three_args():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 10, 8, generator=g)
+    boxes = torch.tensor([[0, 1.0, 2, 9, 15], [1, -3, -2, 4, 4], [0, 10, 10, 10, 10]])
+    grid = torch.rand(2, 4, 5, 2, generator=g) * 2.4 - 1.2
+    index = torch.tensor([[0, 1], [2, 3], [4, 5], [1, 0]])
+    src = torch.randn(4, 2, generator=g)
+    return x, boxes, grid, index, src
+
+
+@pytest.fixture(scope="module")
+def program():
+    return torch.export.export(AllThree(), all_three_args())
+
+
+def test_rewrite_removes_all_and_matches(program):
+    rewritten = surgery.rewrite(program)
+    census = surgery.op_census(rewritten)
+    assert not any("roi_align" in op or "grid_sampler" in op or "scatter" in op for op in census), census
+    for a, b in zip(rewritten.module()(*all_three_args()), program.module()(*all_three_args())):
+        assert_equivalent(a, b, scale=4.0)
+
+
+def test_rewritten_program_saves_and_loads(program, tmp_path):
+    path = tmp_path / "rewritten.pt2"
+    torch.export.save(surgery.rewrite(program), path)
+    loaded = torch.export.load(path)
+    for a, b in zip(loaded.module()(*all_three_args()), program.module()(*all_three_args())):
+        assert_equivalent(a, b, scale=4.0)
+
+
+def test_order_is_canonical_whatever_the_caller_says(program):
+    _, log = surgery.rewrite_with_log(program, ["grid_sample", "roi_align"])
+    assert [rw.name for rw, _ in log] == ["roi_align", "grid_sample"]
+    # roi_align emits a grid sampler; grid_sample ran after it, so none is left.
+    assert not any("grid_sampler" in op for op in surgery.op_census(log[-1][1].program))
+
+
+def test_roi_align_alone_leaves_its_grid_sampler(program):
+    census = surgery.op_census(surgery.rewrite(program, "roi_align"))
+    assert "torchvision.roi_align.default" not in census
+    assert census["aten.grid_sampler.default"] == 2  # the model's own, and roi_align's
+
+
+def test_inplace_scatter_is_rewritten_alone(program):
+    assert "aten.scatter_.value" in surgery.op_census(program) or "aten.scatter_.src" in surgery.op_census(program)
+    census = surgery.op_census(surgery.rewrite(program, ["scatter"]))
+    assert not any("scatter" in op for op in census), census
+
+
+def test_rewrite_reports_untouched_program():
+    class Plain(torch.nn.Module):
+        def forward(self, x):
+            return x + 1
+
+    ep = torch.export.export(Plain(), (torch.ones(2),))
+    _, log = surgery.rewrite_with_log(ep)
+    assert [res.modified for _, res in log] == [False, False, False]
+
+
+def test_unknown_rewrite_lists_known_ones(program):
+    with pytest.raises(RewriteError, match="unknown rewrite 'roialign'; known rewrites: roi_align, grid_sample, scatter"):
+        surgery.rewrite(program, ["roialign"])
+
+
+def test_rewrite_rejects_non_programs():
+    with pytest.raises(TypeError, match="expects a torch.export.ExportedProgram"):
+        surgery.rewrite(torch.nn.Linear(2, 2))
+
+
+# ------------------------------------------------------------------ roi_align
+
+
+def test_roi_align_list_boxes_and_empty():
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    boxes = [torch.tensor([[0.0, 0, 3, 3]], dtype=torch.float64), torch.zeros(0, 4, dtype=torch.float64)]
+    assert_equivalent(roi_align(x, boxes, 2), torchvision.ops.roi_align(x, boxes, 2))
+    empty = torch.zeros(0, 5, dtype=torch.float64)
+    assert roi_align(x, empty, (2, 3)).shape == (0, 2, 2, 3)
+
+
+def test_roi_align_contract_edge():
+    """Exact up to the bound, an error one step beyond it (default bound: ceil(H/PH) = 3)."""
+    x = torch.randn(1, 2, 9, 9, dtype=torch.float64)
+    at_edge = torch.tensor([[0, 0.0, 0.0, 9.0, 9.0]], dtype=torch.float64)  # 9/3 = 3 samples per bin
+    assert_equivalent(roi_align(x, at_edge, 3, aligned=True), torchvision.ops.roi_align(x, at_edge, 3, aligned=True))
+    beyond = torch.tensor([[0, 0.0, 0.0, 9.0 + 1e-9, 9.0]], dtype=torch.float64)  # needs 4 along x
+    with pytest.raises(ValueError, match=r"needs 3x4 samples per bin, beyond the static bound 3x3.*max_samples_per_bin=\(3, 4\)"):
+        roi_align(x, beyond, 3, aligned=True)
+    # With the bound raised as the message says, the same box is exact.
+    assert_equivalent(roi_align(x, beyond, 3, aligned=True, max_samples_per_bin=(3, 4)),
+                      torchvision.ops.roi_align(x, beyond, 3, aligned=True))
+
+
+def test_roi_align_graph_caps_beyond_bound():
+    """A rewritten graph can't raise on data: beyond the bound it pools with the bound's samples."""
+    x = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+    big = torch.tensor([[0, -10.0, -10.0, 30.0, 30.0]], dtype=torch.float64)  # 40 px: needs 10 per bin
+
+    class M(torch.nn.Module):
+        def forward(self, x, b):
+            return torchvision.ops.roi_align(x, b, 4, 1.0, -1, False)
+
+    rewritten = surgery.rewrite(torch.export.export(M(), (x, big)), [RoiAlignToGridSample(max_samples_per_bin=3), "grid_sample"])
+    capped = torchvision.ops.roi_align(x, big, 4, 1.0, 3, False)
+    assert_equivalent(rewritten.module()(x, big), capped)
+    assert compare(rewritten.module()(x, big), torchvision.ops.roi_align(x, big, 4)).max_abs > 1e-6
+
+
+def test_why_not_torchvision_pure_python_roi_align():
+    """torchvision's _roi_align lacks the kernel's rule that samples beyond -1 contribute 0."""
+    from torchvision.ops.roi_align import _roi_align
+
+    x = torch.randn(1, 1, 6, 6, dtype=torch.float64)
+    rois = torch.tensor([[0, -5.0, -5.0, 2.0, 2.0]], dtype=torch.float64)
+    kernel = torchvision.ops.roi_align(x, rois, 2, 1.0, 2, False)
+    python = _roi_align.__wrapped__(x, rois, 1.0, 2, 2, 2, False)
+    assert compare(python, kernel).max_abs > 1e-3
+    assert_equivalent(roi_align(x, rois, 2, 1.0, 2, False), kernel)
+
+
+# ------------------------------------------------------------------ grid_sample
+
+
+def test_why_not_torch_decomp_grid_sampler():
+    """torch._decomp masks the weight, not the value: inf at pixel (0, 0) leaks into zero padding."""
+    from torch._decomp.decompositions import grid_sampler_2d
+
+    x = torch.randn(1, 1, 4, 4)
+    x[0, 0, 0, 0] = float("inf")
+    grid = torch.full((1, 1, 1, 2), 5.0)  # far outside: grid_sample gives 0
+    assert F.grid_sample(x, grid, align_corners=False).item() == 0.0
+    assert torch.isnan(grid_sampler_2d(x, grid, 0, 0, False)).all()
+    assert grid_sample(x, grid).item() == 0.0
+
+
+def test_grid_sample_refuses_unknown_modes():
+    x, grid = torch.randn(1, 1, 3, 3), torch.zeros(1, 2, 2, 2)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        grid_sample(x, grid, mode="area")
+    with pytest.raises(ValueError, match="padding_mode must be one of"):
+        grid_sample(x, grid, padding_mode="wrap")
+
+
+def test_grid_sampler_3d_is_left_alone():
+    class M(torch.nn.Module):
+        def forward(self, x, g):
+            return F.grid_sample(x, g, align_corners=False)
+
+    x, g = torch.randn(1, 2, 3, 4, 5), torch.rand(1, 2, 2, 2, 3) * 2 - 1
+    rewritten = surgery.rewrite(torch.export.export(M(), (x, g)))
+    assert_equivalent(rewritten.module()(x, g), M()(x, g))
+
+
+# ------------------------------------------------------------------ scatter
+
+
+def scatter_loop(input, dim, index, src):
+    """Reference for duplicate indices: a serial loop, later entries overwrite earlier ones."""
+    out = input.clone()
+    for pos in torch.cartesian_prod(*[torch.arange(n) for n in index.shape]).reshape(-1, index.dim()).tolist():
+        target = list(pos)
+        target[dim] = int(index[tuple(pos)])
+        out[tuple(target)] = src[tuple(pos)] if isinstance(src, torch.Tensor) else src
+    return out
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_scatter_duplicates_last_entry_wins(dim):
+    g = torch.Generator().manual_seed(dim + 5)
+    input = torch.randn(4, 5, generator=g)
+    index = torch.randint(0, input.shape[dim], (3, 4), generator=g)  # duplicates along dim
+    src = torch.randn(4, 5, generator=g)
+    assert torch.equal(scatter(input, dim, index, src), scatter_loop(input, dim % 2, index, src))
+
+
+def test_scatter_nan_and_inf_come_through_exactly():
+    input = torch.tensor([1.0, float("nan"), 3.0, float("-inf")])
+    src = torch.tensor([float("inf"), float("nan"), -0.0])
+    index = torch.tensor([2, 0, 3])
+    expected = torch.scatter(input, 0, index, src)
+    actual = scatter(input, 0, index, src)
+    assert torch.equal(actual.isnan(), expected.isnan())
+    assert torch.equal(actual[~actual.isnan()], expected[~expected.isnan()])
+    assert torch.signbit(actual[3]) and actual[3] == 0  # -0.0 kept
+
+
+def test_scatter_refuses_huge_intermediates():
+    input, index = torch.zeros(4, 10_000), torch.zeros(4, 10_000, dtype=torch.int64)
+    with pytest.raises(ScatterTooLarge, match="400,000,000 elements .* above the limit of 67,108,864"):
+        scatter(input, 1, index, 1.0)
+
+    class M(torch.nn.Module):
+        def forward(self, x, i):
+            return x.scatter(1, i, 1.0)
+
+    with pytest.raises(ScatterTooLarge):
+        surgery.rewrite(torch.export.export(M(), (input, index)))
+    small = ScatterToSelect(max_intermediate_elements=10)
+    with pytest.raises(ScatterTooLarge):
+        surgery.rewrite(torch.export.export(M(), (torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.int64))), [small])
+
+
+def test_scatter_eager_checks_index_range():
+    with pytest.raises(IndexError, match=r"index out of range \[0, 3\)"):
+        scatter(torch.zeros(3), 0, torch.tensor([3]), 1.0)
+
+
+def test_scatter_scalar_tensor_and_value_casts():
+    assert torch.equal(scatter(torch.tensor(5.0), 0, torch.tensor(0), torch.tensor(2.0)), torch.tensor(2.0))
+    ints = torch.zeros(3, dtype=torch.int64)
+    assert torch.equal(scatter(ints, 0, torch.tensor([1]), 2.7), torch.scatter(ints, 0, torch.tensor([1]), 2.7))
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def test_ulp_distance_counts_representable_floats():
+    a = torch.tensor([1.0, -0.0, 1e-30, -2.0], dtype=torch.float32)
+    b = torch.nextafter(a, torch.tensor(float("inf")))
+    assert ulp_distance(a, b).tolist() == [1, 1, 1, 1]
+    assert ulp_distance(torch.tensor([-1e-45]), torch.tensor([1e-45])).item() == 2
+
+
+def test_compare_flags_what_differs():
+    ref = torch.tensor([1.0, float("nan"), float("inf")], dtype=torch.float64)
+    assert compare(ref.clone(), ref).within_bounds()
+    assert not compare(torch.tensor([1.0, 0.0, float("inf")], dtype=torch.float64), ref).within_bounds()
+    assert not compare(torch.tensor([1.0 + 1e-11, float("nan"), float("inf")], dtype=torch.float64), ref).within_bounds()
+    assert compare(ref[:2], ref).shape_mismatch
+    f32 = torch.zeros(3)
+    assert not compare(f32 + 2e-5, f32).within_bounds() and compare(f32 + 5e-6, f32).within_bounds()
+    with pytest.raises(AssertionError, match="not equivalent"):
+        assert_equivalent(f32 + 1, f32)
