@@ -179,3 +179,65 @@ def example_inputs(shape: PromptShape, seed: int = 0, valid_points=None, valid_b
 
 INPUT_NAMES = ("points", "point_labels", "point_mask", "boxes", "box_labels", "box_mask", "img_feats", "img_pos")
 OUTPUT_NAMES = ("embeddings", "padding_mask")
+
+
+def prompt_inputs(shape: PromptShape):
+    """Hypothesis strategy of wrapper inputs at ``shape``: right-padded prompts (at least one
+    valid point per image, 0 to all boxes), labels 0/1, points anywhere in [0, 1] including
+    the exact edges, boxes inside, straddling the image's edges and whole-image, and unit-scale
+    features."""
+    from hypothesis import strategies as st
+
+    Np, Nb, B = shape.points, shape.boxes, shape.batch
+    H, W = shape.feat_size
+    edge = st.sampled_from([0.0, 1.0, 0.5, 1e-6, 1 - 1e-6])
+    coord = st.one_of(st.floats(0, 1), edge)
+
+    @st.composite
+    def inputs(draw):
+        seed = draw(st.integers(0, 2**31 - 1))
+        valid_points = [draw(st.integers(1, Np)) for _ in range(B)]
+        valid_boxes = [draw(st.integers(0, Nb)) for _ in range(B)]
+        args = list(example_inputs(shape, seed, valid_points, valid_boxes))
+        points = torch.tensor([[[draw(coord), draw(coord)] for _ in range(B)] for _ in range(Np)])  # [Np, B, 2]
+        boxes = []
+        for _ in range(Nb * B):
+            kind = draw(st.sampled_from(["inside", "straddling", "whole", "tiny"]))
+            if kind == "whole":
+                boxes.append([0.5, 0.5, 1.0, 1.0])
+            elif kind == "tiny":
+                boxes.append([draw(coord), draw(coord), 1e-3, 1e-3])
+            elif kind == "straddling":
+                boxes.append([draw(edge), draw(coord), draw(st.floats(0.05, 1)), draw(st.floats(0.05, 1))])
+            else:
+                cx, cy = draw(st.floats(0.2, 0.8)), draw(st.floats(0.2, 0.8))
+                boxes.append([cx, cy, draw(st.floats(0.01, 0.4)), draw(st.floats(0.01, 0.4))])
+        args[0] = points
+        args[3] = torch.tensor(boxes, dtype=torch.float32).reshape(Nb, B, 4)  # [Nb, B, 4]
+        return tuple(args)
+
+    return inputs()
+
+
+def geometry_encoder_spec(points: int = 3, boxes: int = 2, batch: int = 1, feat_size=(72, 72), seed: int = 0,
+                          checkpoint: str | Path | None = None):
+    """SAM3's geometry (prompt) encoder, production configuration, from the sam3 package.
+
+    Returns the ModelSpec that ``surgery.pipeline.operate`` takes: module, inputs, strategy.
+    """
+    from surgery.pipeline import ModelSpec
+
+    shape = PromptShape(points, boxes, batch, tuple(feat_size)).validate()
+    encoder = build_geometry_encoder(seed=seed, checkpoint=checkpoint)
+    wrapper = GeometryEncoderWrapper(encoder, shape.feat_size).eval()
+    description = {
+        "model": "sam3.model.geometry_encoders.SequenceGeometryEncoder (sam3.model_builder._create_geometry_encoder)",
+        "weights": f"checkpoint {checkpoint}" if checkpoint else f"seeded random (seed {seed})",
+        "points": points, "boxes": boxes, "batch": batch, "feat_size": list(shape.feat_size),
+        "parameters": sum(p.numel() for p in encoder.parameters()),
+    }
+    return ModelSpec(
+        name="geometry_encoder", module=wrapper, example_args=example_inputs(shape, seed),
+        input_names=INPUT_NAMES, output_names=OUTPUT_NAMES, input_strategy=prompt_inputs(shape),
+        description=description, exact_outputs=("padding_mask",),
+    )

@@ -36,6 +36,7 @@ C, H, W, OUT = 256, 72, 72, 7
 # torchvision's _roi_align lays out [K, C, 7, 7, H, W] intermediates (about ten of them live at
 # once); past this estimate it would not fit the machine, so it is skipped, and the report says so.
 PURE_PYTORCH_LIMIT_BYTES = 12e9
+SLOW_REPEATS = 3
 
 
 def pure_pytorch_estimate(K: int) -> float:
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--boxes", default="1,4,16,64", help="comma-separated box counts")
     parser.add_argument("--dists", default="random,large", help="box size distributions: random, large")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--out", default="reports", help="directory for bench_roi_align.md/.json")
     parser.add_argument("--memory-child", nargs=3, metavar=("IMPL", "K", "DIST"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -111,25 +112,30 @@ def main(argv=None) -> int:
         for K in counts:
             x, boxes = make_inputs(K, dist)
             names = [n for n in impls if n != "torchvision _roi_align" or pure_pytorch_estimate(K) <= PURE_PYTORCH_LIMIT_BYTES]
-            # Check before timing. In float32 on a 72 x 72 map, coordinate rounding alone moves
-            # the C++ kernel itself ~1e-5 off exact arithmetic, so the rewrite is held to the
-            # project bound against the kernel OR to being no further from a float64 reference
-            # than the kernel is (x1.5).
-            reference = impls["torchvision C++ kernel"](x, boxes)
-            exact = impls["torchvision C++ kernel"](x.double(), [b.double() for b in boxes])
+            # Check before timing, in float64 where rounding can't hide a wrong rule: the rewrite
+            # must match the C++ kernel within the float64 bound. In float32 on a 72 x 72 map,
+            # coordinate rounding alone moves the kernel itself ~2e-5 off exact arithmetic, so
+            # the float32 numbers are reported (below), not gated on.
+            x64, boxes64 = x.double(), [b.double() for b in boxes]
+            exact = impls["torchvision C++ kernel"](x64, boxes64)
             scale = float(x.abs().max())
-            errors = {name: compare(impls[name](x, boxes), reference, scale=scale) for name in names[1:]}
-            cpp_vs_exact = compare(reference.double(), exact, scale=scale).max_abs
-            ours_vs_exact = compare(impls["surgery (grid_sample)"](x, boxes).double(), exact, scale=scale).max_abs
-            accuracy.append({"dist": dist, "boxes": K, "ours_vs_cpp": errors["surgery (grid_sample)"].max_abs,
-                             "cpp_vs_float64": cpp_vs_exact, "ours_vs_float64": ours_vs_exact})
-            if not (errors["surgery (grid_sample)"].within_bounds() or ours_vs_exact <= 1.5 * cpp_vs_exact):
-                print(f"the rewrite disagrees with the C++ kernel ({dist}, K={K}): {errors['surgery (grid_sample)']}; "
-                      f"vs float64: ours {ours_vs_exact:.3g}, C++ {cpp_vs_exact:.3g}", file=sys.stderr)
+            check64 = compare(impls["surgery (grid_sample)"](x64, boxes64), exact, scale=scale)
+            if not check64.within_bounds():
+                print(f"the rewrite disagrees with the C++ kernel in float64 ({dist}, K={K}): {check64}", file=sys.stderr)
                 return 1
+            reference = impls["torchvision C++ kernel"](x, boxes)
+            errors = {name: compare(impls[name](x, boxes), reference, scale=scale) for name in names[1:]}
+            accuracy.append({
+                "dist": dist, "boxes": K, "float64_ours_vs_cpp_max_rel": check64.max_rel,
+                "float32_ours_vs_cpp": errors["surgery (grid_sample)"].max_abs,
+                "float32_cpp_vs_float64": compare(reference.double(), exact).max_abs,
+                "float32_ours_vs_float64": compare(impls["surgery (grid_sample)"](x, boxes).double(), exact).max_abs,
+            })
             times = {n: [] for n in names}
-            for _ in range(args.repeats):  # interleaved: drift hits every implementation alike
+            for i in range(args.repeats):  # interleaved: drift hits every implementation alike
                 for n in names:
+                    if n == "torchvision _roi_align" and i >= SLOW_REPEATS:
+                        continue  # seconds per call: a few repeats are plenty
                     start = time.perf_counter()
                     impls[n](x, boxes)
                     times[n].append(time.perf_counter() - start)
@@ -154,7 +160,7 @@ def main(argv=None) -> int:
              f"Input 1 x {C} x {H} x {W} float32, output {OUT} x {OUT}, sampling_ratio=-1 (adaptive), aligned=False. "
              f"Boxes: `random` = SAM3-style normalized cxcywh uniform in [0, 1]; `large` = boxes the size of "
              f"the map (the C++ kernel's worst case, 11 x 11 samples per bin, which is our static bound). "
-             f"Median of {args.repeats} interleaved repeats; peak memory = rise of peak RSS over one call in a fresh process.",
+             f"Median of {args.repeats} interleaved repeats ({SLOW_REPEATS} for `_roi_align`, seconds a call); peak memory = rise of peak RSS over one call in a fresh process.",
              "", "| boxes | K | impl | time (ms) | peak memory (MB) | time vs C++ | memory: _roi_align / ours | max abs error vs C++ |",
              "|---|---:|---|---:|---:|---:|---:|---:|"]
     summary = []
@@ -173,9 +179,13 @@ def main(argv=None) -> int:
             summary.append({"dist": dist, "boxes": K,
                             "time_ratio_vs_cpp": get(dist, K, "surgery (grid_sample)", "ms") / cpp,
                             "memory_ratio_pure_over_ours": (get(dist, K, "torchvision _roi_align", "peak_mb") or 0) / ours_mem if get(dist, K, "torchvision _roi_align", "peak_mb") else None})
-    lines += ["", "Accuracy (float32, max abs error over all outputs):", "",
-              "| boxes | K | ours vs C++ | C++ vs float64 | ours vs float64 |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {a['dist']} | {a['boxes']} | {a['ours_vs_cpp']:.3g} | {a['cpp_vs_float64']:.3g} | {a['ours_vs_float64']:.3g} |" for a in accuracy]
+    lines += ["", "Accuracy. float64: the rewrite against the C++ kernel run in float64 (normwise max rel, "
+              "bound 1e-12; checked before timing). float32: max abs errors of the rewrite and of the C++ kernel "
+              "against the float64 result, and between the two; reported, not gated on (see README, precision note).", "",
+              "| boxes | K | float64 ours vs C++ (rel) | float32 ours vs C++ | float32 C++ vs float64 | float32 ours vs float64 |",
+              "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {a['dist']} | {a['boxes']} | {a['float64_ours_vs_cpp_max_rel']:.2g} | {a['float32_ours_vs_cpp']:.3g} | "
+              f"{a['float32_cpp_vs_float64']:.3g} | {a['float32_ours_vs_float64']:.3g} |" for a in accuracy]
     lines += ["", "`_roi_align` lacks the C++ kernel's boundary rule (a sample beyond -1 or the map's size "
               "contributes 0), hence its errors on boxes that straddle the map's edge.", "",
               "Targets: time within 3x of the C++ kernel; peak memory at least 10x below `_roi_align`.", ""]

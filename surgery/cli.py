@@ -1,5 +1,7 @@
 """``python -m surgery``: a thin shell over the library.
 
+    python -m surgery apply geometry_encoder   # export, rewrite, verify, TVM, run, report
+    python -m surgery apply PATH.pt2           # the same for a saved ExportedProgram
     python -m surgery list                     # models and rewrites, with their contracts
     python -m surgery verify [--rewrite NAME]  # property-check rewrites, write reports/rewrites.*
 """
@@ -16,8 +18,13 @@ class UsageError(Exception):
 
 
 def _list(args) -> int:
+    from models import MODELS
+
     from .rewrites import REGISTRY
 
+    print("models (python -m surgery apply NAME, or apply PATH.pt2 for a saved ExportedProgram):")
+    for name, build in MODELS.items():
+        print(f"  {name:16s} {(build.__doc__ or '').strip().splitlines()[0]}")
     print("rewrites (applied in this order):")
     for name, cls in REGISTRY.items():
         print(f"  {name:12s} {cls.summary}")
@@ -52,6 +59,70 @@ def _verify(args) -> int:
     return 0 if all(r.passed for r in results) else 1
 
 
+def _feat_size(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}") from None
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected N or HxW with positive sizes, got {text!r}")
+    return parts[0], parts[1]
+
+
+def _apply(args) -> int:
+    from pathlib import Path
+
+    from models import MODELS
+    from models.geometry_encoder import CheckpointError
+
+    from .equivalence.report import write_model_report
+    from .pipeline import operate, saved_program_spec
+    from .rewrites import REGISTRY
+
+    rewrites = args.rewrite or ["auto"]
+    if len(rewrites) == 1 and rewrites[0] in ("auto", "all", "none"):
+        rewrites = rewrites[0]
+    else:
+        unknown = [r for r in rewrites if r not in REGISTRY]
+        if unknown:
+            raise UsageError(f"unknown rewrite {unknown[0]!r}; known: auto, all, none, {', '.join(REGISTRY)}")
+    if args.examples < 1 or (args.tvm_examples is not None and args.tvm_examples < 0):
+        raise UsageError("--examples must be >= 1 and --tvm-examples >= 0")
+    start = time.perf_counter()
+    if args.target in MODELS:
+        try:
+            spec = MODELS[args.target](points=args.points, boxes=args.boxes, batch=args.batch,
+                                       feat_size=args.feat_size, seed=args.seed, checkpoint=args.checkpoint)
+        except (CheckpointError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+    elif args.target.endswith(".pt2") or Path(args.target).exists():
+        if args.checkpoint:
+            raise UsageError("--checkpoint applies to named models; a .pt2 holds its own weights")
+        try:
+            spec = saved_program_spec(args.target, seed=args.seed)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    else:
+        raise UsageError(f"unknown model {args.target!r}; known models: {', '.join(MODELS)} (or a path to a .pt2 file)")
+    print(f"[build     ] {time.perf_counter() - start:7.2f} s  {spec.description.get('model')}, weights: {spec.description.get('weights')}", flush=True)
+    out_dir = Path(args.out) if args.out else Path("out") / spec.name
+    result = operate(spec, rewrites=rewrites, examples=args.examples, tvm_examples=args.tvm_examples,
+                     seed=args.seed, out_dir=out_dir, compile_tvm=not args.no_tvm,
+                     progress=lambda m: print(m, flush=True))
+    result.report["stages_s"] = {"build": time.perf_counter() - start - sum(result.report["stages_s"].values()), **result.report["stages_s"]}
+    md, js = write_model_report(result.report, args.reports)
+    for key, path in result.report["artifacts"].items():
+        print(f"artifact {key}: {path}")
+    print(f"report: {md} and {js}")
+    if not result.passed:
+        print(f"surgery: equivalence FAILED ({len(result.report['failures'])} failure(s)); counterexample in {md}", file=sys.stderr)
+        return 1
+    print("all equivalence checks passed")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m surgery", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--seed", type=int, default=0)
     verify.add_argument("--out", default="reports", help="directory for rewrites.md / rewrites.json")
     verify.set_defaults(run=_verify)
+
+    apply = sub.add_parser("apply", help="export, rewrite, verify, compile with TVM, run, report")
+    apply.add_argument("target", help="a model name (see 'list') or the path of a saved ExportedProgram (.pt2)")
+    apply.add_argument("--checkpoint", help="SAM3 checkpoint or bare encoder state_dict (default: seeded random weights)")
+    apply.add_argument("--points", type=int, default=3, help="number of points (static, right-padded by masks)")
+    apply.add_argument("--boxes", type=int, default=2, help="number of boxes")
+    apply.add_argument("--batch", type=int, default=1)
+    apply.add_argument("--feat-size", type=_feat_size, default=(72, 72), help="image feature map, N or HxW (SAM3 at 1008 px: 72)")
+    apply.add_argument("--rewrite", action="append", help="auto (probe TVM; default), all, none, or rewrite names (repeatable)")
+    apply.add_argument("--examples", type=int, default=20, help="hypothesis examples for original vs rewritten")
+    apply.add_argument("--tvm-examples", type=int, default=None, help="hypothesis examples for original vs TVM (default: --examples)")
+    apply.add_argument("--seed", type=int, default=0, help="weights, example inputs and hypothesis seed")
+    apply.add_argument("--out", help="artifact directory (default: out/<model>)")
+    apply.add_argument("--reports", default="reports", help="directory for <model>.md / <model>.json")
+    apply.add_argument("--no-tvm", action="store_true", help="stop after the PyTorch verification")
+    apply.set_defaults(run=_apply)
     return parser
 
 

@@ -86,3 +86,61 @@ def write_rewrite_report(verifications, out_dir: str | Path = "reports", stem: s
     md = write_text(out_dir / f"{stem}.md", "\n".join(lines))
     js = write_text(out_dir / f"{stem}.json", json.dumps(data, indent=2) + "\n")
     return md, js
+
+
+def write_model_report(report: dict, out_dir: str | Path = "reports") -> tuple[Path, Path]:
+    """``<model>.md`` and ``<model>.json`` for one ``surgery.pipeline.operate`` run."""
+    from ..rewrites import REGISTRY
+
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    data = {"generated": now, "versions": versions(), "bounds": bounds_text(), **to_jsonable(report)}
+    name = report["model"]
+    verdict = "PASSED: every equivalence check within bounds" if report["passed"] else "FAILED"
+    lines = [f"# Surgery report: `{name}`", "", f"Generated {now}. Verdict: **{verdict}**.", ""]
+    lines += ["## Model", ""] + [f"- {k}: {v}" for k, v in report["description"].items()] + [""]
+    lines += ["Versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()), ""]
+    lines += ["## Rewrites", "", f"Mode: `{report['rewrites']['mode']}`.", "",
+              "| rewrite | decision and why | replaced |", "|---|---|---|"]
+    for rw in REGISTRY:
+        replaced = report["rewrites"]["applied"].get(rw)
+        lines.append(f"| `{rw}` | {report['rewrites']['reasons'].get(rw, '')} | "
+                     f"{', '.join(f'{k} x{v}' for k, v in replaced.items()) if replaced else '-'} |")
+    lines += ["", "Contracts of the rewrites applied:", ""]
+    lines += [f"- `{n}`: {c}" for n, c in report["rewrites"]["contracts"].items()] or ["- (none applied)"]
+    lines += ["", "## Operator census", "", "| operator | before | after |", "|---|---:|---:|"]
+    before, after = report["census_before"], report["census_after"]
+    for op in sorted(set(before) | set(after)):
+        if before.get(op, 0) != after.get(op, 0):
+            lines.append(f"| `{op}` | {before.get(op, 0)} | {after.get(op, 0)} |")
+    lines += ["", f"Operators whose count did not change are omitted ({len(set(before) & set(after))} in both; "
+              f"the JSON report has the full census).", ""]
+    lines += ["## Equivalence", "", f"Bounds: {data['bounds']}", "",
+              f"Hypothesis examples: {report['examples']} (original vs rewritten PyTorch), "
+              f"{report['tvm_examples']} (original vs TVM), seed {report['seed']}.", "",
+              "| check | output | max abs | max rel | max ULP | non-finite mismatches | bound | within |",
+              "|---|---|---:|---:|---:|---:|---|---|"]
+    for check, stats in report["equivalence"].items():
+        for output, s in stats.items():
+            lines.append(f"| {check.replace('_', ' ')} | {output} | {s.max_abs:.3g} | {s.max_rel:.3g} | {s.max_ulp} | "
+                         f"{s.nonfinite_mismatches} | {s.bound()} | {'yes' if s.within_bounds() else 'NO'} |")
+    if report["failures"]:
+        lines += ["", "### Failures", ""]
+        for f in report["failures"]:
+            lines += [f"- {f['check']}: `{f.get('error', '')}`"]
+            if f.get("counterexample"):
+                lines += ["", "  Counterexample (shrunk by hypothesis):", "", "```json",
+                          json.dumps(to_jsonable(f["counterexample"]), indent=2), "```", ""]
+    lines += ["", "## TVM and timings", ""]
+    if report["tvm"].get("error"):
+        lines.append(f"- TVM failed: `{report['tvm']['error']}`")
+    if "build_s" in report["tvm"]:
+        lines.append(f"- TVM build time: {report['tvm']['build_s']:.1f} s (target llvm, host CPU, default schedules)")
+    for k, v in report["latency"].items():
+        lines.append(f"- latency {k.replace('_ms', '')}: {v:.2f} ms (median)")
+    lines += ["- stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in report["stages_s"].items())]
+    for k, v in report["artifacts"].items():
+        lines.append(f"- artifact {k}: `{v}`")
+    out_dir = Path(out_dir)
+    md = write_text(out_dir / f"{name}.md", "\n".join(lines) + "\n")
+    js = write_text(out_dir / f"{name}.json", json.dumps(data, indent=2) + "\n")
+    return md, js

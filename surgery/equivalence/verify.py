@@ -33,6 +33,37 @@ class Verification:
     seconds: float = 0.0
 
 
+class PropertyFailed(AssertionError):
+    """A property failed; ``counterexample`` is hypothesis's shrunk failing input."""
+
+    def __init__(self, message: str, counterexample):
+        super().__init__(message)
+        self.counterexample = counterexample
+
+
+def check_property(strategy, check, examples: int, seed: int) -> int:
+    """Run ``check`` on ``examples`` inputs drawn from ``strategy`` (reproducibly from ``seed``).
+
+    Returns the number of examples run; raises PropertyFailed with the shrunk counterexample.
+    """
+    seen: list = [None, 0]
+
+    @hypothesis_seed(seed)
+    @settings(max_examples=examples, database=None, deadline=None, derandomize=False,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(strategy)
+    def prop(case):
+        seen[0] = case
+        seen[1] += 1
+        check(case)
+
+    try:
+        prop()
+    except Exception as exc:  # hypothesis re-raises the shrunk failure last
+        raise PropertyFailed(f"{type(exc).__name__}: {exc}".strip()[:2000], seen[0]) from exc
+    return seen[1]
+
+
 def verify_rewrite(name: str, examples: int = 2000, graph_examples: int = 50, seed: int = 0, progress=print) -> Verification:
     import surgery
     from surgery.rewrites import REGISTRY
@@ -40,7 +71,6 @@ def verify_rewrite(name: str, examples: int = 2000, graph_examples: int = 50, se
     rw = REGISTRY[name]()
     result = Verification(name, rw.contract, rw.settings(), examples, graph_examples, seed)
     start = time.perf_counter()
-    last_case: list = [None]
 
     def record(form, actual, expected, scale):
         stats = compare(actual, expected, scale=scale)
@@ -55,18 +85,8 @@ def verify_rewrite(name: str, examples: int = 2000, graph_examples: int = 50, se
         return ok
 
     def run(form, n, check):
-        common = dict(database=None, deadline=None, derandomize=False,
-                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-        @hypothesis_seed(seed)
-        @settings(max_examples=n, **common)
-        @given(strategy_for(name))
-        def prop(case):
-            last_case[0] = case
-            check(case)
-
         progress(f"  {name}: {form} form, {n} examples ...")
-        prop()
+        check_property(strategy_for(name), check, n, seed)
 
     def function_form(case):
         expected = case.reference()
@@ -88,9 +108,9 @@ def verify_rewrite(name: str, examples: int = 2000, graph_examples: int = 50, se
     try:
         run("function", examples, function_form)
         run("graph", graph_examples, graph_form)
-    except Exception as exc:  # hypothesis re-raises the shrunk failure last
+    except PropertyFailed as exc:
         result.passed = False
-        result.error = f"{type(exc).__name__}: {exc}".strip()[:2000]
-        result.counterexample = repr(last_case[0])[:4000]
+        result.error = str(exc)
+        result.counterexample = repr(exc.counterexample)[:4000]
     result.seconds = time.perf_counter() - start
     return result

@@ -75,6 +75,13 @@ class Rewrite:
     def decompositions(self) -> dict[OpOverload, Callable]:
         raise NotImplementedError
 
+    # What the TVM probe checks (``surgery.tvm_backend.probe``): a small case built from the
+    # converter bugs we know of, and a few words saying what it exercises.
+    probe_note: ClassVar[str] = ""
+
+    def probe_case(self):
+        raise NotImplementedError
+
     def settings(self) -> dict:
         """The rewrite's parameters, for reports."""
         return {}

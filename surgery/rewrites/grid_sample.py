@@ -194,6 +194,13 @@ class GridSampleToGather(Rewrite):
     contract = CONTRACT
     order = 20
 
+    probe_note = "bilinear grid_sample of a 5x7 map on a 3x4 grid ([N, H, W, 2] layout)"
+
+    def probe_case(self):
+        input = torch.linspace(-1, 1, 2 * 5 * 7).reshape(1, 2, 5, 7).cos()
+        grid = torch.linspace(-1.1, 1.1, 3 * 4 * 2).reshape(1, 3, 4, 2)
+        return GridSampleCase(input, grid, "bilinear", "zeros", False)
+
     def decompositions(self):
         return {
             aten.grid_sampler_2d.default: grid_sampler_2d,

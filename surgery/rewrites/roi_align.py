@@ -207,6 +207,13 @@ class RoiAlignToGridSample(Rewrite):
     def settings(self):
         return {"max_samples_per_bin": self.max_samples_per_bin}
 
+    probe_note = "adaptive roi_align on a 7x9 map with boxes straddling its edges"
+
+    def probe_case(self):
+        input = torch.linspace(-1, 1, 2 * 7 * 9).reshape(1, 2, 7, 9).sin()
+        boxes = torch.tensor([[0, -1.5, 0.5, 6.0, 5.0], [0, 3.2, 2.1, 10.0, 8.5], [0, 1.0, 1.0, 2.0, 1.5]])
+        return RoiAlignCase(input, boxes, (3, 2), 1.0, -1, False, ())
+
     def decompositions(self):
         def roi_align_decomposition(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
             return roi_align_grid_sample(

@@ -133,6 +133,14 @@ class ScatterToSelect(Rewrite):
     def settings(self):
         return {"max_intermediate_elements": self.max_intermediate_elements}
 
+    probe_note = "scatter.src along dim 0 with an index smaller than the input (SAM3's padded concat)"
+
+    def probe_case(self):
+        input = torch.zeros(5, 2, 3)
+        index = torch.tensor([[1, 2], [2, 3]])[:, :, None].expand(2, 2, 3).contiguous()
+        src = torch.arange(12, dtype=torch.float32).reshape(2, 2, 3) + 1
+        return ScatterCase(input, 0, index, src, "shifted_range")
+
     def decompositions(self):
         def scatter_decomposition(input, dim, index, src):
             return scatter_by_select(input, dim, index, src, max_intermediate_elements=self.max_intermediate_elements)

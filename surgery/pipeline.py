@@ -1,0 +1,314 @@
+"""Export -> rewrite -> verify -> compile with TVM -> run -> report: the library behind
+``python -m surgery apply``, usable directly from a notebook::
+
+    from surgery.pipeline import operate
+    from models.registry import get_model
+
+    spec = get_model("geometry_encoder").build(points=3, boxes=2)
+    result = operate(spec)              # a Surgery: programs, callables, report
+    result.rewritten_module(*spec.example_args)
+    result.tvm(*spec.example_args)      # the TVM-compiled function, same results
+    result.report["equivalence"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from . import op_census, rewrite_with_log
+from .atomic import atomic_path
+from .equivalence.compare import ErrorStats, compare
+from .rewrites import REGISTRY, RewriteError
+
+
+class SurgeryFailed(RuntimeError):
+    """Raised by ``operate(..., raise_on_failure=True)`` when an equivalence check fails."""
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """What ``operate`` needs to know about a model: built by an adapter in ``models/``."""
+
+    name: str
+    module: torch.nn.Module | None  # None when only a saved program exists
+    example_args: tuple
+    input_names: Sequence[str]
+    output_names: Sequence[str]
+    # Hypothesis strategy of input tuples of the exported shapes, for the equivalence checks.
+    input_strategy: object
+    description: dict
+    program: torch.export.ExportedProgram | None = None  # given instead of exporting module
+    # Outputs compared exactly (masks) rather than within the float bounds.
+    exact_outputs: Sequence[str] = ()
+
+
+@dataclasses.dataclass
+class Surgery:
+    """The result: original and rewritten programs, callables, TVM function, report."""
+
+    spec: ModelSpec
+    original: torch.export.ExportedProgram
+    rewritten: torch.export.ExportedProgram
+    tvm: object | None  # surgery.tvm_backend.TvmFunction
+    report: dict
+    passed: bool
+
+    @property
+    def rewritten_module(self) -> torch.nn.Module:
+        return self.rewritten.module()
+
+    @property
+    def original_module(self) -> torch.nn.Module:
+        return self.original.module()
+
+
+def choose_rewrites(mode: str | Sequence[str], progress=print) -> tuple[list[str], dict[str, str]]:
+    """``"auto"`` (probe TVM), ``"all"``, ``"none"`` or explicit names -> (names, reason per name)."""
+    if mode == "all":
+        return list(REGISTRY), {n: "--rewrite all" for n in REGISTRY}
+    if mode == "none":
+        return [], {n: "--rewrite none" for n in REGISTRY}
+    if mode == "auto":
+        from .tvm_backend import probe
+
+        found = probe(progress=progress)
+        return found.needed(), {n: ("applied: " if f.needed else "skipped: ") + f.reason for n, f in found.findings.items()}
+    names = list(mode)
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise RewriteError(f"unknown rewrite {unknown[0]!r}; known rewrites: {', '.join(REGISTRY)}")
+    return names, {n: ("applied: named on the command line" if n in names else "skipped: not named") for n in REGISTRY}
+
+
+def _outputs(value) -> tuple[torch.Tensor, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _compare_outputs(spec: ModelSpec, actual, expected, scale=None) -> dict[str, ErrorStats]:
+    out = {}
+    for name, a, e in zip(spec.output_names, _outputs(actual), _outputs(expected)):
+        out[name] = compare(a.detach(), e.detach(), scale=None if name in spec.exact_outputs else scale)
+    return out
+
+
+def _merge(total: dict, new: dict) -> None:
+    for k, v in new.items():
+        total[k] = total[k].merge(v) if k in total else v
+
+
+def _check(spec: ModelSpec, reference_fn, candidate_fn, examples: int, seed: int, label: str, failures: list) -> dict:
+    """Property check of ``candidate_fn`` against ``reference_fn`` on the spec's input strategy."""
+    from .equivalence.verify import PropertyFailed, check_property
+
+    total: dict[str, ErrorStats] = {}
+
+    def check(args):
+        with torch.no_grad():
+            stats = _compare_outputs(spec, candidate_fn(*args), _outputs(reference_fn(*args)))
+        _merge(total, stats)
+        bad = {k: str(v) for k, v in stats.items() if not v.within_bounds()}
+        assert not bad, f"{label}: {bad}"
+
+    if examples > 0:
+        try:
+            check_property(spec.input_strategy, check, examples, seed)
+        except PropertyFailed as exc:
+            failures.append({"check": label, "error": str(exc), "counterexample": _describe_inputs(spec, exc.counterexample)})
+    return total
+
+
+def _describe_inputs(spec: ModelSpec, args) -> dict:
+    if not isinstance(args, tuple):
+        return {"value": repr(args)[:2000]}
+    return {name: (repr(a.tolist())[:2000] if isinstance(a, torch.Tensor) and a.numel() <= 64 else
+                   f"tensor{tuple(a.shape)} {a.dtype} mean={a.float().mean():.4g} std={a.float().std():.4g}"
+                   if isinstance(a, torch.Tensor) else repr(a))
+            for name, a in zip(spec.input_names, args)}
+
+
+def _latency_ms(fn, args, repeats: int) -> float:
+    fn(*args)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def operate(
+    spec: ModelSpec,
+    *,
+    rewrites: str | Sequence[str] = "auto",
+    examples: int = 20,
+    tvm_examples: int | None = None,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    compile_tvm: bool = True,
+    latency_repeats: int = 5,
+    progress: Callable[[str], None] = print,
+    raise_on_failure: bool = False,
+) -> Surgery:
+    """Run the whole surgery on one model. See the module docstring."""
+    stages: dict[str, float] = {}
+
+    def stage(name: str, start: float, detail: str = "") -> None:
+        stages[name] = time.perf_counter() - start
+        progress(f"[{name:10s}] {stages[name]:7.2f} s  {detail}".rstrip())
+
+    start = time.perf_counter()
+    if spec.program is not None:
+        original = spec.program
+        stage("export", start, "loaded a saved ExportedProgram")
+    else:
+        with torch.no_grad():
+            original = torch.export.export(spec.module, spec.example_args)
+        stage("export", start, f"{len(original.graph.nodes)} nodes")
+    census_before = op_census(original)
+
+    start = time.perf_counter()
+    names, reasons = choose_rewrites(rewrites, progress=lambda m: progress(f"             {m}"))
+    rewritten, log = rewrite_with_log(original, names)
+    census_after = op_census(rewritten)
+    applied = {rw.name: dict(res.replaced) for rw, res in log}
+    stage("rewrite", start, f"{', '.join(f'{k} ({sum(v.values())})' for k, v in applied.items()) or 'none'}")
+
+    # Verify: the original program vs the rewritten one, on `examples` hypothesis examples.
+    start = time.perf_counter()
+    original_fn, rewritten_fn = original.module(), rewritten.module()
+    failures: list[dict] = []
+    rewritten_stats = _check(spec, original_fn, rewritten_fn, examples, seed, "original vs rewritten (PyTorch)", failures)
+    stage("verify", start, f"{examples} examples: " + "; ".join(f"{k}: {v}" for k, v in rewritten_stats.items()))
+
+    tvm_fn, tvm_info, tvm_stats = None, {}, {}
+    tvm_examples = examples if tvm_examples is None else tvm_examples
+    if compile_tvm:
+        from .tvm_backend import TvmFunction, build, import_program
+
+        start = time.perf_counter()
+        current = "TVM import"
+        try:
+            mod = import_program(rewritten)
+            stage(current, start)
+            start, current = time.perf_counter(), "TVM build"
+            tvm_fn = TvmFunction(build(mod))
+            stage(current, start, "target llvm (host CPU), default schedules")
+            tvm_info["build_s"] = stages["TVM build"]
+        except Exception as exc:
+            message = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1][:500]}"
+            stage(current, start, f"FAILED: {message}")
+            tvm_info["error"] = message
+            failures.append({"check": current, "error": message})
+        if tvm_fn is not None:
+            start = time.perf_counter()
+            tvm_stats = _check(spec, original_fn, tvm_fn, tvm_examples, seed, "original vs TVM", failures)
+            stage("TVM run", start, f"{tvm_examples} examples: " + "; ".join(f"{k}: {v}" for k, v in tvm_stats.items()))
+
+    latency = {}
+    if latency_repeats > 0:
+        with torch.no_grad():
+            if spec.module is not None:
+                latency["eager_ms"] = _latency_ms(spec.module, spec.example_args, latency_repeats)
+            latency["rewritten_pytorch_ms"] = _latency_ms(rewritten_fn, spec.example_args, latency_repeats)
+        if tvm_fn is not None:
+            latency["tvm_ms"] = _latency_ms(tvm_fn, spec.example_args, latency_repeats)
+        progress("[latency   ] " + ", ".join(f"{k} {v:.1f}" for k, v in latency.items()))
+
+    artifacts = {}
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        for label, program in (("original", original), ("rewritten", rewritten)):
+            target = out_dir / f"{spec.name}.{label}.pt2"
+            with atomic_path(target, suffix=".pt2") as tmp:
+                torch.export.save(program, tmp)
+            artifacts[f"{label}_program"] = str(target)
+        if tvm_fn is not None:
+            target = out_dir / f"{spec.name}.tvm.so"
+            with atomic_path(target, suffix=".so") as tmp:
+                tvm_fn.export_library(tmp)
+            artifacts["tvm_library"] = str(target)
+
+    passed = not failures and (tvm_fn is not None or not compile_tvm)
+    report = {
+        "model": spec.name,
+        "description": spec.description,
+        "passed": passed,
+        "rewrites": {"mode": rewrites if isinstance(rewrites, str) else list(rewrites), "applied": applied,
+                     "reasons": reasons,
+                     "contracts": {n: REGISTRY[n].contract for n in applied}},
+        "census_before": dict(sorted(census_before.items())),
+        "census_after": dict(sorted(census_after.items())),
+        "examples": examples,
+        "tvm_examples": tvm_examples if tvm_fn is not None else 0,
+        "seed": seed,
+        "equivalence": {"original_vs_rewritten": rewritten_stats, "original_vs_tvm": tvm_stats},
+        "failures": failures,
+        "tvm": tvm_info,
+        "latency": latency,
+        "stages_s": stages,
+        "artifacts": artifacts,
+    }
+    result = Surgery(spec, original, rewritten, tvm_fn, report, passed)
+    if raise_on_failure and not passed:
+        raise SurgeryFailed(f"{spec.name}: equivalence failed: {failures[:1]}")
+    return result
+
+
+def load_program(path: str | Path) -> torch.export.ExportedProgram:
+    """Load a saved ExportedProgram; a clear ValueError when the file isn't one."""
+    import torchvision  # noqa: F401  programs holding torchvision ops need it registered first
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no such file: {str(path)!r}")
+    try:
+        return torch.export.load(path)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"cannot load an ExportedProgram from {str(path)!r}: {type(exc).__name__}: {first}") from None
+
+
+def _random_like(val, generator: torch.Generator) -> torch.Tensor:
+    """Random input matching a placeholder's example value. Floats: uniform [0, 1) (valid for
+    normalized coordinates and unit-scale features alike); integers: 0/1 (labels); bools: all
+    False (no padding: masks of unknown meaning are left unpadded)."""
+    shape, dtype = tuple(int(s) for s in val.shape), val.dtype
+    if dtype.is_floating_point:
+        return torch.rand(shape, generator=generator, dtype=torch.float64).to(dtype)
+    if dtype == torch.bool:
+        return torch.zeros(shape, dtype=torch.bool)
+    return torch.randint(0, 2, shape, generator=generator).to(dtype)
+
+
+def saved_program_spec(path: str | Path, seed: int = 0) -> ModelSpec:
+    """A ModelSpec for a saved ``.pt2``: random inputs matching its input specs."""
+    from hypothesis import strategies as st
+
+    program = load_program(path)
+    user_inputs = set(program.graph_signature.user_inputs)
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
+    for node in placeholders:
+        if not isinstance(node.meta.get("val"), torch.Tensor):
+            raise ValueError(f"{str(path)!r}: input {node.name!r} is not a tensor; only tensor inputs are supported")
+    vals = [n.meta["val"] for n in placeholders]
+
+    def sample(s: int) -> tuple:
+        g = torch.Generator().manual_seed(s)
+        return tuple(_random_like(v, g) for v in vals)
+
+    outputs = program.graph_signature.user_outputs
+    return ModelSpec(
+        name=Path(path).stem, module=None, example_args=sample(seed), input_names=[n.name for n in placeholders],
+        output_names=[f"output{i}" for i in range(len(outputs))],
+        input_strategy=st.integers(0, 2**31 - 1).map(sample),
+        description={"model": f"saved ExportedProgram {str(path)!r}",
+                     "inputs": {n.name: f"{tuple(v.shape)} {v.dtype}" for n, v in zip(placeholders, vals)},
+                     "weights": "as saved in the program"},
+        program=program,
+    )

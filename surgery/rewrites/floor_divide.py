@@ -1,0 +1,128 @@
+"""Float ``aten.floor_divide`` -> fmod/where arithmetic with PyTorch's exact rounding.
+
+SAM3's position encoding computes ``dim_t // 2`` on a float tensor. Stock TVM's converter maps
+``floor_divide`` straight onto ``relax.op.floor_divide`` and fails when a float tensor meets an
+integer scalar. This rewrite spells out PyTorch's own ``div_floor_floating`` (ATen's
+BinaryOps.h): the quotient is computed from ``fmod`` so it is exact where ``floor(a / b)`` would
+round (e.g. ``1.0 // 0.1`` is 9 in PyTorch, but ``floor(1.0 / 0.1)`` is 10).
+
+Integer floor division is left alone (backends handle it).
+
+Contract: bit-exact for floating ``a`` and ``b`` (tensor or number), including division by zero
+(IEEE result), signed zeros, inf and NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from .base import Rewrite
+
+aten = torch.ops.aten
+
+CONTRACT = ("bit-exact for floating operands (tensor or number), including division by zero, "
+            "signed zeros, inf and NaN; integer floor division is left as it is")
+
+
+def floor_divide(a: Tensor, b: Tensor | float | int) -> Tensor:
+    """``torch.floor_divide(a, b)`` for floating ``a``, from fmod/floor/where."""
+    dtype = torch.result_type(a, b)
+    if not dtype.is_floating_point:
+        return aten.div.Tensor_mode(a, b, rounding_mode="floor")
+    a = a.to(dtype)
+    b = torch.as_tensor(b, dtype=dtype, device=a.device) if not isinstance(b, Tensor) else b.to(dtype)
+    mod = torch.fmod(a, b)
+    div = (a - mod) / b
+    # fmod takes the sign of a; floor needs one step down when the signs of b and mod differ.
+    div = torch.where((mod != 0) & ((b < 0) != (mod < 0)), div - 1, div)
+    floor = torch.floor(div)
+    floor = torch.where(div - floor > 0.5, floor + 1, floor)  # (a - mod) / b can land just below
+    zero = torch.copysign(torch.zeros_like(div), a / b)
+    quotient = torch.where(div != 0, floor, zero)
+    return torch.where(b == 0, a / b, quotient)
+
+
+def _floor_divide_decomposition(a, b):
+    return floor_divide(a, b)
+
+
+class FloorDivideToFmod(Rewrite):
+    name = "floor_divide"
+    summary = "float aten.floor_divide -> fmod/floor/where with PyTorch's rounding"
+    contract = CONTRACT
+    order = 40
+
+    probe_note = "float tensor // int scalar (SAM3's position encoding)"
+
+    def probe_case(self):
+        return FloorDivideCase(torch.arange(8, dtype=torch.float32) - 2.5, 2)
+
+    def decompositions(self):
+        return {aten.floor_divide.default: _floor_divide_decomposition}
+
+    def functionalized_variants(self):
+        return (aten.floor_divide_.Tensor,)
+
+
+# ----------------------------------------------------------------------------- strategy
+
+
+@dataclasses.dataclass
+class FloorDivideCase:
+    input: Tensor
+    other: Tensor | float | int
+
+    def reference(self) -> Tensor:
+        return torch.floor_divide(self.input, self.other)
+
+    def rewritten(self) -> Tensor:
+        return floor_divide(self.input, self.other)
+
+    def module(self) -> torch.nn.Module:
+        return _FloorDivideModule(None if isinstance(self.other, Tensor) else self.other)
+
+    def args(self) -> tuple:
+        return (self.input,) + ((self.other,) if isinstance(self.other, Tensor) else ())
+
+    scale = None
+
+
+class _FloorDivideModule(torch.nn.Module):
+    def __init__(self, other):
+        super().__init__()
+        self.other = other
+
+    def forward(self, input, other=None):
+        return input // (self.other if other is None else other)
+
+
+def floor_divide_cases(dtype=None):
+    """Hypothesis strategy of ``FloorDivideCase``: float tensors against int and float scalars
+    and tensors, with zeros, signed zeros, inf, NaN, exact multiples and near-multiples."""
+    from hypothesis import strategies as st
+    from hypothesis.extra import numpy as hnp
+
+    from ..equivalence.strategies import dtypes
+
+    specials = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1.0, -1.0, 0.1, 3.0, 1e-30, 1e30]
+    values = st.one_of(st.floats(-1e6, 1e6, width=32), st.sampled_from(specials), st.integers(-50, 50).map(float))
+
+    @st.composite
+    def cases(draw):
+        dt = draw(dtypes) if dtype is None else dtype
+        shape = draw(hnp.array_shapes(min_dims=1, max_dims=3, max_side=5))
+        np_dtype = "float32" if dt == torch.float32 else "float64"
+        input = torch.from_numpy(draw(hnp.arrays(np_dtype, shape, elements=values)))
+        kind = draw(st.sampled_from(["int", "float", "tensor"]))
+        if kind == "int":
+            other = draw(st.sampled_from([2, 3, -2, 1, 7, 0]))
+        elif kind == "float":
+            other = draw(st.sampled_from([0.1, 2.5, -0.3, 1e-3, float("inf"), 0.0, -0.0]))
+        else:
+            other = torch.from_numpy(draw(hnp.arrays(np_dtype, shape, elements=values)))
+        return FloorDivideCase(input, other)
+
+    return cases()
