@@ -36,11 +36,15 @@ def floor_divide(a: Tensor, b: Tensor | float | int) -> Tensor:
     b = torch.as_tensor(b, dtype=dtype, device=a.device) if not isinstance(b, Tensor) else b.to(dtype)
     mod = torch.fmod(a, b)
     div = (a - mod) / b
-    # fmod takes the sign of a; floor needs one step down when the signs of b and mod differ.
-    div = torch.where((mod != 0) & ((b < 0) != (mod < 0)), div - 1, div)
+    # fmod takes the sign of a; floor needs one step down when mod != 0 and its sign differs
+    # from b's. (Spelled with where: TVM's LLVM codegen miscompiles != between booleans.)
+    signs_differ = torch.where(b < 0, mod > 0, mod < 0)
+    div = torch.where(signs_differ, div - 1, div)
     floor = torch.floor(div)
     floor = torch.where(div - floor > 0.5, floor + 1, floor)  # (a - mod) / b can land just below
-    zero = torch.copysign(torch.zeros_like(div), a / b)
+    # A zero quotient takes the sign of a / b. (a / b) * 0 is that signed zero wherever it is
+    # used (div == 0 means |a / b| < 1, finite); copysign would do, but TVM can't import it.
+    zero = (a / b) * 0
     quotient = torch.where(div != 0, floor, zero)
     return torch.where(b == 0, a / b, quotient)
 
