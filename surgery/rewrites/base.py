@@ -62,6 +62,8 @@ class Rewrite:
     # Position in the canonical order: a rewrite whose replacement emits another rewrite's
     # operator must run before it (roi_align emits grid_sampler_2d).
     order: ClassVar[int]
+    # Rewrites whose operators this one's replacement calls (roi_align emits a grid sampler).
+    emits: ClassVar[tuple[str, ...]] = ()
 
     def targets(self) -> tuple[OpOverload, ...]:
         """Every operator this rewrite removes: its decomposition keys, plus the in-place

@@ -200,6 +200,7 @@ class RoiAlignToGridSample(Rewrite):
     summary = "torchvision::roi_align -> bilinear pooling built on grid_sample"
     contract = CONTRACT
     order = 10
+    emits = ("grid_sample",)
 
     def __init__(self, max_samples_per_bin: int | tuple[int, int] | None = None):
         self.max_samples_per_bin = max_samples_per_bin

@@ -102,12 +102,14 @@ def scatter_by_select(
     positions = torch.arange(S, device=input.device).reshape(along(S, dim + 1))  # [1.., 1, S, 1..]
     order = torch.arange(I, device=input.device).reshape(along(I, dim))  # [1.., I, 1, 1..]
     hits = index.unsqueeze(dim + 1) == positions  # [..., I, S, ...]
-    # The last entry along dim that writes each position; -1 where none does.
-    writer = torch.where(hits, order, -1).amax(dim=dim)  # [..., S, ...] = region
+    # The last entry along dim that writes each position; -1 where none does. (max.dim rather
+    # than amax: stock TVM 0.27 converts the one and not the other.)
+    writer = torch.where(hits, order, -1).max(dim=dim).values  # [..., S, ...] = region
     written = writer >= 0  # [..., S, ...]
     if isinstance(src, Tensor):
         src = src[tuple(slice(0, n) if d != dim else slice(None) for d, n in enumerate(index.shape))]
-        values = src.gather(dim, writer.clamp(min=0))  # [..., S, ...]
+        # Both bounds: TVM lowers a one-sided integer clamp with an infinite bound and fails.
+        values = src.gather(dim, writer.clamp(0, I - 1))  # [..., S, ...]
     else:
         values = torch.full((), src, dtype=input.dtype, device=input.device)  # []
     # The region the index covers is a corner of input: pad the mask back to input's shape.
@@ -123,7 +125,7 @@ def scatter_by_select(
 
 class ScatterToSelect(Rewrite):
     name = "scatter"
-    summary = "aten.scatter.src / aten.scatter.value -> compare/amax/gather/where (no scatter left)"
+    summary = "aten.scatter.src / aten.scatter.value -> compare/max/gather/where (no scatter left)"
     contract = CONTRACT
     order = 30
 
