@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,8 +33,13 @@ class CheckpointError(ValueError):
 
 def _import_sam3():
     try:
-        from sam3 import model_builder
-        from sam3.model.geometry_encoders import Prompt
+        with warnings.catch_warnings():
+            # sam3's import warns about torch.jit.script and CUDA autocast on a CPU-only machine:
+            # noise about parts of SAM3 we don't use.
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.filterwarnings("ignore", message="CUDA is not available")
+            from sam3 import model_builder
+            from sam3.model.geometry_encoders import Prompt
     except ImportError as exc:  # psutil is needed by sam3 0.1.4 but not declared by it
         raise ImportError(f"SAM3's geometry encoder needs the 'sam3' and 'psutil' packages: {exc}") from exc
     return model_builder, Prompt

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -267,11 +268,16 @@ def load_program(path: str | Path) -> torch.export.ExportedProgram:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no such file: {str(path)!r}")
+    logger = logging.getLogger("torch.export")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # torch logs a traceback before raising; our one line says it
     try:
         return torch.export.load(path)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise ValueError(f"cannot load an ExportedProgram from {str(path)!r}: {type(exc).__name__}: {first}") from None
+    finally:
+        logger.setLevel(level)
 
 
 def _random_like(val, generator: torch.Generator) -> torch.Tensor:

@@ -127,3 +127,70 @@ def test_corrupt_pt2_and_broken_checkpoint(tmp_path):
     torch.save({"model": {"detector.geometry_encoder.cls_embed.weight": torch.zeros(1, 256)}}, broken)
     result = run_cli("apply", "geometry_encoder", "--checkpoint", str(broken), "--reports", str(tmp_path))
     assert result.returncode == 2 and "missing keys" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- the command end to end
+
+
+@pytest.fixture(scope="module")
+def applied(tmp_path_factory):
+    """`python -m surgery apply geometry_encoder` with the defaults but fewer examples."""
+    tmp = tmp_path_factory.mktemp("apply")
+    result = run_cli("apply", "geometry_encoder", "--examples", "4", "--out", str(tmp / "out"), "--reports", str(tmp / "reports"))
+    return tmp, result
+
+
+def test_apply_geometry_encoder_end_to_end(applied):
+    tmp, result = applied
+    assert result.returncode == 0, result.stdout + result.stderr
+    for stage in ("build", "export", "rewrite", "verify", "TVM import", "TVM build", "TVM run"):
+        assert f"[{stage:10s}]" in result.stdout, stage
+    report = json.loads((tmp / "reports" / "geometry_encoder.json").read_text())
+    assert report["passed"] and not report["failures"]
+    assert report["versions"]["torch"].startswith("2.14.1") and report["versions"]["sam3"] == "0.1.4"
+    assert set(report["rewrites"]["applied"]) == {"grid_sample", "floor_divide"}  # what TVM 0.27 needs
+    assert "wrong numbers" in report["rewrites"]["reasons"]["grid_sample"]
+    assert report["census_before"]["aten.grid_sampler.default"] == 1 and "aten.grid_sampler.default" not in report["census_after"]
+    assert report["equivalence"]["original_vs_tvm"]["embeddings"]["max_abs"] <= 1e-5
+    assert report["equivalence"]["original_vs_tvm"]["padding_mask"]["max_abs"] == 0
+    assert report["tvm"]["build_s"] > 0 and report["latency"]["tvm_ms"] > 0 and report["latency"]["eager_ms"] > 0
+    markdown = (tmp / "reports" / "geometry_encoder.md").read_text()
+    assert "Verdict: **PASSED" in markdown and "Contracts of the rewrites applied" in markdown
+
+
+def test_apply_artifacts_load_and_run(applied):
+    tmp, result = applied
+    from models.geometry_encoder import PromptShape
+    from surgery.pipeline import load_program
+    from surgery.tvm_backend import TvmFunction
+
+    args = example_inputs(PromptShape(), seed=5)
+    original = load_program(tmp / "out" / "geometry_encoder.original.pt2").module()
+    rewritten = load_program(tmp / "out" / "geometry_encoder.rewritten.pt2").module()
+    compiled = TvmFunction.load(tmp / "out" / "geometry_encoder.tvm.so")
+    with torch.no_grad():
+        expected = original(*args)
+        from surgery.equivalence import assert_equivalent
+
+        assert_equivalent(rewritten(*args)[0], expected[0])
+    assert_equivalent(compiled(*args)[0], expected[0])
+    assert torch.equal(compiled(*args)[1], expected[1])
+    assert not list((tmp / "out").glob(".*.tmp*")), "a temporary file was left behind"
+
+
+def test_apply_saved_program(applied, tmp_path):
+    tmp, _ = applied
+    result = run_cli("apply", str(tmp / "out" / "geometry_encoder.original.pt2"), "--examples", "3",
+                     "--out", str(tmp_path / "out"), "--reports", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "geometry_encoder.original.json").read_text())
+    assert report["passed"] and "saved ExportedProgram" in report["description"]["model"]
+
+
+def test_apply_without_rewrites_fails_on_tvm_and_says_why(tmp_path):
+    result = run_cli("apply", "geometry_encoder", "--rewrite", "none", "--examples", "2",
+                     "--out", str(tmp_path / "out"), "--reports", str(tmp_path))
+    assert result.returncode == 1
+    report = json.loads((tmp_path / "geometry_encoder.json").read_text())
+    assert not report["passed"] and report["failures"][0]["check"] in ("TVM import", "TVM build", "original vs TVM")
+    assert "FAILED" in (tmp_path / "geometry_encoder.md").read_text()
