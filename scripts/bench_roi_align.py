@@ -179,7 +179,9 @@ def main(argv=None) -> int:
             summary.append({"dist": dist, "boxes": K,
                             "time_ratio_vs_cpp": get(dist, K, "surgery (grid_sample)", "ms") / cpp,
                             "memory_ratio_pure_over_ours": (get(dist, K, "torchvision _roi_align", "peak_mb") or 0) / ours_mem if get(dist, K, "torchvision _roi_align", "peak_mb") else None})
-    lines += ["", "Accuracy. float64: the rewrite against the C++ kernel run in float64 (normwise max rel, "
+    from surgery.rewrites.roi_align import CONTRACT
+
+    lines += ["", f"Contract of the rewrite: {CONTRACT}.", "", "Accuracy. float64: the rewrite against the C++ kernel run in float64 (normwise max rel, "
               "bound 1e-12; checked before timing). float32: max abs errors of the rewrite and of the C++ kernel "
               "against the float64 result, and between the two; reported, not gated on (see README, precision note).", "",
               "| boxes | K | float64 ours vs C++ (rel) | float32 ours vs C++ | float32 C++ vs float64 | float32 ours vs float64 |",

@@ -1,13 +1,13 @@
 """Export -> rewrite -> verify -> compile with TVM -> run -> report: the library behind
 ``python -m surgery apply``, usable directly from a notebook::
 
-    from surgery.pipeline import operate
-    from models.registry import get_model
+    from models import geometry_encoder_spec
+    from surgery.pipeline import ModelSpec, operate
 
-    spec = get_model("geometry_encoder").build(points=3, boxes=2)
-    result = operate(spec)              # a Surgery: programs, callables, report
-    result.rewritten_module(*spec.example_args)
-    result.tvm(*spec.example_args)      # the TVM-compiled function, same results
+    spec = geometry_encoder_spec(points=3, boxes=2)     # or ModelSpec.from_module(name, module, args)
+    result = operate(spec)                              # a Surgery: programs, callables, report
+    result.rewritten_module(*spec.example_args)         # rewritten PyTorch, same results
+    result.tvm(*spec.example_args)                      # the TVM-compiled function, same results
     result.report["equivalence"]
 """
 
@@ -47,6 +47,19 @@ class ModelSpec:
     program: torch.export.ExportedProgram | None = None  # given instead of exporting module
     # Outputs compared exactly (masks) rather than within the float bounds.
     exact_outputs: Sequence[str] = ()
+
+    @classmethod
+    def from_module(cls, name: str, module: torch.nn.Module, example_args: tuple, input_strategy=None,
+                    output_names: Sequence[str] | None = None) -> "ModelSpec":
+        """A spec for your own module. Without ``input_strategy``, checks draw random inputs
+        shaped like ``example_args`` (see ``_random_like`` for what that means per dtype)."""
+        return cls(
+            name=name, module=module.eval(), example_args=tuple(example_args),
+            input_names=[f"input{i}" for i in range(len(example_args))],
+            output_names=list(output_names) if output_names else [f"output{i}" for i in range(len(_outputs(module(*example_args))))],
+            input_strategy=input_strategy or _random_inputs_like(example_args),
+            description={"model": type(module).__name__, "weights": "as given"},
+        )
 
 
 @dataclasses.dataclass
@@ -177,7 +190,7 @@ def operate(
     names, reasons = choose_rewrites(rewrites, progress=lambda m: progress(f"             {m}"))
     rewritten, log = rewrite_with_log(original, names)
     census_after = op_census(rewritten)
-    applied = {rw.name: dict(res.replaced) for rw, res in log}
+    applied = {rw.name: dict(res.replaced) for rw, res in log if res.modified}
     stage("rewrite", start, f"{', '.join(f'{k} ({sum(v.values())})' for k, v in applied.items()) or 'none'}")
 
     # Verify: the original program vs the rewritten one, on `examples` hypothesis examples.
@@ -292,10 +305,19 @@ def _random_like(val, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(0, 2, shape, generator=generator).to(dtype)
 
 
-def saved_program_spec(path: str | Path, seed: int = 0) -> ModelSpec:
-    """A ModelSpec for a saved ``.pt2``: random inputs matching its input specs."""
+def _random_inputs_like(examples) -> object:
+    """Hypothesis strategy of seeds mapped to random tensors shaped like ``examples``."""
     from hypothesis import strategies as st
 
+    def sample(s: int) -> tuple:
+        g = torch.Generator().manual_seed(s)
+        return tuple(_random_like(v, g) for v in examples)
+
+    return st.integers(0, 2**31 - 1).map(sample)
+
+
+def saved_program_spec(path: str | Path, seed: int = 0) -> ModelSpec:
+    """A ModelSpec for a saved ``.pt2``: random inputs matching its input specs."""
     program = load_program(path)
     user_inputs = set(program.graph_signature.user_inputs)
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
@@ -303,16 +325,13 @@ def saved_program_spec(path: str | Path, seed: int = 0) -> ModelSpec:
         if not isinstance(node.meta.get("val"), torch.Tensor):
             raise ValueError(f"{str(path)!r}: input {node.name!r} is not a tensor; only tensor inputs are supported")
     vals = [n.meta["val"] for n in placeholders]
-
-    def sample(s: int) -> tuple:
-        g = torch.Generator().manual_seed(s)
-        return tuple(_random_like(v, g) for v in vals)
-
+    strategy = _random_inputs_like(vals)
+    g = torch.Generator().manual_seed(seed)
     outputs = program.graph_signature.user_outputs
     return ModelSpec(
-        name=Path(path).stem, module=None, example_args=sample(seed), input_names=[n.name for n in placeholders],
-        output_names=[f"output{i}" for i in range(len(outputs))],
-        input_strategy=st.integers(0, 2**31 - 1).map(sample),
+        name=Path(path).stem, module=None, example_args=tuple(_random_like(v, g) for v in vals),
+        input_names=[n.name for n in placeholders], output_names=[f"output{i}" for i in range(len(outputs))],
+        input_strategy=strategy,
         description={"model": f"saved ExportedProgram {str(path)!r}",
                      "inputs": {n.name: f"{tuple(v.shape)} {v.dtype}" for n, v in zip(placeholders, vals)},
                      "weights": "as saved in the program"},

@@ -256,3 +256,26 @@ def test_compare_flags_what_differs():
     assert not compare(f32 + 2e-5, f32).within_bounds() and compare(f32 + 5e-6, f32).within_bounds()
     with pytest.raises(AssertionError, match="not equivalent"):
         assert_equivalent(f32 + 1, f32)
+
+
+# ------------------------------------------------------------------ floor_divide
+
+
+def test_floor_divide_overflowing_quotients():
+    """torch's own vectorized fmod (the rewrite's basis) returns NaN when a / b overflows, where
+    floor_divide returns inf: the rewrite handles that case apart. 18 elements: vectorized path."""
+    from surgery.rewrites.floor_divide import floor_divide
+
+    a = torch.tensor([1.0, -3.0, 10.0, 1e-40, -1e-40, 3e-41] * 3)
+    b = torch.tensor([1e-42, 1e-42, 2.7794e-38, 1e-42, 3e-42, 1.1e-42] * 3)
+    assert torch.isnan(torch.fmod(a, b)[:3]).all()
+    assert torch.equal(floor_divide(a, b), torch.floor_divide(a, b))
+    assert torch.equal(floor_divide(a, b)[:3], torch.tensor([float("inf"), float("-inf"), float("inf")]))
+
+
+def test_floor_divide_rounds_like_pytorch_not_like_floor_of_quotient():
+    from surgery.rewrites.floor_divide import floor_divide
+
+    a, b = torch.tensor([1.0], dtype=torch.float64), 0.1
+    assert torch.floor(a / b).item() == 10.0 and torch.floor_divide(a, b).item() == 9.0
+    assert floor_divide(a, b).item() == 9.0

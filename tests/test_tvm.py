@@ -89,3 +89,28 @@ def test_whole_model_original_rewritten_tvm_agree(compiled, shape):
         assert_equivalent(t_embeds, embeds, context="TVM")
 
     check()
+
+
+class _Prompted(torch.nn.Module):
+    """A small module with all three troublesome operators, as a notebook user might bring."""
+
+    def forward(self, feats, points, boxes):
+        import torchvision
+
+        sampled = torch.nn.functional.grid_sample(feats, points * 2 - 1, align_corners=False)  # [1, C, P, 1]
+        pooled = torchvision.ops.roi_align(feats, [boxes * 8], 2).mean((2, 3))  # [K, C]
+        table = torch.zeros(6, feats.shape[1]).scatter(0, torch.arange(2)[:, None].expand(2, feats.shape[1]), pooled)
+        return sampled[0, :, :, 0].T @ table.T  # [P, 6]
+
+
+def test_notebook_flow_on_your_own_module(tmp_path):
+    from surgery.pipeline import ModelSpec, operate
+
+    args = (torch.randn(1, 3, 8, 8), torch.rand(1, 4, 1, 2), torch.tensor([[0.1, 0.2, 0.6, 0.9], [0.0, 0.0, 1.0, 1.0]]))
+    spec = ModelSpec.from_module("prompted", _Prompted(), args)
+    result = operate(spec, rewrites="all", examples=10, out_dir=tmp_path, progress=lambda m: None)
+    assert result.passed, result.report["failures"]
+    assert set(result.report["rewrites"]["applied"]) == {"roi_align", "grid_sample", "scatter"}
+    assert_equivalent(result.tvm(*args)[0], _Prompted()(*args))
+    assert_equivalent(result.rewritten_module(*args), _Prompted()(*args))
+    assert (tmp_path / "prompted.tvm.so").is_file() and (tmp_path / "prompted.rewritten.pt2").is_file()

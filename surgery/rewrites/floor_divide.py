@@ -8,8 +8,11 @@ round (e.g. ``1.0 // 0.1`` is 9 in PyTorch, but ``floor(1.0 / 0.1)`` is 10).
 
 Integer floor division is left alone (backends handle it).
 
+A quotient that overflows (``1.0 // 1e-42`` in float32) is handled apart: PyTorch's own
+vectorized ``fmod`` returns NaN there, while its ``floor_divide`` returns inf.
+
 Contract: bit-exact for floating ``a`` and ``b`` (tensor or number), including division by zero
-(IEEE result), signed zeros, inf and NaN.
+(IEEE result), signed zeros, subnormals, inf, NaN and overflowing quotients.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from .base import Rewrite
 aten = torch.ops.aten
 
 CONTRACT = ("bit-exact for floating operands (tensor or number), including division by zero, "
-            "signed zeros, inf and NaN; integer floor division is left as it is")
+            "signed zeros, subnormals, inf, NaN and overflowing quotients; integer floor division "
+            "is left as it is")
 
 
 def floor_divide(a: Tensor, b: Tensor | float | int) -> Tensor:
@@ -46,6 +50,12 @@ def floor_divide(a: Tensor, b: Tensor | float | int) -> Tensor:
     # used (div == 0 means |a / b| < 1, finite); copysign would do, but TVM can't import it.
     zero = (a / b) * 0
     quotient = torch.where(div != 0, floor, zero)
+    # A quotient beyond the largest float floors to +-inf, as in PyTorch; fmod can't tell (its
+    # vectorized form returns NaN there). Comparisons with finfo.max, not isinf/isfinite, keep
+    # the graph within what every backend converts.
+    largest = torch.finfo(dtype).max
+    overflow = ((a / b).abs() > largest) & (a.abs() <= largest)
+    quotient = torch.where(overflow, a / b, quotient)
     return torch.where(b == 0, a / b, quotient)
 
 
@@ -105,14 +115,16 @@ class _FloorDivideModule(torch.nn.Module):
 
 def floor_divide_cases(dtype=None):
     """Hypothesis strategy of ``FloorDivideCase``: float tensors against int and float scalars
-    and tensors, with zeros, signed zeros, inf, NaN, exact multiples and near-multiples."""
+    and tensors, with zeros, signed zeros, inf, NaN, exact multiples and near-multiples,
+    subnormals and quotients that overflow."""
     from hypothesis import strategies as st
     from hypothesis.extra import numpy as hnp
 
     from ..equivalence.strategies import dtypes
 
     specials = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1.0, -1.0, 0.1, 3.0, 1e-30, 1e30]
-    values = st.one_of(st.floats(-1e6, 1e6, width=32), st.sampled_from(specials), st.integers(-50, 50).map(float))
+    values = st.one_of(st.floats(-1e6, 1e6, width=32), st.sampled_from(specials), st.integers(-50, 50).map(float),
+                       st.floats(-2**-126, 2**-126, width=32))  # subnormals and tiny normals: overflowing quotients
 
     @st.composite
     def cases(draw):
