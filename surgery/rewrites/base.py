@@ -103,3 +103,14 @@ class Rewrite:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
         return f"{type(self).__name__}({args})"
+
+
+class CallModule(torch.nn.Module):
+    """``forward(*inputs)`` calls ``fn(*inputs, **kwargs)``: a test case in graph form, for export."""
+
+    def __init__(self, fn: Callable, **kwargs):
+        super().__init__()
+        self.fn, self.kwargs = fn, kwargs
+
+    def forward(self, *inputs):
+        return self.fn(*inputs, **self.kwargs)

@@ -26,7 +26,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from .base import Rewrite
+from .base import CallModule, Rewrite
 
 aten = torch.ops.aten
 
@@ -272,7 +272,7 @@ class GridSampleCase:
 
     def module(self) -> torch.nn.Module:
         """A module that calls the op, for the graph form (export, rewrite, run)."""
-        return _GridSampleModule(**self.kwargs())
+        return CallModule(torch.nn.functional.grid_sample, **self.kwargs())
 
     def args(self) -> tuple:
         return (self.input, self.grid)
@@ -283,11 +283,3 @@ class GridSampleCase:
         finite = self.input[torch.isfinite(self.input)]
         return float(finite.abs().max()) if finite.numel() else 1.0
 
-
-class _GridSampleModule(torch.nn.Module):
-    def __init__(self, **kwargs):
-        super().__init__()
-        self.kwargs = kwargs
-
-    def forward(self, input, grid):
-        return torch.nn.functional.grid_sample(input, grid, **self.kwargs)

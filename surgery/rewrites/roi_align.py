@@ -35,7 +35,7 @@ import torchvision  # noqa: F401  registers torchvision::roi_align (also needed 
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from .base import Rewrite, is_tracing
+from .base import CallModule, Rewrite, is_tracing
 
 CONTRACT = (
     "exact on a finite feature map for every finite box whose adaptive sample count fits the static bound: "
@@ -252,7 +252,7 @@ class RoiAlignCase:
 
     def module(self) -> torch.nn.Module:
         """A module that calls the op, for the graph form (export, rewrite, run)."""
-        return _RoiAlignModule(**self.kwargs())
+        return CallModule(torchvision.ops.roi_align, **self.kwargs())
 
     def args(self) -> tuple:
         return (self.input, self.boxes)
@@ -282,15 +282,6 @@ class RoiAlignCase:
     @property
     def scale(self) -> float:
         return float(self.input.abs().max()) if self.input.numel() else 1.0
-
-
-class _RoiAlignModule(torch.nn.Module):
-    def __init__(self, **kwargs):
-        super().__init__()
-        self.kwargs = kwargs
-
-    def forward(self, input, boxes):
-        return torchvision.ops.roi_align(input, boxes, **self.kwargs)
 
 
 def roi_align_cases(dtype=None):
