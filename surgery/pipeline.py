@@ -200,18 +200,20 @@ def operate(
     rewritten_stats = _check(spec, original_fn, rewritten_fn, examples, seed, "original vs rewritten (PyTorch)", failures)
     stage("verify", start, f"{examples} examples: " + "; ".join(f"{k}: {v}" for k, v in rewritten_stats.items()))
 
-    tvm_fn, tvm_info, tvm_stats = None, {}, {}
+    tvm_fn, tvm_info, tvm_stats, tvm_log = None, {}, {}, []
     tvm_examples = examples if tvm_examples is None else tvm_examples
     if compile_tvm:
-        from .tvm_backend import TvmFunction, build, import_program
+        from .tvm_backend import TvmFunction, build, import_program, native_log
 
         start = time.perf_counter()
         current = "TVM import"
         try:
-            mod = import_program(rewritten)
+            with native_log(tvm_log):
+                mod = import_program(rewritten)
             stage(current, start)
             start, current = time.perf_counter(), "TVM build"
-            tvm_fn = TvmFunction(build(mod))
+            with native_log(tvm_log):
+                tvm_fn = TvmFunction(build(mod))
             stage(current, start, "target llvm (host CPU), default schedules")
             tvm_info["build_s"] = stages["TVM build"]
         except Exception as exc:
@@ -243,10 +245,20 @@ def operate(
                 torch.export.save(program, tmp)
             artifacts[f"{label}_program"] = str(target)
         if tvm_fn is not None:
+            from .tvm_backend import native_log
+
             target = out_dir / f"{spec.name}.tvm.so"
-            with atomic_path(target, suffix=".so") as tmp:
+            with atomic_path(target, suffix=".so") as tmp, native_log(tvm_log):
                 tvm_fn.export_library(tmp)
             artifacts["tvm_library"] = str(target)
+        if tvm_log:
+            target = out_dir / f"{spec.name}.tvm.log"
+            with atomic_path(target) as tmp:
+                tmp.write_text("\n".join(tvm_log) + "\n")
+            artifacts["tvm_log"] = str(target)
+    if tvm_log:
+        tvm_info["log_lines"] = len(tvm_log)
+        progress(f"TVM wrote {len(tvm_log)} log lines (mostly warnings)" + (f"; kept in {artifacts['tvm_log']}" if "tvm_log" in artifacts else ""))
 
     passed = not failures and (tvm_fn is not None or not compile_tvm)
     report = {

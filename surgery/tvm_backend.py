@@ -12,9 +12,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -23,7 +26,25 @@ from typing import Callable
 import numpy as np
 import torch
 
-PROBE_FORMAT = 1  # bump when the probe cases change, so cached verdicts are recomputed
+PROBE_FORMAT = 1
+
+
+@contextlib.contextmanager
+def native_log(lines: list):
+    """Collect what TVM's C++ side writes to stderr (hundreds of 'Warning:' lines per build of a
+    real model) into ``lines`` instead of the terminal. Python exceptions still propagate."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines.extend(sink.read().decode(errors="replace").splitlines())  # bump when the probe cases change, so cached verdicts are recomputed
 
 
 def tvm_versions() -> dict[str, str]:
@@ -146,7 +167,8 @@ def _probe_one(name: str, rewrite, converters: frozenset[str]) -> Finding:
     if missing and set(missing) >= set(present):
         return Finding(name, True, f"no converter for {', '.join(missing)}")
     try:
-        fn, _ = compile_program(program)
+        with native_log([]):
+            fn, _ = compile_program(program)
         actual = fn(*case.args())
     except Exception as exc:  # the converter exists but the import or build fails
         first = (str(exc).strip().splitlines() or [""])[-1][:200]

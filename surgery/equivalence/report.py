@@ -70,7 +70,7 @@ def write_rewrite_report(verifications, out_dir: str | Path = "reports", stem: s
             f"{v.seconds:.1f} s)",
             f"- Contract: {v.contract}",
             f"- Settings: {v.settings or 'defaults'}",
-            f"- Cases outside the contract (checked to raise, not compared): {v.outside_contract}",
+            f"- Cases outside the contract (function form: checked to raise; graph form: not compared): {v.outside_contract}",
             "",
             "| form, dtype | elements | max abs | max rel | max ULP | non-finite mismatches | bound | within |",
             "|---|---:|---:|---:|---:|---:|---|---|",
