@@ -193,9 +193,11 @@ def operate(
     applied = {rw.name: dict(res.replaced) for rw, res in log if res.modified}
     stage("rewrite", start, f"{', '.join(f'{k} ({sum(v.values())})' for k, v in applied.items()) or 'none'}")
 
-    # Verify: the original program vs the rewritten one, on `examples` hypothesis examples.
+    # Verify: the original (the eager module where there is one, else the loaded program) vs the
+    # rewritten program, on `examples` hypothesis examples.
     start = time.perf_counter()
-    original_fn, rewritten_fn = original.module(), rewritten.module()
+    rewritten_fn = rewritten.module()
+    original_fn = spec.module if spec.module is not None else original.module()
     failures: list[dict] = []
     rewritten_stats = _check(spec, original_fn, rewritten_fn, examples, seed, "original vs rewritten (PyTorch)", failures)
     stage("verify", start, f"{examples} examples: " + "; ".join(f"{k}: {v}" for k, v in rewritten_stats.items()))
