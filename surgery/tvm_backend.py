@@ -48,12 +48,20 @@ def native_log(lines: list):
 
 
 def tvm_versions() -> dict[str, str]:
+    """Versions of the TVM that ``import tvm`` gives (which may sit in a target directory on
+    PYTHONPATH rather than in site-packages) and of its FFI."""
     out = {}
     for dist in ("apache-tvm", "apache-tvm-ffi"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             out[dist] = "not installed"
+    try:
+        import tvm
+
+        out["apache-tvm"] = getattr(tvm, "__version__", out["apache-tvm"])
+    except ImportError:
+        pass
     return out
 
 
