@@ -45,8 +45,6 @@ class ModelSpec:
     input_strategy: object
     description: dict
     program: torch.export.ExportedProgram | None = None  # given instead of exporting module
-    # Outputs compared exactly (masks) rather than within the float bounds.
-    exact_outputs: Sequence[str] = ()
 
     @classmethod
     def from_module(cls, name: str, module: torch.nn.Module, example_args: tuple, input_strategy=None,
@@ -104,11 +102,10 @@ def _outputs(value) -> tuple[torch.Tensor, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
-def _compare_outputs(spec: ModelSpec, actual, expected, scale=None) -> dict[str, ErrorStats]:
-    out = {}
-    for name, a, e in zip(spec.output_names, _outputs(actual), _outputs(expected)):
-        out[name] = compare(a.detach(), e.detach(), scale=None if name in spec.exact_outputs else scale)
-    return out
+def _compare_outputs(spec: ModelSpec, actual, expected) -> dict[str, ErrorStats]:
+    """Per named output; integer and boolean outputs (masks) must be identical (see compare)."""
+    return {name: compare(a.detach(), e.detach())
+            for name, a, e in zip(spec.output_names, _outputs(actual), _outputs(expected))}
 
 
 def _merge(total: dict, new: dict) -> None:
