@@ -24,7 +24,7 @@ import torch
 
 from . import op_census, rewrite_with_log
 from .atomic import atomic_path
-from .equivalence.compare import ErrorStats, compare
+from .equivalence.compare import ErrorStats, accumulate, compare
 from .rewrites import REGISTRY, RewriteError
 
 
@@ -108,11 +108,6 @@ def _compare_outputs(spec: ModelSpec, actual, expected) -> dict[str, ErrorStats]
             for name, a, e in zip(spec.output_names, _outputs(actual), _outputs(expected))}
 
 
-def _merge(total: dict, new: dict) -> None:
-    for k, v in new.items():
-        total[k] = total[k].merge(v) if k in total else v
-
-
 def _check(spec: ModelSpec, reference_fn, candidate_fn, examples: int, seed: int, label: str, failures: list) -> dict:
     """Property check of ``candidate_fn`` against ``reference_fn`` on the spec's input strategy."""
     from .equivalence.verify import PropertyFailed, check_property
@@ -122,7 +117,7 @@ def _check(spec: ModelSpec, reference_fn, candidate_fn, examples: int, seed: int
     def check(args):
         with torch.no_grad():
             stats = _compare_outputs(spec, candidate_fn(*args), _outputs(reference_fn(*args)))
-        _merge(total, stats)
+        accumulate(total, stats)
         bad = {k: str(v) for k, v in stats.items() if not v.within_bounds()}
         assert not bad, f"{label}: {bad}"
 

@@ -67,6 +67,12 @@ class ErrorStats:
         )
 
 
+def accumulate(total: dict[str, ErrorStats], new: dict[str, ErrorStats]) -> None:
+    """Merge per-key statistics of one example into running totals, in place."""
+    for key, stats in new.items():
+        total[key] = total[key].merge(stats) if key in total else stats
+
+
 def ulp_distance(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
     """Number of representable floats between the two, elementwise (same dtype, finite)."""
     int_type = {torch.float64: torch.int64, torch.float32: torch.int32}[expected.dtype]

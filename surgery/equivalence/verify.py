@@ -13,7 +13,7 @@ import time
 import torch
 from hypothesis import HealthCheck, given, seed as hypothesis_seed, settings
 
-from .compare import ErrorStats, compare
+from .compare import ErrorStats, accumulate, compare
 from .strategies import strategy_for
 
 
@@ -75,7 +75,7 @@ def verify_rewrite(name: str, examples: int = 2000, graph_examples: int = 50, se
     def record(form, actual, expected, scale):
         stats = compare(actual, expected, scale=scale)
         key = f"{form} {expected.dtype}".replace("torch.", "")
-        result.stats[key] = result.stats[key].merge(stats) if key in result.stats else stats
+        accumulate(result.stats, {key: stats})
         if not stats.within_bounds():
             raise AssertionError(f"{form} form not equivalent: {stats}")
 
