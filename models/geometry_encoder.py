@@ -185,6 +185,8 @@ def example_inputs(shape: PromptShape, seed: int = 0, valid_points=None, valid_b
 
 INPUT_NAMES = ("points", "point_labels", "point_mask", "boxes", "box_labels", "box_mask", "img_feats", "img_pos")
 OUTPUT_NAMES = ("embeddings", "padding_mask")
+# Computed once per image; everything depending only on them is hoisted into the image stage.
+IMAGE_INPUTS = ("img_feats", "img_pos")
 
 
 def prompt_inputs(shape: PromptShape):
@@ -245,5 +247,5 @@ def geometry_encoder_spec(points: int = 3, boxes: int = 2, batch: int = 1, feat_
     return ModelSpec(
         name="geometry_encoder", module=wrapper, example_args=example_inputs(shape, seed),
         input_names=INPUT_NAMES, output_names=OUTPUT_NAMES, input_strategy=prompt_inputs(shape),
-        description=description,
+        description=description, stage_inputs=IMAGE_INPUTS,
     )

@@ -71,6 +71,20 @@ def _feat_size(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
+def _stage_inputs(args, spec) -> tuple[str, ...] | None:
+    """--split NAMES / --no-split / the model's own choice (the geometry encoder: image inputs)."""
+    if args.no_split:
+        return None
+    if args.split is None:
+        return spec.stage_inputs
+    names = tuple(n for n in args.split.split(",") if n)
+    unknown = [n for n in names if n not in spec.input_names]
+    if not names or unknown:
+        raise UsageError(f"--split takes input names separated by commas; unknown {unknown or [args.split]}, "
+                         f"the inputs are {', '.join(spec.input_names)}")
+    return names
+
+
 def _apply(args) -> int:
     from pathlib import Path
 
@@ -108,10 +122,12 @@ def _apply(args) -> int:
         raise UsageError(f"unknown model {args.target!r}; known models: {', '.join(MODELS)} (or a path to a .pt2 file)")
     build_s = time.perf_counter() - start
     print(f"[build     ] {build_s:7.2f} s  {spec.description.get('model')}, weights: {spec.description.get('weights')}", flush=True)
+    stage_inputs = _stage_inputs(args, spec)
     out_dir = Path(args.out) if args.out else Path("out") / spec.name
     result = operate(spec, rewrites=rewrites, examples=args.examples, tvm_examples=args.tvm_examples,
                      seed=args.seed, out_dir=out_dir, compile_tvm=not args.no_tvm,
-                     progress=lambda m: print(m, flush=True))
+                     progress=lambda m: print(m, flush=True), schedules=args.schedules,
+                     stage_inputs=stage_inputs, cache_dir=args.cache)
     result.report["stages_s"] = {"build": build_s, **result.report["stages_s"]}
     md, js = write_model_report(result.report, args.reports)
     for key, path in result.report["artifacts"].items():
@@ -150,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--out", help="artifact directory (default: out/<model>)")
     apply.add_argument("--reports", default="reports", help="directory for <model>.md / <model>.json")
     apply.add_argument("--no-tvm", action="store_true", help="stop after the PyTorch verification")
+    apply.add_argument("--schedules", choices=["ours", "default"], default="ours",
+                       help="ours: speed rewrites + surgery.schedules for this CPU (shipped); default: stock TVM's CPU pipeline")
+    apply.add_argument("--split", metavar="INPUTS", help="hoist what depends only on these inputs (comma-separated) into "
+                       "a stage compiled apart (default: the model's choice; geometry_encoder: img_feats,img_pos)")
+    apply.add_argument("--no-split", action="store_true", help="compile one graph")
+    apply.add_argument("--cache", metavar="DIR", help="compiled-library cache (default: $SURGERY_CACHE or ~/.cache/surgery)")
     apply.set_defaults(run=_apply)
     return parser
 

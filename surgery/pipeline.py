@@ -26,6 +26,7 @@ from . import op_census, rewrite_with_log
 from .atomic import atomic_path
 from .equivalence.compare import ErrorStats, accumulate, compare
 from .rewrites import REGISTRY, RewriteError
+from .tvm_backend import cache_root, host_target
 
 
 class SurgeryFailed(RuntimeError):
@@ -45,6 +46,9 @@ class ModelSpec:
     input_strategy: object
     description: dict
     program: torch.export.ExportedProgram | None = None  # given instead of exporting module
+    # Inputs whose dependent computation is worth hoisting into a stage of its own (computed
+    # once, reused across calls): a prompt encoder's image features.
+    stage_inputs: tuple[str, ...] | None = None
 
     @classmethod
     def from_module(cls, name: str, module: torch.nn.Module, example_args: tuple, input_strategy=None,
@@ -160,8 +164,20 @@ def operate(
     latency_repeats: int = 5,
     progress: Callable[[str], None] = print,
     raise_on_failure: bool = False,
+    schedules: str = "ours",
+    stage_inputs: Sequence[str] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> Surgery:
-    """Run the whole surgery on one model. See the module docstring."""
+    """Run the whole surgery on one model. See the module docstring.
+
+    ``schedules``: ``"ours"`` (speed rewrites + ``surgery.schedules``, the shipped build) or
+    ``"default"`` (stock TVM's CPU pipeline). ``stage_inputs``: names of inputs whose dependent
+    computation is hoisted into a separate compiled stage (``surgery.stages``), e.g. the image
+    features of a prompt encoder; ``None`` compiles one graph. ``cache_dir``: where compiled
+    libraries are kept and reused (``None``: ``$SURGERY_CACHE`` or ``~/.cache/surgery``).
+    """
+    if schedules not in ("ours", "default"):
+        raise ValueError(f"schedules must be 'ours' or 'default', got {schedules!r}")
     stages: dict[str, float] = {}
 
     def stage(name: str, start: float, detail: str = "") -> None:
@@ -195,26 +211,50 @@ def operate(
     stage("verify", start, f"{examples} examples: " + "; ".join(f"{k}: {v}" for k, v in rewritten_stats.items()))
 
     tvm_fn, tvm_info, tvm_stats, tvm_log = None, {}, {}, []
+    staged, stage_fns = None, None
     tvm_examples = examples if tvm_examples is None else tvm_examples
     if compile_tvm:
-        from .tvm_backend import TvmFunction, build, import_program, native_log
+        from .stages import hoist
+        from .tvm_backend import compile_program, speed_rewrites
 
         start = time.perf_counter()
-        current = "TVM import"
+        current = "TVM prepare"
         try:
-            with native_log(tvm_log):
-                mod = import_program(rewritten)
-            stage(current, start)
+            for_tvm, speed = (speed_rewrites(rewritten) if schedules == "ours" else (rewritten, {}))
+            tvm_info["speed_rewrites"] = speed
+            detail = f"speed rewrites: {', '.join(speed) or 'none'}"
+            if stage_inputs:
+                staged = hoist(for_tvm.run_decompositions(), stage_inputs, spec.example_args)
+                detail += (f"; split: {staged.hoisted_nodes} nodes hoisted into the {'/'.join(stage_inputs)} stage, "
+                           f"{len(staged.frontier)} tensors ({staged.frontier_bytes() / 2**20:.1f} MiB) handed to the rest")
+                tvm_info["split"] = {"stage_inputs": list(stage_inputs), "hoisted_nodes": staged.hoisted_nodes,
+                                     "rest_nodes": staged.rest_nodes, "frontier": staged.frontier}
+            stage(current, start, detail)
             start, current = time.perf_counter(), "TVM build"
-            with native_log(tvm_log):
-                tvm_fn = TvmFunction(build(mod))
-            stage(current, start, "target llvm (host CPU), default schedules")
-            tvm_info["build_s"] = stages["TVM build"]
+            parts = {"stage": staged.stage, "rest": staged.rest} if staged else {"whole": for_tvm}
+            compiled, cached = {}, []
+            for part, program in parts.items():
+                compiled[part], info = compile_program(program, schedules=schedules, cache_dir=cache_root(cache_dir), log=tvm_log)
+                tvm_info[f"{part}_build"] = info
+                cached.append(info["cached"])
+            tvm_info["build_s"] = stages.setdefault("TVM build", time.perf_counter() - start)
+            how = ("reused compiled libraries from the cache (" + str(cache_root(cache_dir) / "tvm-lib") + ")" if all(cached)
+                   else f"target {host_target(schedules)}, {schedules} schedules")
+            stage(current, start, how)
+            if staged:
+                stage_fns = (compiled["stage"], compiled["rest"])
+                tvm_fn = staged.compose(*stage_fns)
+            else:
+                tvm_fn = compiled["whole"]
         except Exception as exc:
             message = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1][:500]}"
             stage(current, start, f"FAILED: {message}")
             tvm_info["error"] = message
             failures.append({"check": current, "error": message})
+        if staged is not None:
+            # The split itself, in PyTorch: must reproduce the rewritten program bit for bit.
+            composed = staged.compose(staged.stage.module(), staged.rest.module())
+            _check(spec, rewritten_fn, composed, min(examples, 5), seed, "rewritten vs split (PyTorch)", failures)
         if tvm_fn is not None:
             start = time.perf_counter()
             tvm_stats = _check(spec, original_fn, tvm_fn, tvm_examples, seed, "original vs TVM", failures)
@@ -228,6 +268,11 @@ def operate(
             latency["rewritten_pytorch_ms"] = _latency_ms(rewritten_fn, spec.example_args, latency_repeats)
         if tvm_fn is not None:
             latency["tvm_ms"] = _latency_ms(tvm_fn, spec.example_args, latency_repeats)
+        if stage_fns is not None:
+            stage_args, rest_args = staged.split_args(spec.example_args)
+            frontier = tuple(stage_fns[0](*stage_args))
+            latency["tvm_stage_ms"] = _latency_ms(stage_fns[0], stage_args, latency_repeats)
+            latency["tvm_rest_ms"] = _latency_ms(stage_fns[1], frontier + tuple(rest_args), latency_repeats)
         progress("[latency   ] " + ", ".join(f"{k} {v:.1f}" for k, v in latency.items()))
 
     artifacts = {}
@@ -241,10 +286,13 @@ def operate(
         if tvm_fn is not None:
             from .tvm_backend import native_log
 
-            target = out_dir / f"{spec.name}.tvm.so"
-            with atomic_path(target, suffix=".so") as tmp, native_log(tvm_log):
-                tvm_fn.export_library(tmp)
-            artifacts["tvm_library"] = str(target)
+            libraries = {"tvm_library": ("tvm", tvm_fn)} if stage_fns is None else {
+                "tvm_stage_library": ("stage.tvm", stage_fns[0]), "tvm_rest_library": ("rest.tvm", stage_fns[1])}
+            for key, (suffix, fn) in libraries.items():
+                target = out_dir / f"{spec.name}.{suffix}.so"
+                with atomic_path(target, suffix=".so") as tmp, native_log(tvm_log):
+                    fn.export_library(tmp)
+                artifacts[key] = str(target)
         if tvm_log:
             target = out_dir / f"{spec.name}.tvm.log"
             with atomic_path(target) as tmp:

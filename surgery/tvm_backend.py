@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -90,9 +91,68 @@ def import_program(program: torch.export.ExportedProgram):
     return relax.transform.FoldConstant()(mod)
 
 
-def build(mod, target: str = "llvm"):
+SCHEDULES = ("ours", "default")
+SCHEDULES_FORMAT = 1  # bump when surgery.schedules changes, so cached libraries are rebuilt
+
+
+def host_target(schedules: str = "ours"):
+    """``"default"``: plain ``llvm`` as stock TVM builds it. ``"ours"``: llvm for this CPU
+    (``mcpu`` = the host's, e.g. znver4 with AVX-512) and its core count, for our schedules."""
+    tvm, _, _ = _tvm()
+    if schedules == "default":
+        return "llvm"
+    from tvm.target import codegen
+
+    return tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1})
+
+
+def build(mod, target=None, schedules: str = "default"):
+    """Compile an imported module for the host CPU: stock TVM's CPU pipeline as it is
+    (``"default"``), or with our schedule rules applied after fusion (``"ours"``)."""
+    if schedules not in SCHEDULES:
+        raise ValueError(f"schedules must be one of {SCHEDULES}, got {schedules!r}")
     tvm, relax, _ = _tvm()
+    target = host_target(schedules) if target is None else target
+    if schedules == "ours":
+        from .schedules import pipeline
+
+        return tvm.compile(mod, target=target, relax_pipeline=pipeline(tvm.target.Target(target)))
     return tvm.compile(mod, target=target) if hasattr(tvm, "compile") else relax.build(mod, target=target)
+
+
+def speed_rewrites(program: torch.export.ExportedProgram) -> tuple[torch.export.ExportedProgram, dict]:
+    """The speed rewrites (``surgery.rewrites.SPEED_REWRITES``) on a program: what the shipped
+    build compiles. Returns the program and what each replaced."""
+    from .rewrites import SPEED_REWRITES
+
+    replaced = {}
+    for name, cls in SPEED_REWRITES.items():
+        result = cls()(program)
+        program = result.program
+        if result.modified:
+            replaced[name] = dict(result.replaced)
+    return program, replaced
+
+
+def program_fingerprint(program: torch.export.ExportedProgram) -> str:
+    """A digest of everything that decides a compiled library: graph, signature, and the bytes
+    of every parameter, buffer and constant."""
+    digest = hashlib.sha256()
+    digest.update(str(program.graph_module.code).encode())
+    digest.update(str(program.graph_signature).encode())
+    tensors = dict(program.state_dict)
+    tensors.update(getattr(program, "constants", {}) or {})
+    for name in sorted(tensors):
+        value = tensors[name]
+        if isinstance(value, torch.Tensor):
+            value = value.detach().contiguous().cpu()
+            digest.update(f"{name}{tuple(value.shape)}{value.dtype}".encode())
+            digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    return Path(cache_dir or os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery"))
 
 
 def _to_tvm(array: np.ndarray, device):
@@ -120,27 +180,69 @@ class TvmFunction:
         self.executable = executable
         self.vm = relax.VirtualMachine(executable, self.device)
 
+    path: Path | None = None  # the shared library this function was loaded from, if any
+
     @classmethod
     def load(cls, path: str | Path) -> "TvmFunction":
         tvm, _, _ = _tvm()
-        return cls(tvm.runtime.load_module(str(path)))
+        fn = cls(tvm.runtime.load_module(str(path)))
+        fn.path = Path(path)
+        return fn
 
     def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inputs = [_to_tvm(np.ascontiguousarray(a.detach().cpu().numpy()), self.device) for a in args]
         return tuple(_to_torch(self.vm["main"](*inputs)))
 
     def export_library(self, path: str | Path) -> None:
+        if self.path is not None:  # a loaded library can't be re-exported: copy its file
+            import shutil
+
+            shutil.copyfile(self.path, path)
+            return
         self.executable.export_library(str(path))
 
 
-def compile_program(program: torch.export.ExportedProgram, target: str = "llvm") -> tuple[TvmFunction, dict]:
-    """Import, build and wrap a program; also returns the stage timings in seconds."""
+def compile_program(program: torch.export.ExportedProgram, target=None, schedules: str = "default",
+                    cache_dir: str | Path | None = None, log: list | None = None) -> tuple[TvmFunction, dict]:
+    """Import, build and wrap a program; also returns timings and whether a cached library was
+    reused. With ``cache_dir`` (or ``$SURGERY_CACHE``) given, the library is stored under a key
+    of the program's fingerprint, the TVM version, the target and the schedules, and a second
+    call with the same program loads it instead of compiling."""
     start = time.perf_counter()
-    mod = import_program(program)
+    library = None
+    if cache_dir is not None:
+        versions = tvm_versions()
+        key = hashlib.sha256("|".join([
+            program_fingerprint(program), versions["apache-tvm"], versions["apache-tvm-ffi"], str(host_target(schedules) if target is None else target),
+            schedules, str(SCHEDULES_FORMAT), torch.__version__]).encode()).hexdigest()[:32]
+        library = cache_root(cache_dir) / "tvm-lib" / f"{key}.so"
+        if library.is_file():
+            try:
+                with native_log(log if log is not None else []):  # TVM logs a line per loaded scope
+                    fn = TvmFunction.load(library)
+                return fn, {"import_s": 0.0, "build_s": 0.0, "cached": True, "library": str(library),
+                            "load_s": time.perf_counter() - start}
+            except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt below
+                pass
+    sink = log if log is not None else []
+    with native_log(sink):
+        mod = import_program(program)
     imported = time.perf_counter()
-    executable = build(mod, target)
+    with native_log(sink):
+        executable = build(mod, target, schedules)
     built = time.perf_counter()
-    return TvmFunction(executable), {"import_s": imported - start, "build_s": built - imported}
+    fn = TvmFunction(executable)
+    info = {"import_s": imported - start, "build_s": built - imported, "cached": False}
+    if library is not None:
+        from .atomic import atomic_path
+
+        try:
+            with atomic_path(library, suffix=".so") as tmp, native_log(sink):
+                fn.export_library(tmp)
+            info["library"] = str(library)
+        except OSError:
+            pass  # an unwritable cache only costs the next run a rebuild
+    return fn, info
 
 
 # ----------------------------------------------------------------------------- probe

@@ -58,3 +58,33 @@ def test_graph_form(name, data):
     expected = program.module()(*case.args())
     assert_equivalent(rewritten.module()(*case.args()), expected, scale=case.scale, context=repr(case))
     assert_equivalent(expected, case.reference(), scale=case.scale, context="export changed the op?")
+
+
+# ------------------------------------------------------------------ speed rewrites
+# Not chosen by the TVM probe (TVM converts their operators), applied for speed; same two forms.
+
+from surgery.rewrites import SPEED_REWRITES  # noqa: E402
+
+
+@pytest.mark.parametrize("name", list(SPEED_REWRITES))
+@given(data=st.data())
+def test_speed_rewrite_function_form(name, data):
+    case = data.draw(strategy_for(name), label="case")
+    event(f"dtype={case.input.dtype}")
+    assert_equivalent(case.rewritten(), case.reference(), scale=case.scale, context=repr(case))
+
+
+@pytest.mark.parametrize("name", list(SPEED_REWRITES))
+@settings(max_examples=graph_examples())
+@given(data=st.data())
+def test_speed_rewrite_graph_form(name, data):
+    case = data.draw(strategy_for(name), label="case")
+    program = torch.export.export(case.module(), case.args())
+    rewritten, log = surgery.rewrite_with_log(program, [name])
+    replaced = sum(result.replaced.get("aten.convolution.default", 0) for _, result in log)
+    covers = case.weight.shape[2:] == case.input.shape[2:] and case.padding == 0 and case.groups == 1
+    event("covers input: rewritten" if covers else "left as a convolution")
+    assert replaced == (1 if covers else 0)
+    assert ("aten.convolution.default" in surgery.op_census(rewritten)) == (not covers)
+    expected = program.module()(*case.args())
+    assert_equivalent(rewritten.module()(*case.args()), expected, scale=case.scale, context=repr(case))

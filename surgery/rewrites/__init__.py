@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import Rewrite, RewriteError, RewriteResult, op_census
+from .conv_as_matmul import ConvAsMatmul
 from .floor_divide import FloorDivideToFmod
 from .grid_sample import GridSampleToGather
 from .roi_align import RoiAlignToGridSample
@@ -12,6 +13,10 @@ from .scatter import ScatterToSelect
 REGISTRY: dict[str, type[Rewrite]] = {
     cls.name: cls for cls in sorted([RoiAlignToGridSample, GridSampleToGather, ScatterToSelect, FloorDivideToFmod], key=lambda c: c.order)
 }
+
+# Speed rewrites: TVM converts their operators correctly, so the probe never asks for them; they
+# make the compiled program faster (``surgery.tvm_backend`` applies them for the shipped build).
+SPEED_REWRITES: dict[str, type[Rewrite]] = {cls.name: cls for cls in [ConvAsMatmul]}
 
 
 def resolve(rewrites=None) -> list[Rewrite]:
@@ -26,10 +31,12 @@ def resolve(rewrites=None) -> list[Rewrite]:
             resolved[item.name] = item
         elif isinstance(item, str) and item in REGISTRY:
             resolved.setdefault(item, REGISTRY[item]())
+        elif isinstance(item, str) and item in SPEED_REWRITES:
+            resolved.setdefault(item, SPEED_REWRITES[item]())
         else:
             raise RewriteError(f"unknown rewrite {item!r}; known rewrites: {', '.join(REGISTRY)}")
     return sorted(resolved.values(), key=lambda r: r.order)
 
 
-__all__ = ["REGISTRY", "Rewrite", "RewriteError", "RewriteResult", "op_census", "resolve",
+__all__ = ["REGISTRY", "SPEED_REWRITES", "ConvAsMatmul", "Rewrite", "RewriteError", "RewriteResult", "op_census", "resolve",
            "FloorDivideToFmod", "GridSampleToGather", "RoiAlignToGridSample", "ScatterToSelect"]

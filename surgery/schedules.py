@@ -1,0 +1,250 @@
+"""CPU schedule rules of our own for stock TVM, in the style of TVM's dlight rules.
+
+Stock TVM's CPU pipeline (``relax.backend.cpu_generic``) compiles every kernel exactly as
+``LegalizeOps`` wrote it: one scalar, single-threaded loop nest per operator. That is why the
+untuned geometry encoder ran ~45x slower than eager PyTorch. MetaSchedule would schedule the
+kernels, but with apache-tvm 0.27.0.post1 + apache-tvm-ffi 0.1.15.post2 it segfaults inside
+``tvm::ffi::ToJSONGraph`` before the first trial (reproduce with ``scripts/bench_geometry_encoder.py
+--metaschedule-probe``), so we ship deterministic rules instead, applied at build time with
+dlight's ``ApplyDefaultSchedule`` (first rule that accepts a kernel wins):
+
+- ``Matmul``: a kernel whose one reduction block is ``C[..., i, j] += A[..., i, k] * B[..., k, j]``
+  (matmul, batched matmul, dense with a pre-transposed weight). Register-blocked micro-kernel:
+  ``ii x jv`` accumulators in a local buffer, ``jv`` vectorised over the output's contiguous axis,
+  the reduction loop outside them, parallel over the outer tiles; elementwise producers are
+  inlined into it and elementwise consumers fused into its write-back.
+- dlight's own ``cpu.Reduction`` for softmax / layer norm / sums (parallel rows, vectorised
+  elementwise parts).
+- ``Injective``: elementwise / broadcast / transpose / gather kernels: one fused loop, parallel
+  when large, vectorised inner lanes when the innermost extent allows.
+- ``ParallelOuter``: anything else gets its outermost spatial loops run in parallel.
+
+Schedules change the loop order, never the arithmetic of a single output element except for the
+order in which a matmul's reduction is accumulated (as with any BLAS); the whole-model property
+test bounds the effect (float32, max abs 1e-5 on unit-scale inputs).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+
+VECTOR_LANES = 16  # float32 lanes of one AVX-512 register (the LLVM backend splits for AVX2)
+PARALLEL_MIN_ELEMENTS = 1 << 14  # below this a thread-pool launch costs more than it saves
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int | None:
+    value = sch.get(loop).extent
+    return int(value) if isinstance(value, tirx.IntImm) else None
+
+
+def _blocks(sch: s_tir.Schedule):
+    root = sch.get_sblock("root") if _has_root(sch) else None
+    return sch.get_child_blocks(root) if root is not None else []
+
+
+def _has_root(sch) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:  # noqa: BLE001 - functions without a root block are not ours to schedule
+        return False
+
+
+def _iter_kinds(sch: s_tir.Schedule, block) -> str:
+    kinds = {tirx.IterVar.DataPar: "S", tirx.IterVar.CommReduce: "R"}
+    return "".join(kinds.get(iv.iter_type, "O") for iv in sch.get(block).iter_vars)
+
+
+def _is_spatial(sch, block) -> bool:
+    return set(_iter_kinds(sch, block)) <= {"S"}
+
+
+def _inline_elementwise(sch: s_tir.Schedule, keep) -> None:
+    """Inline every spatial block but ``keep`` into its consumer or producer where TVM allows."""
+    changed = True
+    while changed:
+        changed = False
+        for block in _blocks(sch):
+            if sch.get(block).same_as(sch.get(keep)) or not _is_spatial(sch, block):
+                continue
+            for inline in (sch.compute_inline, sch.reverse_compute_inline):
+                try:
+                    inline(block)
+                    changed = True
+                    break
+                except Exception:  # noqa: BLE001 - TVM refuses: not inlinable, try the next way
+                    continue
+            if changed:
+                break
+
+
+def _vectorize_inner(sch: s_tir.Schedule, loop, lanes: int = VECTOR_LANES) -> None:
+    extent = _extent(sch, loop)
+    if extent is None or extent < 2:
+        return
+    if extent % lanes == 0 and extent > lanes:
+        _, inner = sch.split(loop, [None, lanes])
+        sch.vectorize(inner)
+    elif extent <= lanes:
+        sch.vectorize(loop)
+
+
+class Matmul(dlight.ScheduleRule):
+    """``C[..., i, j] (+)= A[..., i, k] * B[..., k, j]``: register-blocked, vectorised over j."""
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        if not _has_root(sch):
+            return None
+        reductions = [b for b in _blocks(sch) if "R" in _iter_kinds(sch, b)]
+        if len(reductions) != 1:
+            return None
+        block = reductions[0]
+        kinds = _iter_kinds(sch, block)
+        stmt = sch.get(block)
+        if kinds.rstrip("R") != "S" * kinds.count("S") or kinds.count("R") != 1 or kinds.count("S") < 2:
+            return None
+        if len(stmt.reads) < 2 or not isinstance(stmt.body, tirx.BufferStore) or not _is_mul_add(stmt.body):
+            return None
+        if any(not _is_spatial(sch, b) for b in _blocks(sch) if not sch.get(b).same_as(stmt)):
+            return None
+        _inline_elementwise(sch, block)
+        block = [b for b in _blocks(sch) if "R" in _iter_kinds(sch, b)][0]
+        loops = sch.get_loops(block)
+        if len(loops) != len(kinds):
+            return None
+        *outer, i, j, k = loops
+        ei, ej = _extent(sch, i), _extent(sch, j)
+        if ei is None or ej is None:
+            return None
+        jv = next((v for v in (2 * VECTOR_LANES, VECTOR_LANES, 8) if ej % v == 0), None)
+        if jv is None:
+            return None
+        ii = next(v for v in (6, 4, 3, 2, 1) if ei % v == 0 and v * jv <= 6 * 2 * VECTOR_LANES)
+        io, ii_loop = sch.split(i, [None, ii])
+        jo, jv_loop = sch.split(j, [None, jv])
+        jvo, jvi = sch.split(jv_loop, [None, min(jv, VECTOR_LANES)])
+        sch.reorder(*outer, io, jo, k, ii_loop, jvo, jvi)
+        accumulator = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(accumulator, jo, preserve_unit_loops=True)
+        # elementwise consumers (bias add, activation) run on the tile just written
+        consumers = [b for b in _blocks(sch) if _is_spatial(sch, b) and not sch.get(b).same_as(sch.get(accumulator))]
+        for consumer in consumers:
+            try:
+                sch.reverse_compute_inline(consumer)
+            except Exception:  # noqa: BLE001 - left as its own loop nest, scheduled below
+                pass
+        tiles = sch.fuse(*outer, io, jo) if outer else sch.fuse(io, jo)
+        sch.parallel(tiles)
+        sch.unroll(ii_loop)
+        sch.unroll(jvo)
+        sch.vectorize(jvi)
+        init = sch.decompose_reduction(block, k)  # last: TVM only vectorises complete reduction blocks
+        sch.vectorize(sch.get_loops(init)[-1])
+        write_back = sch.get_loops(accumulator)[len(outer) + 2:]
+        if write_back:
+            _vectorize_inner(sch, write_back[-1], min(jv, VECTOR_LANES))
+        for other in _blocks(sch):
+            if not sch.get(other).same_as(sch.get(block)) and sch.get_loops(other) and _is_spatial(sch, other):
+                loops_other = sch.get_loops(other)
+                if not sch.get(loops_other[0]).same_as(sch.get(tiles)):
+                    _schedule_injective(sch, other)
+        return sch
+
+
+def _is_mul_add(store: tirx.BufferStore) -> bool:
+    value = store.value
+    return isinstance(value, tirx.Add) and any(isinstance(side, tirx.Mul) for side in (value.a, value.b))
+
+
+def _schedule_injective(sch: s_tir.Schedule, block) -> None:
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    extent = _extent(sch, fused)
+    if extent is None:
+        return
+    inner_lanes = VECTOR_LANES if extent % VECTOR_LANES == 0 else None
+    if extent >= PARALLEL_MIN_ELEMENTS:
+        outer, inner = sch.split(fused, [2 * 4, None] if inner_lanes is None else [None, 4096])
+        sch.parallel(outer)
+        if inner_lanes:
+            _vectorize_inner(sch, inner)
+    elif inner_lanes:
+        _vectorize_inner(sch, fused)
+
+
+class Injective(dlight.ScheduleRule):
+    """Kernels of spatial blocks only: inline into the last, fuse, parallel when large, vectorise."""
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        if not _has_root(sch):
+            return None
+        blocks = _blocks(sch)
+        if not blocks or not all(_is_spatial(sch, b) for b in blocks):
+            return None
+        _inline_elementwise(sch, blocks[-1])
+        for block in _blocks(sch):
+            _schedule_injective(sch, block)
+        return sch
+
+
+class ParallelOuter(dlight.ScheduleRule):
+    """Fallback (softmax fused with masking, gathers, ...): inline elementwise blocks where TVM
+    allows, then run every block's leading spatial loops in parallel and vectorise spatial blocks."""
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        if not _has_root(sch) or not _blocks(sch):
+            return None
+        _inline_elementwise(sch, _blocks(sch)[-1])
+        for block in _blocks(sch):
+            kinds = _iter_kinds(sch, block)
+            loops = sch.get_loops(block)
+            leading = len(kinds) - len(kinds.lstrip("S"))
+            if leading == 0 or len(loops) != len(kinds):
+                continue
+            if leading == len(kinds):
+                _schedule_injective(sch, block)
+                continue
+            spatial = sch.fuse(*loops[:leading]) if leading > 1 else loops[0]
+            if (_extent(sch, spatial) or 0) >= 2:
+                sch.parallel(spatial)
+        return sch
+
+
+@functools.lru_cache(maxsize=None)
+def rules() -> tuple:
+    return (Matmul(), dlight.cpu.Reduction(), Injective(), ParallelOuter())
+
+
+def pipeline(target: tvm.target.Target):
+    """Stock TVM's CPU pipeline with our schedule rules applied after fusion."""
+
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod, _ctx):
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu.library_dispatch_passes(target)
+                + cpu.legalize_passes(target)
+                + [dlight.ApplyDefaultSchedule(*rules())]
+                + cpu.dataflow_lower_passes(target)
+                + cpu.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline
