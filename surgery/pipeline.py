@@ -220,7 +220,7 @@ def operate(
         start = time.perf_counter()
         current = "TVM prepare"
         try:
-            for_tvm, speed = (speed_rewrites(rewritten) if schedules == "ours" else (rewritten, {}))
+            for_tvm, speed = (speed_rewrites(rewritten, split=bool(stage_inputs)) if schedules == "ours" else (rewritten, {}))
             tvm_info["speed_rewrites"] = speed
             detail = f"speed rewrites: {', '.join(speed) or 'none'}"
             if stage_inputs:

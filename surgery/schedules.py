@@ -27,6 +27,7 @@ test bounds the effect (float32, max abs 1e-5 on unit-scale inputs).
 from __future__ import annotations
 
 import functools
+import re
 
 import tvm
 from tvm import s_tir, tirx
@@ -163,22 +164,77 @@ def _is_mul_add(store: tirx.BufferStore) -> bool:
     return isinstance(value, tirx.Add) and any(isinstance(side, tirx.Mul) for side in (value.a, value.b))
 
 
+def _analyzer():
+    try:
+        from tvm.sym.analyzer import Analyzer  # apache-tvm 0.27
+    except ImportError:
+        from tvm.arith import Analyzer  # earlier releases
+    return Analyzer()
+
+
+def _transposed_axis(sch: s_tir.Schedule, block) -> int | None:
+    """For a block whose innermost iterator does not index the last axis of a buffer it reads
+    (a transpose: consecutive writes, strided reads), the position of the iterator that does
+    index that last axis; else None. Indices are simplified over the iterators' ranges first
+    (inlined reshapes leave ``(72 * y + x) // 5184 + c`` where ``c`` is meant)."""
+    stmt = sch.get(block)
+    names = [iv.var.name for iv in stmt.iter_vars]
+    if len(names) < 2:
+        return None
+    analyzer = _analyzer()
+    for iv in stmt.iter_vars:
+        analyzer.bind(iv.var, iv.dom)
+    inner = names[-1]
+    for read in stmt.reads:
+        if len(read.source.shape) < 2:
+            continue
+        last = str(analyzer.simplify(read.region[-1].min))
+        if re.search(rf"\b{re.escape(inner)}\b", last):
+            continue
+        for position, name in enumerate(names[:-1]):
+            if re.search(rf"\b{re.escape(name)}\b", last):
+                return position
+    return None
+
+
+TILE = 16  # transposes are copied in TILE x TILE blocks, so reads and writes both stay in cache
+
+
 def _schedule_injective(sch: s_tir.Schedule, block) -> None:
     loops = sch.get_loops(block)
     if not loops:
         return
-    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    extent = _extent(sch, fused)
-    if extent is None:
+    extents = [_extent(sch, loop) for loop in loops]
+    if None in extents:
         return
-    inner_lanes = VECTOR_LANES if extent % VECTOR_LANES == 0 else None
-    if extent >= PARALLEL_MIN_ELEMENTS:
-        outer, inner = sch.split(fused, [2 * 4, None] if inner_lanes is None else [None, 4096])
-        sch.parallel(outer)
-        if inner_lanes:
-            _vectorize_inner(sch, inner)
-    elif inner_lanes:
-        _vectorize_inner(sch, fused)
+    total = 1
+    for e in extents:
+        total *= e
+    across = _transposed_axis(sch, block) if len(loops) == len(sch.get(block).iter_vars) else None
+    if across is not None and extents[across] >= 8 and extents[-1] >= 8:
+        # copy in tiles of (read-contiguous axis, write-contiguous axis): both stay in cache
+        tile = next((t for t in (TILE, 8) if extents[across] % t == 0 and extents[-1] % t == 0), TILE)
+        ro, ri = sch.split(loops[across], [None, tile])
+        co, ci = sch.split(loops[-1], [None, tile])
+        others = [loop for i, loop in enumerate(loops[:-1]) if i != across]
+        sch.reorder(*others, ro, co, ri, ci)
+        tiles = sch.fuse(*others, ro, co)
+        if total >= PARALLEL_MIN_ELEMENTS:
+            sch.parallel(tiles)
+        sch.unroll(ci)
+        return
+    # Outer loops fused and run in parallel; the innermost loop (contiguous writes) vectorised.
+    *outer, inner = loops
+    lanes = next((v for v in (VECTOR_LANES, 8) if extents[-1] % v == 0), None)
+    if outer:
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        if total >= PARALLEL_MIN_ELEMENTS and (_extent(sch, fused) or 0) >= 2:
+            sch.parallel(fused)
+    elif total >= PARALLEL_MIN_ELEMENTS and lanes:
+        chunk, inner = sch.split(inner, [None, 4096 if extents[-1] % 4096 == 0 else lanes * 64])
+        sch.parallel(chunk)
+    if lanes:
+        _vectorize_inner(sch, inner, lanes)
 
 
 class Injective(dlight.ScheduleRule):
@@ -233,13 +289,16 @@ def rules() -> tuple:
 def pipeline(target: tvm.target.Target):
     """Stock TVM's CPU pipeline with our schedule rules applied after fusion."""
 
+    from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod, _ctx):
         with target:
             seq = tvm.transform.Sequential(
-                cpu.library_dispatch_passes(target)
+                # the same image + position sum feeds all three layers: compute it once
+                [relax.transform.EliminateCommonSubexpr()]
+                + cpu.library_dispatch_passes(target)
                 + cpu.legalize_passes(target)
                 + [dlight.ApplyDefaultSchedule(*rules())]
                 + cpu.dataflow_lower_passes(target)

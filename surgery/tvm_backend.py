@@ -120,13 +120,18 @@ def build(mod, target=None, schedules: str = "default"):
     return tvm.compile(mod, target=target) if hasattr(tvm, "compile") else relax.build(mod, target=target)
 
 
-def speed_rewrites(program: torch.export.ExportedProgram) -> tuple[torch.export.ExportedProgram, dict]:
+def speed_rewrites(program: torch.export.ExportedProgram, split: bool = False) -> tuple[torch.export.ExportedProgram, dict]:
     """The speed rewrites (``surgery.rewrites.SPEED_REWRITES``) on a program: what the shipped
-    build compiles. Returns the program and what each replaced."""
+    build compiles. Returns the program and what each replaced. With ``split`` (the program will
+    be cut into an image stage and a prompt stage) attention is not reassociated: the stage split
+    hoists the key/value projections out of the per-prompt path, and reassociating them would
+    move that work back into it."""
     from .rewrites import SPEED_REWRITES
 
     replaced = {}
     for name, cls in SPEED_REWRITES.items():
+        if split and name == "attention_reassociation":
+            continue
         result = cls()(program)
         program = result.program
         if result.modified:
@@ -220,8 +225,11 @@ def compile_program(program: torch.export.ExportedProgram, target=None, schedule
             try:
                 with native_log(log if log is not None else []):  # TVM logs a line per loaded scope
                     fn = TvmFunction.load(library)
-                return fn, {"import_s": 0.0, "build_s": 0.0, "cached": True, "library": str(library),
-                            "load_s": time.perf_counter() - start}
+                info = {"import_s": 0.0, "build_s": 0.0, "cached": True, "library": str(library),
+                        "load_s": time.perf_counter() - start}
+                with contextlib.suppress(OSError, ValueError):  # when it was built, how long it took
+                    info["built"] = json.loads(library.with_suffix(".json").read_text())
+                return fn, info
             except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt below
                 pass
     sink = log if log is not None else []
@@ -234,12 +242,15 @@ def compile_program(program: torch.export.ExportedProgram, target=None, schedule
     fn = TvmFunction(executable)
     info = {"import_s": imported - start, "build_s": built - imported, "cached": False}
     if library is not None:
-        from .atomic import atomic_path
+        from .atomic import atomic_path, write_text
 
         try:
             with atomic_path(library, suffix=".so") as tmp, native_log(sink):
                 fn.export_library(tmp)
             info["library"] = str(library)
+            write_text(library.with_suffix(".json"), json.dumps({
+                "import_s": info["import_s"], "build_s": info["build_s"], "schedules": schedules,
+                "target": str(host_target(schedules) if target is None else target), "tvm": versions}, indent=2))
         except OSError:
             pass  # an unwritable cache only costs the next run a rebuild
     return fn, info

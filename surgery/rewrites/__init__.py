@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import Rewrite, RewriteError, RewriteResult, op_census
+from .attention_reassociation import AttentionReassociation
 from .conv_as_matmul import ConvAsMatmul
 from .floor_divide import FloorDivideToFmod
 from .grid_sample import GridSampleToGather
@@ -16,7 +17,7 @@ REGISTRY: dict[str, type[Rewrite]] = {
 
 # Speed rewrites: TVM converts their operators correctly, so the probe never asks for them; they
 # make the compiled program faster (``surgery.tvm_backend`` applies them for the shipped build).
-SPEED_REWRITES: dict[str, type[Rewrite]] = {cls.name: cls for cls in [ConvAsMatmul]}
+SPEED_REWRITES: dict[str, type[Rewrite]] = {cls.name: cls for cls in [ConvAsMatmul, AttentionReassociation]}
 
 
 def resolve(rewrites=None) -> list[Rewrite]:
@@ -38,5 +39,5 @@ def resolve(rewrites=None) -> list[Rewrite]:
     return sorted(resolved.values(), key=lambda r: r.order)
 
 
-__all__ = ["REGISTRY", "SPEED_REWRITES", "ConvAsMatmul", "Rewrite", "RewriteError", "RewriteResult", "op_census", "resolve",
+__all__ = ["REGISTRY", "SPEED_REWRITES", "AttentionReassociation", "ConvAsMatmul", "Rewrite", "RewriteError", "RewriteResult", "op_census", "resolve",
            "FloorDivideToFmod", "GridSampleToGather", "RoiAlignToGridSample", "ScatterToSelect"]
