@@ -247,5 +247,5 @@ def geometry_encoder_spec(points: int = 3, boxes: int = 2, batch: int = 1, feat_
     return ModelSpec(
         name="geometry_encoder", module=wrapper, example_args=example_inputs(shape, seed),
         input_names=INPUT_NAMES, output_names=OUTPUT_NAMES, input_strategy=prompt_inputs(shape),
-        description=description, stage_inputs=IMAGE_INPUTS,
+        description=description, stage_inputs=IMAGE_INPUTS, stage_names=("image", "prompt"),
     )

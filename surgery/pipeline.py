@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import statistics
 import time
@@ -49,6 +50,7 @@ class ModelSpec:
     # Inputs whose dependent computation is worth hoisting into a stage of its own (computed
     # once, reused across calls): a prompt encoder's image features.
     stage_inputs: tuple[str, ...] | None = None
+    stage_names: tuple[str, str] = ("stage", "rest")  # of the hoisted stage and of the rest, for artifacts
 
     @classmethod
     def from_module(cls, name: str, module: torch.nn.Module, example_args: tuple, input_strategy=None,
@@ -221,7 +223,7 @@ def operate(
         current = "TVM prepare"
         try:
             for_tvm, speed = (speed_rewrites(rewritten, split=bool(stage_inputs)) if schedules == "ours" else (rewritten, {}))
-            tvm_info["speed_rewrites"] = speed
+            tvm_info.update(schedules=schedules, target=str(host_target(schedules)), speed_rewrites=speed)
             detail = f"speed rewrites: {', '.join(speed) or 'none'}"
             if stage_inputs:
                 staged = hoist(for_tvm.run_decompositions(), stage_inputs, spec.example_args)
@@ -286,13 +288,20 @@ def operate(
         if tvm_fn is not None:
             from .tvm_backend import native_log
 
+            first, second = spec.stage_names
             libraries = {"tvm_library": ("tvm", tvm_fn)} if stage_fns is None else {
-                "tvm_stage_library": ("stage.tvm", stage_fns[0]), "tvm_rest_library": ("rest.tvm", stage_fns[1])}
+                f"tvm_{first}_library": (f"{first}.tvm", stage_fns[0]), f"tvm_{second}_library": (f"{second}.tvm", stage_fns[1])}
             for key, (suffix, fn) in libraries.items():
                 target = out_dir / f"{spec.name}.{suffix}.so"
                 with atomic_path(target, suffix=".so") as tmp, native_log(tvm_log):
                     fn.export_library(tmp)
                 artifacts[key] = str(target)
+            if stage_fns is not None:  # how to call the two: surgery.stages.StagedFunction.load(path)
+                target = out_dir / f"{spec.name}.stages.json"
+                manifest = tvm_fn.manifest(Path(artifacts[f"tvm_{first}_library"]).name, Path(artifacts[f"tvm_{second}_library"]).name)
+                with atomic_path(target) as tmp:
+                    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+                artifacts["tvm_stages"] = str(target)
         if tvm_log:
             target = out_dir / f"{spec.name}.tvm.log"
             with atomic_path(target) as tmp:

@@ -51,17 +51,49 @@ class StagedPrograms:
     def split_args(self, args: Sequence[torch.Tensor]) -> tuple[tuple, tuple]:
         return tuple(args[i] for i in self.stage_inputs), tuple(args[i] for i in self.rest_inputs)
 
-    def compose(self, stage_fn, rest_fn):
+    def compose(self, stage_fn, rest_fn) -> "StagedFunction":
         """A callable taking the original's arguments: ``rest_fn(*stage_fn(stage args), rest args)``."""
-
-        def composed(*args):
-            stage_args, rest_args = self.split_args(args)
-            return rest_fn(*tuple(stage_fn(*stage_args)), *rest_args)
-
-        return composed
+        return StagedFunction(stage_fn, rest_fn, self.stage_inputs, self.rest_inputs)
 
     def frontier_bytes(self) -> int:
         return sum(f["bytes"] for f in self.frontier)
+
+
+class StagedFunction:
+    """Two compiled stages called like the original program. ``stage(*args)`` alone gives the
+    frontier (compute it once per image), ``rest(frontier, *args)`` the outputs from it."""
+
+    def __init__(self, stage_fn, rest_fn, stage_inputs: Sequence[int], rest_inputs: Sequence[int]):
+        self.stage_fn, self.rest_fn = stage_fn, rest_fn
+        self.stage_inputs, self.rest_inputs = tuple(stage_inputs), tuple(rest_inputs)
+
+    def stage(self, *args) -> tuple:
+        """The frontier from the original's full argument list (only the stage's inputs are read)."""
+        return tuple(self.stage_fn(*(args[i] for i in self.stage_inputs)))
+
+    def rest(self, frontier: tuple, *args):
+        """The outputs from a frontier and the original's full argument list."""
+        return self.rest_fn(*frontier, *(args[i] for i in self.rest_inputs))
+
+    def __call__(self, *args):
+        return self.rest(self.stage(*args), *args)
+
+    def manifest(self, stage_library: str, rest_library: str) -> dict:
+        return {"format": 1, "stage_library": stage_library, "rest_library": rest_library,
+                "stage_inputs": list(self.stage_inputs), "rest_inputs": list(self.rest_inputs)}
+
+    @classmethod
+    def load(cls, manifest_path) -> "StagedFunction":
+        """The two TVM libraries ``python -m surgery apply`` wrote, from its ``.stages.json``."""
+        import json
+        from pathlib import Path
+
+        from .tvm_backend import TvmFunction
+
+        path = Path(manifest_path)
+        data = json.loads(path.read_text())
+        return cls(TvmFunction.load(path.parent / data["stage_library"]), TvmFunction.load(path.parent / data["rest_library"]),
+                   data["stage_inputs"], data["rest_inputs"])
 
 
 def _is_pure(node: fx.Node) -> bool:

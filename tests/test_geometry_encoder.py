@@ -143,7 +143,7 @@ def applied(tmp_path_factory):
 def test_apply_geometry_encoder_end_to_end(applied):
     tmp, result = applied
     assert result.returncode == 0, result.stdout + result.stderr
-    for stage in ("build", "export", "rewrite", "verify", "TVM import", "TVM build", "TVM run"):
+    for stage in ("build", "export", "rewrite", "verify", "TVM prepare", "TVM build", "TVM run"):
         assert f"[{stage:10s}]" in result.stdout, stage
     report = json.loads((tmp / "reports" / "geometry_encoder.json").read_text())
     assert report["passed"] and not report["failures"]
@@ -154,6 +154,9 @@ def test_apply_geometry_encoder_end_to_end(applied):
     assert report["equivalence"]["original_vs_tvm"]["embeddings"]["max_abs"] <= 1e-5
     assert report["equivalence"]["original_vs_tvm"]["padding_mask"]["max_abs"] == 0
     assert report["tvm"]["build_s"] > 0 and report["latency"]["tvm_ms"] > 0 and report["latency"]["eager_ms"] > 0
+    # shipped by default: image stage and prompt stage compiled apart, each timed
+    assert report["tvm"]["split"]["stage_inputs"] == ["img_feats", "img_pos"]
+    assert report["latency"]["tvm_stage_ms"] > 0 and report["latency"]["tvm_rest_ms"] > 0
     markdown = (tmp / "reports" / "geometry_encoder.md").read_text()
     assert "Verdict: **PASSED" in markdown and "Contracts of the rewrites applied" in markdown
 
@@ -162,12 +165,13 @@ def test_apply_artifacts_load_and_run(applied):
     tmp, result = applied
     from models.geometry_encoder import PromptShape
     from surgery.pipeline import load_program
-    from surgery.tvm_backend import TvmFunction
+    from surgery.stages import StagedFunction
 
     args = example_inputs(PromptShape(), seed=5)
     original = load_program(tmp / "out" / "geometry_encoder.original.pt2").module()
     rewritten = load_program(tmp / "out" / "geometry_encoder.rewritten.pt2").module()
-    compiled = TvmFunction.load(tmp / "out" / "geometry_encoder.tvm.so")
+    compiled = StagedFunction.load(tmp / "out" / "geometry_encoder.stages.json")
+    assert {p.name for p in (tmp / "out").glob("*.so")} == {"geometry_encoder.image.tvm.so", "geometry_encoder.prompt.tvm.so"}
     with torch.no_grad():
         expected = original(*args)
         from surgery.equivalence import assert_equivalent
@@ -192,5 +196,5 @@ def test_apply_without_rewrites_fails_on_tvm_and_says_why(tmp_path):
                      "--out", str(tmp_path / "out"), "--reports", str(tmp_path))
     assert result.returncode == 1
     report = json.loads((tmp_path / "geometry_encoder.json").read_text())
-    assert not report["passed"] and report["failures"][0]["check"] in ("TVM import", "TVM build", "original vs TVM")
+    assert not report["passed"] and report["failures"][0]["check"] in ("TVM prepare", "TVM build", "original vs TVM")
     assert "FAILED" in (tmp_path / "geometry_encoder.md").read_text()

@@ -133,8 +133,27 @@ def write_model_report(report: dict, out_dir: str | Path = "reports") -> tuple[P
     lines += ["", "## TVM and timings", ""]
     if report["tvm"].get("error"):
         lines.append(f"- TVM failed: `{report['tvm']['error']}`")
-    if "build_s" in report["tvm"]:
-        lines.append(f"- TVM build time: {report['tvm']['build_s']:.1f} s (target llvm, host CPU, default schedules)")
+    tvm = report["tvm"]
+    if "schedules" in tvm:
+        lines.append(f"- target `{tvm['target']}`, {tvm['schedules']} schedules"
+                     + (" (surgery.schedules: our CPU rules, dlight style)" if tvm["schedules"] == "ours" else " (stock TVM CPU pipeline)"))
+    from ..rewrites import SPEED_REWRITES
+
+    for speed_name, replaced in tvm.get("speed_rewrites", {}).items():
+        lines.append(f"- speed rewrite `{speed_name}`: {', '.join(f'{k} x{v}' for k, v in replaced.items())}; contract: "
+                     f"{SPEED_REWRITES[speed_name].contract}")
+    if "split" in tvm:
+        split = tvm["split"]
+        frontier_mib = sum(f["bytes"] for f in split["frontier"]) / 2**20
+        lines.append(f"- split: {split['hoisted_nodes']} operators depending only on {', '.join(split['stage_inputs'])} "
+                     f"hoisted into a stage of their own (run once per {'/'.join(split['stage_inputs'])}); "
+                     f"{split['rest_nodes']} left per call; {len(split['frontier'])} tensors ({frontier_mib:.1f} MiB) handed over")
+    for part in ("whole", "stage", "rest"):
+        info = tvm.get(f"{part}_build")
+        if info:
+            how = ("reused from the cache" + (f" (built in {info['built']['import_s'] + info['built']['build_s']:.1f} s)" if info.get("built") else "")
+                   if info["cached"] else f"import {info['import_s']:.1f} s + build {info['build_s']:.1f} s")
+            lines.append(f"- TVM library ({part}): {how}")
     for k, v in report["latency"].items():
         lines.append(f"- latency {k.replace('_ms', '')}: {v:.2f} ms (median)")
     lines += ["- stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in report["stages_s"].items())]

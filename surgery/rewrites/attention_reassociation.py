@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
-import operator
 
 import torch
 from torch import fx
@@ -223,7 +221,7 @@ def reassociate(graph: fx.Graph) -> dict[str, int]:
         lv, rv = _val(left), _val(right)
         if lv is None or rv is None or lv.dtype != rv.dtype or not lv.dtype.is_floating_point:
             continue
-        G, q = lv.shape[0], lv.shape[1]
+        _G, q = lv.shape[0], lv.shape[1]
         for keys, operand in ((True, right), (False, right)):
             projection = _projection(operand)
             if projection is None:

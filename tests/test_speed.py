@@ -1,0 +1,103 @@
+"""The speed work of issue 4 that is not a rewrite: the image/prompt stage split (hoisting), the
+compiled-library cache, our schedules on small programs, and the CLI options that select them.
+(The speed rewrites' equivalence is in test_properties.py; the whole model on TVM as shipped, both
+configurations, in test_tvm.py.)"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from models.geometry_encoder import IMAGE_INPUTS, geometry_encoder_spec
+from surgery import tvm_backend
+from surgery.equivalence import assert_equivalent
+from surgery.stages import StageError, hoist
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return geometry_encoder_spec(points=3, boxes=2)
+
+
+@pytest.fixture(scope="module")
+def staged(spec):
+    with torch.no_grad():
+        program = torch.export.export(spec.module, spec.example_args).run_decompositions()
+    return program, hoist(program, IMAGE_INPUTS, spec.example_args)
+
+
+def _image_rows(node) -> int | None:
+    val = node.meta.get("val")
+    return val.shape[0] if val is not None and val.dim() == 2 else None
+
+
+def test_split_hoists_every_key_value_projection_out_of_the_prompt_stage(staged):
+    program, split = staged
+    mm = (torch.ops.aten.addmm.default, torch.ops.aten.mm.default)
+    image_projections = [n for n in split.stage.graph.nodes if n.target in mm and _image_rows(n.args[1]) == 72 * 72]
+    assert len(image_projections) == 6  # keys and values of the three layers' cross-attention
+    left = [n for n in split.rest.graph.nodes if n.target in mm and _image_rows(n.args[1]) == 72 * 72]
+    assert left == []
+    assert split.stage_inputs == (6, 7) and split.rest_inputs == (0, 1, 2, 3, 4, 5)
+
+
+def test_split_is_bit_exact_in_pytorch(spec, staged):
+    program, split = staged
+    composed = split.compose(split.stage.module(), split.rest.module())
+    for seed in range(3):
+        from models.geometry_encoder import PromptShape, example_inputs
+
+        args = example_inputs(PromptShape(3, 2), seed=seed, valid_points=[2], valid_boxes=[1])
+        expected = program.module()(*args)
+        actual = composed(*args)
+        assert all(torch.equal(a, e) for a, e in zip(actual, expected))
+
+
+def test_split_rejects_what_it_cannot_do(staged, spec):
+    program, _ = staged
+    with pytest.raises(StageError, match="unknown input"):
+        hoist(program, ["image"], spec.example_args)
+
+    class Add(torch.nn.Module):
+        def forward(self, image, prompt):
+            return image + prompt  # nothing depends on the image alone
+
+    args = (torch.randn(3), torch.randn(3))
+    with pytest.raises(StageError, match="no computation depends only on"):
+        hoist(torch.export.export(Add(), args), ["image"], args)
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(64, 128), torch.nn.Linear(128, 32)
+
+    def forward(self, x):
+        return torch.softmax(self.b(torch.relu(self.a(x))), -1).transpose(0, 1)
+
+
+def test_our_schedules_match_pytorch_and_the_cache_is_reused_and_keyed_on_weights(tmp_path):
+    torch.manual_seed(0)
+    model, x = _MLP().eval(), torch.randn(48, 64)
+    program = torch.export.export(model, (x,))
+    fn, info = tvm_backend.compile_program(program, schedules="ours", cache_dir=tmp_path)
+    assert not info["cached"] and (tmp_path / "tvm-lib").is_dir()
+    assert_equivalent(fn(x)[0], model(x))
+    again, info = tvm_backend.compile_program(program, schedules="ours", cache_dir=tmp_path)
+    assert info["cached"] and info["built"]["build_s"] > 0
+    assert_equivalent(again(x)[0], model(x))
+    with torch.no_grad():
+        model.a.weight.mul_(2)  # other weights: another program, built anew
+    changed, info = tvm_backend.compile_program(torch.export.export(model, (x,)), schedules="ours", cache_dir=tmp_path)
+    assert not info["cached"]
+    assert_equivalent(changed(x)[0], model(x))
+
+
+def test_cli_split_option_rejects_unknown_inputs(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "surgery", "apply", "geometry_encoder", "--split", "image",
+                             "--out", str(tmp_path / "out"), "--reports", str(tmp_path / "rep")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "--split" in result.stderr and "img_feats" in result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "rep").exists()
