@@ -124,10 +124,16 @@ class Matmul(dlight.ScheduleRule):
         ei, ej = _extent(sch, i), _extent(sch, j)
         if ei is None or ej is None:
             return None
-        jv = next((v for v in (2 * VECTOR_LANES, VECTOR_LANES, 8) if ej % v == 0), None)
+        # Register tile ii x jv: up to 24 vector accumulators (AVX-512 has 32 registers), as wide
+        # in j as divides it, so each k step costs ii broadcasts + jv/16 loads for ii*jv/16 FMAs.
+        ek = _extent(sch, k) or 0
+        # With a long reduction the B panel (k x jv) is re-read once per row tile: keep it narrow
+        # enough to stay in L2 (256 KiB here) rather than stream from L3.
+        widths = [v for v in (4 * VECTOR_LANES, 3 * VECTOR_LANES, 2 * VECTOR_LANES, VECTOR_LANES) if ek * v * 4 <= L2_PANEL_BYTES]
+        jv = next((v for v in widths + [VECTOR_LANES, 8] if ej % v == 0), None)
         if jv is None:
             return None
-        ii = next(v for v in (6, 4, 3, 2, 1) if ei % v == 0 and v * jv <= 6 * 2 * VECTOR_LANES)
+        ii = next(v for v in (6, 4, 3, 2, 1) if ei % v == 0 and v * max(1, jv // VECTOR_LANES) <= 24)
         io, ii_loop = sch.split(i, [None, ii])
         jo, jv_loop = sch.split(j, [None, jv])
         jvo, jvi = sch.split(jv_loop, [None, min(jv, VECTOR_LANES)])
@@ -197,6 +203,8 @@ def _transposed_axis(sch: s_tir.Schedule, block) -> int | None:
     return None
 
 
+DEBUG: list = []
+L2_PANEL_BYTES = 256 * 1024
 TILE = 16  # transposes are copied in TILE x TILE blocks, so reads and writes both stay in cache
 
 
@@ -281,9 +289,65 @@ class ParallelOuter(dlight.ScheduleRule):
         return sch
 
 
+class RowReduction(dlight.ScheduleRule):
+    """Softmax, layer norm and their fused masking: blocks over the same rows, some reducing
+    along the row. Each reduction is split into 16 partial accumulators (``rfactor``) so it
+    vectorises instead of waiting on one add's latency per element; then every block moves
+    under one parallel loop over the rows and the elementwise blocks are vectorised."""
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        if not _has_root(sch):
+            return None
+        blocks = _blocks(sch)
+        kinds = [_iter_kinds(sch, b) for b in blocks]
+        if len(blocks) < 2 or not any("R" in k for k in kinds) or "R" in kinds[-1]:
+            return None
+        leading = min(len(k) - len(k.lstrip("S")) for k in kinds)
+        if leading == 0 or any(k.count("R") > 1 or (("R" in k) and not k.endswith("R")) for k in kinds):
+            return None
+        for block, k in zip(blocks, kinds):
+            if "R" in k and (_extent(sch, sch.get_loops(block)[-1]) or 0) % VECTOR_LANES:
+                return None  # rows that do not split into whole vectors: leave to the next rule
+        for block, k in zip(list(blocks), kinds):
+            if "R" not in k:
+                continue
+            reduce_loop = sch.get_loops(block)[-1]
+            _, lanes = sch.split(reduce_loop, [None, VECTOR_LANES])
+            sch.rfactor(lanes, factor_axis=len(k) - 1)
+        blocks = _blocks(sch)
+        last = blocks[-1]
+        loops = sch.get_loops(last)
+        rows = sch.fuse(*loops[:leading]) if leading > 1 else loops[0]
+        sch.parallel(rows)
+        for block in reversed(blocks[:-1]):
+            sch.compute_at(block, rows, preserve_unit_loops=True)
+        for block in _blocks(sch):
+            inner = sch.get_loops(block)[-1]
+            if sch.get(inner).same_as(sch.get(rows)):
+                continue
+            kind = _iter_kinds(sch, block)
+            if "R" not in kind:
+                _vectorize_inner(sch, inner)
+            elif sch.get(block).name_hint.endswith("_rf"):
+                # partial accumulators of an rfactor block: the 16 lanes innermost, one vector
+                below = [lp for lp in sch.get_loops(block) if not sch.get(lp).same_as(sch.get(rows))]
+                lanes = [lp for lp in below if _extent(sch, lp) == VECTOR_LANES]
+                steps = [lp for lp in below if (_extent(sch, lp) or 1) > 1 and lp not in lanes]
+                if lanes and len(steps) == 1:
+                    try:
+                        sch.reorder(steps[0], lanes[-1])
+                        sch.vectorize(lanes[-1])
+                    except Exception as exc:  # noqa: BLE001 - stays scalar, still 16 independent chains
+                        DEBUG.append(repr(exc)[:300])
+        return sch
+
+
 @functools.lru_cache(maxsize=None)
 def rules() -> tuple:
-    return (Matmul(), dlight.cpu.Reduction(), Injective(), ParallelOuter())
+    return (Matmul(), RowReduction(), dlight.cpu.Reduction(), Injective(), ParallelOuter())
 
 
 def pipeline(target: tvm.target.Target):

@@ -72,6 +72,11 @@ from surgery.rewrites import SPEED_REWRITES  # noqa: E402
 def test_speed_rewrite_function_form(name, data):
     case = data.draw(strategy_for(name), label="case")
     event(f"dtype={case.input.dtype}")
+    if not _within_contract(case):
+        event("outside contract: raises")
+        with pytest.raises(ValueError, match="beyond the static bound"):
+            case.rewritten()
+        return
     assert_equivalent(case.rewritten(), case.reference(), scale=case.scale, context=repr(case))
 
 
@@ -105,3 +110,15 @@ def test_attention_reassociation_rewrites_every_cross_attention_product_of_the_g
     actual = rewritten.module()(*spec.example_args)
     assert_equivalent(actual[0], expected[0])
     assert torch.equal(actual[1], expected[1])
+
+
+@settings(max_examples=graph_examples())
+@given(data=st.data())
+def test_roi_align_separable_graph_form(data):
+    case = data.draw(strategy_for("roi_align_separable"), label="case")
+    program = torch.export.export(case.module(), case.args())
+    rewritten = surgery.rewrite(program, ["roi_align_separable"])
+    assert "torchvision.roi_align.default" not in surgery.op_census(rewritten)
+    if not _within_contract(case):
+        return  # beyond the bound the graph caps samples per bin, as roi_align's does
+    assert_equivalent(rewritten.module()(*case.args()), case.reference(), scale=case.scale, context=repr(case))

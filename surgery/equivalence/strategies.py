@@ -23,7 +23,7 @@ def seeded_tensor(shape, dtype, seed: int, *, uniform: bool = False) -> torch.Te
 
 def strategy_for(rewrite_name: str, dtype=None):
     """The input strategy of a rewrite, by its registered name."""
-    from ..rewrites import attention_reassociation, conv_as_matmul, floor_divide, grid_sample, roi_align, scatter
+    from ..rewrites import attention_reassociation, conv_as_matmul, floor_divide, grid_sample, roi_align, roi_align_separable, scatter
 
     table = {
         "floor_divide": floor_divide.floor_divide_cases,
@@ -32,6 +32,7 @@ def strategy_for(rewrite_name: str, dtype=None):
         "scatter": scatter.scatter_cases,
         "conv_as_matmul": conv_as_matmul.conv_cases,
         "attention_reassociation": attention_reassociation.attention_cases,
+        "roi_align_separable": roi_align_separable.separable_cases,
     }
     if rewrite_name not in table:
         raise KeyError(f"no strategy for rewrite {rewrite_name!r}; known: {sorted(table)}")

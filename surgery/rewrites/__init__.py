@@ -8,6 +8,7 @@ from .conv_as_matmul import ConvAsMatmul
 from .floor_divide import FloorDivideToFmod
 from .grid_sample import GridSampleToGather
 from .roi_align import RoiAlignToGridSample
+from .roi_align_separable import RoiAlignSeparable
 from .scatter import ScatterToSelect
 
 # name -> class; instantiated with default settings when named by a string.
@@ -17,7 +18,7 @@ REGISTRY: dict[str, type[Rewrite]] = {
 
 # Speed rewrites: TVM converts their operators correctly, so the probe never asks for them; they
 # make the compiled program faster (``surgery.tvm_backend`` applies them for the shipped build).
-SPEED_REWRITES: dict[str, type[Rewrite]] = {cls.name: cls for cls in [ConvAsMatmul, AttentionReassociation]}
+SPEED_REWRITES: dict[str, type[Rewrite]] = {cls.name: cls for cls in sorted([RoiAlignSeparable, ConvAsMatmul, AttentionReassociation], key=lambda c: c.order)}
 
 
 def resolve(rewrites=None) -> list[Rewrite]:
@@ -39,5 +40,5 @@ def resolve(rewrites=None) -> list[Rewrite]:
     return sorted(resolved.values(), key=lambda r: r.order)
 
 
-__all__ = ["REGISTRY", "SPEED_REWRITES", "AttentionReassociation", "ConvAsMatmul", "Rewrite", "RewriteError", "RewriteResult", "op_census", "resolve",
+__all__ = ["REGISTRY", "SPEED_REWRITES", "AttentionReassociation", "ConvAsMatmul", "RoiAlignSeparable", "Rewrite", "RewriteError", "RewriteResult", "op_census", "resolve",
            "FloorDivideToFmod", "GridSampleToGather", "RoiAlignToGridSample", "ScatterToSelect"]

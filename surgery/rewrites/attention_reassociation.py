@@ -148,6 +148,12 @@ class _Builder:
     def contiguous(self, x):
         return self.graph.call_function(aten.clone.default, (x,), {"memory_format": torch.contiguous_format})
 
+    def tokens_batch_first(self, tokens, n, B, E):
+        """[n*B, E] (sequence first) -> [B, n, E]; a view when B == 1."""
+        if B == 1:
+            return self(aten.view.default, tokens, [1, n, E])
+        return self(aten.permute.default, self(aten.view.default, tokens, [n, B, E]), [1, 0, 2])
+
     def to_heads_first(self, x, B, H, rows, cols):
         """[B, H*rows, cols] -> [H, B*rows, cols] (contiguous)."""
         x = self(aten.view.default, x, [B, H, rows, cols])
@@ -172,10 +178,11 @@ def _rewrite_scores(graph, bmm, q3, key: _Projection, B, H, q, d, n, E):
         qw = b(aten.bmm.default, qh, w)  # [H, B*q, E]
         qw = b(aten.view.default, qw, [H, B, q, E])
         qw = b.contiguous(b(aten.permute.default, qw, [1, 0, 2, 3]))  # [B, H, q, E]
-        qw = b(aten.view.default, qw, [B, H * q, E])  # [B, H*q, E]
-        x = b(aten.view.default, key.tokens, [n, B, E])  # [n, B, E]
-        xt = b(aten.permute.default, x, [1, 2, 0])  # [B, E, n]
-        scores = b(aten.bmm.default, qw, xt)  # [B, H*q, n]
+        qwt = b(aten.permute.default, b(aten.view.default, qw, [B, H * q, E]), [0, 2, 1])  # [B, E, H*q]
+        # tokens @ (Q Wk)^T rather than (Q Wk) @ tokens^T: the transpose then falls on the small
+        # [n, H*q] product instead of on the [n, E] tokens
+        scores_t = b(aten.bmm.default, b.tokens_batch_first(key.tokens, n, B, E), qwt)  # [B, n, H*q]
+        scores = b(aten.permute.default, scores_t, [0, 2, 1])  # [B, H*q, n]
         if key.bias is not None:
             bias = b(aten.view.default, key.bias, [H, d, 1])  # [H, d, 1]
             qb = b(aten.bmm.default, qh, bias)  # [H, B*q, 1]
@@ -184,7 +191,7 @@ def _rewrite_scores(graph, bmm, q3, key: _Projection, B, H, q, d, n, E):
             scores = b(aten.add.Tensor, scores, b(aten.view.default, qb, [B, H * q, 1]))  # [B, H*q, n]
         if key.scale != 1.0:
             scores = b(aten.mul.Scalar, scores, key.scale)
-        scores = b(aten.view.default, scores, [B * H, q, n])  # [B*H, q, n]
+        scores = b(aten.view.default, b.contiguous(scores), [B * H, q, n])  # [B*H, q, n]
     bmm.replace_all_uses_with(scores)
     graph.erase_node(bmm)
 
@@ -193,8 +200,7 @@ def _rewrite_values(graph, bmm, p3, value: _Projection, B, H, q, d, n, E):
     b = _Builder(graph)
     with graph.inserting_before(bmm):
         p = b(aten.view.default, p3, [B, H * q, n])  # [B, H*q, n]
-        x = b(aten.permute.default, b(aten.view.default, value.tokens, [n, B, E]), [1, 0, 2])  # [B, n, E]
-        px = b(aten.bmm.default, p, x)  # [B, H*q, E]
+        px = b(aten.bmm.default, p, b.tokens_batch_first(value.tokens, n, B, E))  # [B, H*q, E]
         pxh = b.to_heads_first(px, B, H, q, E)  # [H, B*q, E]
         wt = b(aten.permute.default, b(aten.view.default, value.weight, [H, d, E]), [0, 2, 1])  # [H, E, d]
         out = b(aten.bmm.default, pxh, wt)  # [H, B*q, d]

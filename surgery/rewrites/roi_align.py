@@ -78,34 +78,40 @@ def default_bound(H: int, W: int, PH: int, PW: int) -> tuple[int, int]:
     return max(1, math.ceil(H / PH)), max(1, math.ceil(W / PW))
 
 
-def roi_align_grid_sample(
+@dataclasses.dataclass
+class SamplePositions:
+    """Where torchvision's C++ kernel samples, for every box, bin and sample slot."""
+
+    y: Tensor  # [K, PH, GH] sample rows (pixel coordinates)
+    x: Tensor  # [K, PW, GW] sample columns
+    used_y: Tensor  # [K, PH, GH] the slot is one of the box's samples and inside the boundary rule
+    used_x: Tensor  # [K, PW, GW]
+    grid_h: Tensor  # [K] samples per bin actually taken
+    grid_w: Tensor  # [K]
+
+
+def sample_positions(
     input: Tensor,  # [N, C, H, W]
     rois: Tensor,  # [K, 5]
     spatial_scale: float,
-    pooled_height: int,
-    pooled_width: int,
+    PH: int,
+    PW: int,
     sampling_ratio: int,
     aligned: bool,
-    *,
-    max_samples_per_bin: int | tuple[int, int] | None = None,
-    check_contract: bool = False,
-) -> Tensor:
-    """The replacement, in the argument order of ``torchvision::roi_align``."""
+    max_samples_per_bin: int | tuple[int, int] | None,
+    check_contract: bool,
+) -> SamplePositions:
+    """The C++ kernel's sample positions over a static layout of GH x GW slots per bin."""
     torch._check(input.dim() == 4, lambda: f"roi_align: expected 4-D input, got {input.dim()}-D")
     torch._check(rois.dim() == 2 and rois.shape[1] == 5, lambda: f"roi_align: rois must be [K, 5], got {list(rois.shape)}")
-    torch._check(pooled_height > 0 and pooled_width > 0, lambda: "roi_align: output_size must be positive")
+    torch._check(PH > 0 and PW > 0, lambda: "roi_align: output_size must be positive")
     N, C, H, W = input.shape
-    K = rois.shape[0]
-    PH, PW = pooled_height, pooled_width
-    rois = rois.to(input.dtype)
     adaptive = sampling_ratio <= 0
     if adaptive:
         GH, GW = _pair(max_samples_per_bin) if max_samples_per_bin is not None else default_bound(H, W, PH, PW)
         torch._check(GH > 0 and GW > 0, lambda: "roi_align: max_samples_per_bin must be positive")
     else:
         GH = GW = sampling_ratio
-    if K == 0:
-        return input.new_zeros(0, C, PH, PW)
 
     offset = 0.5 if aligned else 0.0
     start_w = rois[:, 1] * spatial_scale - offset  # [K]
@@ -128,7 +134,6 @@ def roi_align_grid_sample(
     else:
         grid_h = torch.full_like(bin_h, GH)  # [K]
         grid_w = torch.full_like(bin_w, GW)  # [K]
-    count = (grid_h * grid_w).clamp(min=1)  # [K]
 
     # Sample positions as the C++ kernel computes them:
     #   y = roi_start_h + ph * bin_size_h + (iy + .5) * bin_size_h / roi_bin_grid_h
@@ -136,7 +141,7 @@ def roi_align_grid_sample(
     pw = torch.arange(PW, dtype=input.dtype, device=input.device)  # [PW]
     iy = torch.arange(GH, dtype=input.dtype, device=input.device) + 0.5  # [GH]
     ix = torch.arange(GW, dtype=input.dtype, device=input.device) + 0.5  # [GW]
-    # Unused samples (iy >= grid_h) are masked below; dividing by >= 1 keeps them finite.
+    # Unused samples (iy >= grid_h) are masked; dividing by >= 1 keeps them finite.
     y = (
         (start_h[:, None, None] + ph[None, :, None] * bin_h[:, None, None])
         + (iy[None, None, :] * bin_h[:, None, None]) / grid_h.clamp(min=1)[:, None, None]
@@ -145,16 +150,41 @@ def roi_align_grid_sample(
         (start_w[:, None, None] + pw[None, :, None] * bin_w[:, None, None])
         + (ix[None, None, :] * bin_w[:, None, None]) / grid_w.clamp(min=1)[:, None, None]
     )  # [K, PW, GW]
-
-    # The kernel's boundary rule: a sample beyond -1 or the map's size contributes 0; one in
-    # [-1, 0] (or [size-1, size]) is clamped onto the edge pixel. grid_sample's own zero padding
-    # is a different rule, so clamp here. Samples that don't count (beyond the boundary, or past
-    # the box's adaptive count) are sent far outside the map, where zero padding makes them
-    # exactly 0: no mask over the [K, C, ...] samples is needed.
+    # The kernel's boundary rule: a sample beyond -1 or the map's size contributes 0.
     used_y = (iy[None, :] < grid_h[:, None])[:, None, :] & (y >= -1) & (y <= H)  # [K, PH, GH]
     used_x = (ix[None, :] < grid_w[:, None])[:, None, :] & (x >= -1) & (x <= W)  # [K, PW, GW]
-    gy = torch.where(used_y, _normalize(y.clamp(0, H - 1), H), _OUTSIDE)  # [K, PH, GH]
-    gx = torch.where(used_x, _normalize(x.clamp(0, W - 1), W), _OUTSIDE)  # [K, PW, GW]
+    return SamplePositions(y, x, used_y, used_x, grid_h, grid_w)
+
+
+def roi_align_grid_sample(
+    input: Tensor,  # [N, C, H, W]
+    rois: Tensor,  # [K, 5]
+    spatial_scale: float,
+    pooled_height: int,
+    pooled_width: int,
+    sampling_ratio: int,
+    aligned: bool,
+    *,
+    max_samples_per_bin: int | tuple[int, int] | None = None,
+    check_contract: bool = False,
+) -> Tensor:
+    """The replacement, in the argument order of ``torchvision::roi_align``."""
+    N, C, H, W = input.shape
+    K = rois.shape[0]
+    PH, PW = pooled_height, pooled_width
+    rois = rois.to(input.dtype)
+    at = sample_positions(input, rois, spatial_scale, PH, PW, sampling_ratio, aligned, max_samples_per_bin, check_contract)
+    if K == 0:
+        return input.new_zeros(0, C, PH, PW)
+    GH, GW = at.y.shape[2], at.x.shape[2]
+    count = (at.grid_h * at.grid_w).clamp(min=1)  # [K]
+
+    # One in [-1, 0] (or [size-1, size]) is clamped onto the edge pixel: grid_sample's own zero
+    # padding is a different rule, so clamp here. Samples that don't count (beyond the boundary,
+    # or past the box's adaptive count) are sent far outside the map, where zero padding makes
+    # them exactly 0: no mask over the [K, C, ...] samples is needed.
+    gy = torch.where(at.used_y, _normalize(at.y.clamp(0, H - 1), H), _OUTSIDE)  # [K, PH, GH]
+    gx = torch.where(at.used_x, _normalize(at.x.clamp(0, W - 1), W), _OUTSIDE)  # [K, PW, GW]
     grid = torch.stack(
         [
             gx.reshape(K, 1, PW * GW).expand(K, PH * GH, PW * GW),
