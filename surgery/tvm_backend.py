@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-PROBE_FORMAT = 1
+PROBE_FORMAT = 2  # bump when the probe cases change, so cached verdicts are recomputed
 
 
 @contextlib.contextmanager
@@ -44,7 +44,7 @@ def native_log(lines: list):
             os.dup2(saved, 2)
             os.close(saved)
             sink.seek(0)
-            lines.extend(sink.read().decode(errors="replace").splitlines())  # bump when the probe cases change, so cached verdicts are recomputed
+            lines.extend(sink.read().decode(errors="replace").splitlines())
 
 
 def tvm_versions() -> dict[str, str]:
@@ -200,6 +200,8 @@ def probe(cache_dir: str | Path | None = None, progress: Callable[[str], None] =
     if cached.is_file():
         try:
             data = json.loads(cached.read_text())
+            if set(data["findings"]) != set(REGISTRY):
+                raise KeyError("cached verdicts are for another set of rewrites")
             return TvmProbe(data["versions"], {k: Finding(**v) for k, v in data["findings"].items()}, data["seconds"], cached=True)
         except (ValueError, KeyError, TypeError):
             pass  # a damaged cache entry is recomputed

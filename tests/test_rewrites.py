@@ -84,7 +84,7 @@ def test_rewrite_reports_untouched_program():
 
 
 def test_unknown_rewrite_lists_known_ones(program):
-    with pytest.raises(RewriteError, match="unknown rewrite 'roialign'; known rewrites: roi_align, grid_sample, scatter, floor_divide"):
+    with pytest.raises(RewriteError, match="unknown rewrite 'roialign'; known rewrites: roi_align, grid_sample, scatter, floor_divide, full_like"):
         surgery.rewrite(program, ["roialign"])
 
 
@@ -280,3 +280,38 @@ def test_floor_divide_rounds_like_pytorch_not_like_floor_of_quotient():
     a, b = torch.tensor([1.0], dtype=torch.float64), 0.1
     assert torch.floor(a / b).item() == 10.0 and torch.floor_divide(a, b).item() == 9.0
     assert floor_divide(a, b).item() == 9.0
+
+
+# ------------------------------------------------------------------ full_like
+
+
+def test_full_like_rewrites_multihead_attention_key_padding_mask():
+    """nn.MultiheadAttention turns a bool key padding mask into a float one with
+    zeros_like(mask, dtype=float).masked_fill(mask, -inf) (F._canonical_mask): the pattern some
+    TVMs mis-convert. After the rewrite no *_like op is left and the outputs are bit-identical."""
+    from surgery.rewrites.full_like import FullLikeToFull
+
+    attention = torch.nn.MultiheadAttention(8, 2).eval()
+
+    class M(torch.nn.Module):
+        def forward(self, x, mask):
+            return attention(x, x, x, key_padding_mask=mask, need_weights=False)[0]
+
+    x, mask = torch.randn(5, 2, 8), torch.tensor([[False] * 3 + [True] * 2, [False] * 5])
+    program = torch.export.export(M(), (x, mask))
+    assert surgery.op_census(program)["aten.zeros_like.default"] >= 1
+    rewritten = surgery.rewrite(program, [FullLikeToFull()])
+    census = surgery.op_census(rewritten)
+    assert not any(op.endswith("_like.default") for op in census) and census["aten.full.default"] >= 1
+    assert torch.equal(rewritten.module()(x, mask), program.module()(x, mask))
+
+
+def test_full_like_keeps_dtype_and_shape_of_empty_and_scalar():
+    from surgery.rewrites.full_like import full_like
+
+    for input, value, dtype in [(torch.zeros(0, 3, dtype=torch.bool), float("-inf"), torch.float32),
+                                (torch.tensor(True), 7, torch.int64), (torch.ones(2, 2), -0.0, None)]:
+        expected = torch.full_like(input, value, dtype=dtype)
+        actual = full_like(input, value, dtype=dtype)
+        assert actual.dtype == expected.dtype and actual.shape == expected.shape
+        assert torch.equal(actual, expected) and torch.equal(actual.signbit(), expected.signbit())

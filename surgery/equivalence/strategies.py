@@ -23,10 +23,11 @@ def seeded_tensor(shape, dtype, seed: int, *, uniform: bool = False) -> torch.Te
 
 def strategy_for(rewrite_name: str, dtype=None):
     """The input strategy of a rewrite, by its registered name."""
-    from ..rewrites import floor_divide, grid_sample, roi_align, scatter
+    from ..rewrites import floor_divide, full_like, grid_sample, roi_align, scatter
 
     table = {
         "floor_divide": floor_divide.floor_divide_cases,
+        "full_like": full_like.full_like_cases,
         "roi_align": roi_align.roi_align_cases,
         "grid_sample": grid_sample.grid_sample_cases,
         "scatter": scatter.scatter_cases,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from .base import Rewrite, RewriteError, RewriteResult, op_census
 from .floor_divide import FloorDivideToFmod
+from .full_like import FullLikeToFull
 from .grid_sample import GridSampleToGather
 from .roi_align import RoiAlignToGridSample
 from .scatter import ScatterToSelect
 
 # name -> class; instantiated with default settings when named by a string.
 REGISTRY: dict[str, type[Rewrite]] = {
-    cls.name: cls for cls in sorted([RoiAlignToGridSample, GridSampleToGather, ScatterToSelect, FloorDivideToFmod], key=lambda c: c.order)
+    cls.name: cls for cls in sorted([RoiAlignToGridSample, GridSampleToGather, ScatterToSelect, FloorDivideToFmod, FullLikeToFull], key=lambda c: c.order)
 }
 
 
@@ -32,4 +33,4 @@ def resolve(rewrites=None) -> list[Rewrite]:
 
 
 __all__ = ["REGISTRY", "Rewrite", "RewriteError", "RewriteResult", "op_census", "resolve",
-           "FloorDivideToFmod", "GridSampleToGather", "RoiAlignToGridSample", "ScatterToSelect"]
+           "FloorDivideToFmod", "FullLikeToFull", "GridSampleToGather", "RoiAlignToGridSample", "ScatterToSelect"]
