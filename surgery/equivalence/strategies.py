@@ -23,7 +23,7 @@ def seeded_tensor(shape, dtype, seed: int, *, uniform: bool = False) -> torch.Te
 
 def strategy_for(rewrite_name: str, dtype=None):
     """The input strategy of a rewrite, by its registered name."""
-    from ..rewrites import floor_divide, full_like, grid_sample, roi_align, scatter
+    from ..rewrites import floor_divide, full_like, grid_sample, roi_align, scatter, where_scalar
 
     table = {
         "floor_divide": floor_divide.floor_divide_cases,
@@ -31,6 +31,7 @@ def strategy_for(rewrite_name: str, dtype=None):
         "roi_align": roi_align.roi_align_cases,
         "grid_sample": grid_sample.grid_sample_cases,
         "scatter": scatter.scatter_cases,
+        "where_scalar": where_scalar.where_scalar_cases,
     }
     if rewrite_name not in table:
         raise KeyError(f"no strategy for rewrite {rewrite_name!r}; known: {sorted(table)}")

@@ -8,10 +8,11 @@ from .full_like import FullLikeToFull
 from .grid_sample import GridSampleToGather
 from .roi_align import RoiAlignToGridSample
 from .scatter import ScatterToSelect
+from .where_scalar import WhereScalarToFull
 
 # name -> class; instantiated with default settings when named by a string.
 REGISTRY: dict[str, type[Rewrite]] = {
-    cls.name: cls for cls in sorted([RoiAlignToGridSample, GridSampleToGather, ScatterToSelect, FloorDivideToFmod, FullLikeToFull], key=lambda c: c.order)
+    cls.name: cls for cls in sorted([RoiAlignToGridSample, GridSampleToGather, ScatterToSelect, FloorDivideToFmod, FullLikeToFull, WhereScalarToFull], key=lambda c: c.order)
 }
 
 
@@ -33,4 +34,4 @@ def resolve(rewrites=None) -> list[Rewrite]:
 
 
 __all__ = ["REGISTRY", "Rewrite", "RewriteError", "RewriteResult", "op_census", "resolve",
-           "FloorDivideToFmod", "FullLikeToFull", "GridSampleToGather", "RoiAlignToGridSample", "ScatterToSelect"]
+           "FloorDivideToFmod", "FullLikeToFull", "GridSampleToGather", "RoiAlignToGridSample", "ScatterToSelect", "WhereScalarToFull"]
