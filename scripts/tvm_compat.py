@@ -90,7 +90,7 @@ def run_apply(version: str, target: Path, work: Path, args) -> dict:
     (work / version).mkdir(parents=True, exist_ok=True)
     write_text(work / version / "apply.log", run.stdout + "\n--- stderr ---\n" + run.stderr)
     row = {"version": version, "exit_code": run.returncode, "wall_s": wall, "log": str(work / version / "apply.log"),
-           "command": f"PYTHONPATH={target} " + " ".join(command[1:]).replace(sys.executable, "python")}
+           "command": f"PYTHONPATH={target} python " + " ".join(command[1:])}
     report_path = reports / "geometry_encoder.json"
     if not report_path.is_file():
         row["error"] = (run.stderr.strip().splitlines() or ["no report written"])[-1][:300]
