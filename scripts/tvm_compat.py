@@ -37,9 +37,9 @@ from surgery.atomic import write_text  # noqa: E402
 
 VERSIONS = ("0.25.0", "0.26.0", "0.27.0")
 # The apache-tvm-ffi each wheel runs with. The wheels only say ">=": 0.25.0's libtvm_runtime
-# needs a symbol (tvm::ffi::json::Stringify(Any, Optional<int>)) that apache-tvm-ffi 0.1.13 and
-# later no longer export, so it gets the last release before; 0.26/0.27 run with 0.1.15.post2
-# (what this project's environment has). Found by importing each combination.
+# needs a symbol (tvm::ffi::json::Stringify(Any, Optional<int>)) that apache-tvm-ffi 0.1.13.post3,
+# 0.1.14.post1 and 0.1.15.post2 no longer export, and imports with 0.1.12; 0.26/0.27 run with
+# 0.1.15.post2 (what this project's environment has). Found by importing each combination.
 FFI = {"0.25.0": "0.1.12", "0.26.0": "0.1.15.post2", "0.27.0": "0.1.15.post2"}
 
 
