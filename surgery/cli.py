@@ -104,10 +104,21 @@ def _apply(args) -> int:
             raise UsageError(f"unknown rewrite {unknown[0]!r}; known: auto, all, none, {', '.join(REGISTRY)}")
     if args.examples < 1 or (args.tvm_examples is not None and args.tvm_examples < 0):
         raise UsageError("--examples must be >= 1 and --tvm-examples >= 0")
+    limits = None
+    if (args.max_points, args.max_boxes, args.max_batch) != (None, None, None):  # one module for varying counts
+        from models.padded_prompts import limits_from_options
+
+        if args.target != "geometry_encoder":
+            raise UsageError("--max-points/--max-boxes/--max-batch apply to geometry_encoder only")
+        try:
+            limits = limits_from_options(args.max_points, args.max_boxes, args.max_batch, args.points, args.boxes, args.batch)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    counts = (args.points, args.boxes, args.batch) if limits is None else (limits.max_points, limits.max_boxes, limits.max_batch)
     start = time.perf_counter()
     if args.target in MODELS:
         try:
-            spec = MODELS[args.target](points=args.points, boxes=args.boxes, batch=args.batch,
+            spec = MODELS[args.target](points=counts[0], boxes=counts[1], batch=counts[2],
                                        feat_size=args.feat_size, seed=args.seed, checkpoint=args.checkpoint)
         except (CheckpointError, ValueError) as exc:
             raise UsageError(str(exc)) from None
@@ -129,6 +140,11 @@ def _apply(args) -> int:
                      progress=lambda m: print(m, flush=True), schedules=args.schedules,
                      stage_inputs=stage_inputs, cache_dir=args.cache)
     result.report["stages_s"] = {"build": build_s, **result.report["stages_s"]}
+    if limits is not None and result.tvm is not None:
+        from models.padded_prompts import check_compiled
+
+        check_compiled(result, limits, args.feat_size, args.examples if args.tvm_examples is None else args.tvm_examples, args.seed,
+                       (args.points, args.boxes, args.batch), progress=lambda m: print(m, flush=True))
     md, js = write_model_report(result.report, args.reports)
     for key, path in result.report["artifacts"].items():
         print(f"artifact {key}: {path}")
@@ -172,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "a stage compiled apart (default: the model's choice; geometry_encoder: img_feats,img_pos)")
     apply.add_argument("--no-split", action="store_true", help="compile one graph")
     apply.add_argument("--cache", metavar="DIR", help="compiled-library cache (default: $SURGERY_CACHE or ~/.cache/surgery)")
+    for name, default in (("points", 16), ("boxes", 8), ("batch", 4)):
+        apply.add_argument(f"--max-{name}", type=int, help=f"compile one module serving up to this many {name} (default {default} "
+                           "once any --max-* is given); shorter prompts are right-padded with SAM3's masks")
     apply.set_defaults(run=_apply)
     return parser
 

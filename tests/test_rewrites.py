@@ -84,7 +84,7 @@ def test_rewrite_reports_untouched_program():
 
 
 def test_unknown_rewrite_lists_known_ones(program):
-    with pytest.raises(RewriteError, match="unknown rewrite 'roialign'; known rewrites: roi_align, grid_sample, scatter, floor_divide"):
+    with pytest.raises(RewriteError, match="unknown rewrite 'roialign'; known rewrites: roi_align, grid_sample, scatter, floor_divide, full_like, where_scalar"):
         surgery.rewrite(program, ["roialign"])
 
 
@@ -280,3 +280,74 @@ def test_floor_divide_rounds_like_pytorch_not_like_floor_of_quotient():
     a, b = torch.tensor([1.0], dtype=torch.float64), 0.1
     assert torch.floor(a / b).item() == 10.0 and torch.floor_divide(a, b).item() == 9.0
     assert floor_divide(a, b).item() == 9.0
+
+
+# ------------------------------------------------------------------ full_like
+
+
+def test_full_like_rewrites_multihead_attention_key_padding_mask():
+    """nn.MultiheadAttention turns a bool key padding mask into a float one with
+    zeros_like(mask, dtype=float).masked_fill(mask, -inf) (F._canonical_mask): the pattern some
+    TVMs mis-convert. After the rewrite no *_like op is left and the outputs are bit-identical."""
+    from surgery.rewrites.full_like import FullLikeToFull
+
+    attention = torch.nn.MultiheadAttention(8, 2).eval()
+
+    class M(torch.nn.Module):
+        def forward(self, x, mask):
+            return attention(x, x, x, key_padding_mask=mask, need_weights=False)[0]
+
+    x, mask = torch.randn(5, 2, 8), torch.tensor([[False] * 3 + [True] * 2, [False] * 5])
+    program = torch.export.export(M(), (x, mask))
+    assert surgery.op_census(program)["aten.zeros_like.default"] >= 1
+    rewritten = surgery.rewrite(program, [FullLikeToFull()])
+    census = surgery.op_census(rewritten)
+    assert not any(op.endswith("_like.default") for op in census) and census["aten.full.default"] >= 1
+    assert torch.equal(rewritten.module()(x, mask), program.module()(x, mask))
+
+
+def test_full_like_keeps_dtype_and_shape_of_empty_and_scalar():
+    from surgery.rewrites.full_like import full_like
+
+    for input, value, dtype in [(torch.zeros(0, 3, dtype=torch.bool), float("-inf"), torch.float32),
+                                (torch.tensor(True), 7, torch.int64), (torch.ones(2, 2), -0.0, None)]:
+        expected = torch.full_like(input, value, dtype=dtype)
+        actual = full_like(input, value, dtype=dtype)
+        assert actual.dtype == expected.dtype and actual.shape == expected.shape
+        assert torch.equal(actual, expected) and torch.equal(actual.signbit(), expected.signbit())
+
+
+# ------------------------------------------------------------------ where_scalar
+
+
+def test_where_scalar_follows_torch_type_promotion():
+    from surgery.rewrites.where_scalar import where_scalar
+
+    c = torch.tensor([[True, False, True]])
+    for input, other in [(torch.tensor([1, 2, 3]), -1), (torch.tensor([1, 2, 3]), -1.5), (torch.tensor([True]), 3),
+                         (torch.tensor([0.5], dtype=torch.float64), float("nan")), (2, torch.tensor([1, 2, 3], dtype=torch.int32)),
+                         (True, False), (1, 0), (1.0, 0), (-0.0, True)]:
+        expected = torch.where(c, input, other)
+        actual = where_scalar(c, input, other)
+        assert actual.dtype == expected.dtype and actual.shape == expected.shape, (input, other)
+        assert torch.equal(actual.isnan(), expected.isnan()) if actual.is_floating_point() else True
+        assert torch.equal(torch.nan_to_num(actual), torch.nan_to_num(expected))
+        if actual.is_floating_point():
+            assert torch.equal(actual.signbit(), expected.signbit())
+
+
+def test_where_scalar_after_scatter_leaves_no_number_operand():
+    """The scatter rewrite's replacement selects with where(match, position, -1); after
+    where_scalar no where with a number operand is left and the results are unchanged."""
+    class M(torch.nn.Module):
+        def forward(self, x, index, src):
+            return x.scatter(0, index, src)
+
+    args = (torch.zeros(5, 3), torch.tensor([[1, 0, 4], [3, 2, 0]]), torch.randn(2, 3))
+    program = torch.export.export(M(), args)
+    scattered = surgery.rewrite(program, ["scatter"])
+    assert surgery.op_census(scattered)["aten.where.ScalarOther"] >= 1
+    rewritten = surgery.rewrite(program, ["scatter", "where_scalar"])
+    census = surgery.op_census(rewritten)
+    assert not any(op.startswith("aten.where.Scalar") for op in census), census
+    assert torch.equal(rewritten.module()(*args), M()(*args))

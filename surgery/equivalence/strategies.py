@@ -23,16 +23,19 @@ def seeded_tensor(shape, dtype, seed: int, *, uniform: bool = False) -> torch.Te
 
 def strategy_for(rewrite_name: str, dtype=None):
     """The input strategy of a rewrite, by its registered name."""
-    from ..rewrites import attention_reassociation, conv_as_matmul, floor_divide, grid_sample, roi_align, roi_align_separable, scatter
+    from ..rewrites import (attention_reassociation, conv_as_matmul, floor_divide, full_like, grid_sample, roi_align,
+                            roi_align_separable, scatter, where_scalar)
 
     table = {
         "floor_divide": floor_divide.floor_divide_cases,
+        "full_like": full_like.full_like_cases,
         "roi_align": roi_align.roi_align_cases,
         "grid_sample": grid_sample.grid_sample_cases,
         "scatter": scatter.scatter_cases,
         "conv_as_matmul": conv_as_matmul.conv_cases,
         "attention_reassociation": attention_reassociation.attention_cases,
         "roi_align_separable": roi_align_separable.separable_cases,
+        "where_scalar": where_scalar.where_scalar_cases,
     }
     if rewrite_name not in table:
         raise KeyError(f"no strategy for rewrite {rewrite_name!r}; known: {sorted(table)}")

@@ -6,14 +6,16 @@ from .base import Rewrite, RewriteError, RewriteResult, op_census
 from .attention_reassociation import AttentionReassociation
 from .conv_as_matmul import ConvAsMatmul
 from .floor_divide import FloorDivideToFmod
+from .full_like import FullLikeToFull
 from .grid_sample import GridSampleToGather
 from .roi_align import RoiAlignToGridSample
 from .roi_align_separable import RoiAlignSeparable
 from .scatter import ScatterToSelect
+from .where_scalar import WhereScalarToFull
 
 # name -> class; instantiated with default settings when named by a string.
 REGISTRY: dict[str, type[Rewrite]] = {
-    cls.name: cls for cls in sorted([RoiAlignToGridSample, GridSampleToGather, ScatterToSelect, FloorDivideToFmod], key=lambda c: c.order)
+    cls.name: cls for cls in sorted([RoiAlignToGridSample, GridSampleToGather, ScatterToSelect, FloorDivideToFmod, FullLikeToFull, WhereScalarToFull], key=lambda c: c.order)
 }
 
 # Speed rewrites: TVM converts their operators correctly, so the probe never asks for them; they
@@ -40,5 +42,6 @@ def resolve(rewrites=None) -> list[Rewrite]:
     return sorted(resolved.values(), key=lambda r: r.order)
 
 
-__all__ = ["REGISTRY", "SPEED_REWRITES", "AttentionReassociation", "ConvAsMatmul", "RoiAlignSeparable", "Rewrite", "RewriteError", "RewriteResult", "op_census", "resolve",
-           "FloorDivideToFmod", "GridSampleToGather", "RoiAlignToGridSample", "ScatterToSelect"]
+__all__ = ["REGISTRY", "SPEED_REWRITES", "Rewrite", "RewriteError", "RewriteResult", "op_census", "resolve",
+           "AttentionReassociation", "ConvAsMatmul", "FloorDivideToFmod", "FullLikeToFull", "GridSampleToGather",
+           "RoiAlignSeparable", "RoiAlignToGridSample", "ScatterToSelect", "WhereScalarToFull"]

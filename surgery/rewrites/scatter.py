@@ -128,6 +128,7 @@ class ScatterToSelect(Rewrite):
     summary = "aten.scatter.src / aten.scatter.value -> compare/max/gather/where (no scatter left)"
     contract = CONTRACT
     order = 30
+    emits = ("where_scalar",)  # where(match, position, -1)
 
     def __init__(self, max_intermediate_elements: int = DEFAULT_MAX_INTERMEDIATE_ELEMENTS):
         self.max_intermediate_elements = max_intermediate_elements
