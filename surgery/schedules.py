@@ -170,6 +170,11 @@ def _is_mul_add(store: tirx.BufferStore) -> bool:
     return isinstance(value, tirx.Add) and any(isinstance(side, tirx.Mul) for side in (value.a, value.b))
 
 
+def _region_buffer(region):
+    """The buffer a read region covers (``TensorRegion.source`` in 0.27, ``BufferRegion.buffer`` before)."""
+    return region.source if hasattr(region, "source") else region.buffer
+
+
 def _analyzer():
     try:
         from tvm.sym.analyzer import Analyzer  # apache-tvm 0.27
@@ -192,7 +197,7 @@ def _transposed_axis(sch: s_tir.Schedule, block) -> int | None:
         analyzer.bind(iv.var, iv.dom)
     inner = names[-1]
     for read in stmt.reads:
-        if len(read.source.shape) < 2:
+        if len(_region_buffer(read).shape) < 2:
             continue
         last = str(analyzer.simplify(read.region[-1].min))
         if re.search(rf"\b{re.escape(inner)}\b", last):
