@@ -142,7 +142,8 @@ def test_notebook_flow_on_your_own_module(tmp_path):
     spec = ModelSpec.from_module("prompted", _Prompted(), args)
     result = operate(spec, rewrites="all", examples=10, out_dir=tmp_path, progress=lambda m: None)
     assert result.passed, result.report["failures"]
-    assert set(result.report["rewrites"]["applied"]) == {"roi_align", "grid_sample", "scatter"}
+    # the three operators, plus what the scatter rewrite's replacement needs on older TVMs
+    assert set(result.report["rewrites"]["applied"]) - {"full_like", "where_scalar"} == {"roi_align", "grid_sample", "scatter"}
     assert_equivalent(result.tvm(*args)[0], _Prompted()(*args))
     assert_equivalent(result.rewritten_module(*args), _Prompted()(*args))
     assert (tmp_path / "prompted.tvm.so").is_file() and (tmp_path / "prompted.rewritten.pt2").is_file()
