@@ -167,16 +167,31 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir or os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery"))
 
 
-def _to_tvm(array: np.ndarray, device):
+def _to_tvm(value, device):
+    """torch tensor -> TVM tensor; zero-copy through DLPack where this TVM has it (a contiguous
+    CPU tensor is shared, not copied), else through numpy."""
     tvm, _, _ = _tvm()
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        if hasattr(tvm.runtime, "from_dlpack") and value.device.type == "cpu":
+            try:
+                return tvm.runtime.from_dlpack(value.contiguous())
+            except Exception:  # noqa: BLE001 - e.g. an alignment TVM refuses: copy instead
+                pass
+        value = np.ascontiguousarray(value.cpu().numpy())
+    elif not isinstance(value, np.ndarray):
+        return value  # already a TVM tensor (a stage's output handed to the next stage)
     if hasattr(tvm.runtime, "tensor"):
-        return tvm.runtime.tensor(array, device=device)
-    return tvm.nd.array(array, device=device)
+        return tvm.runtime.tensor(value, device=device)
+    return tvm.nd.array(value, device=device)
 
 
 def _to_torch(value) -> list[torch.Tensor]:
     if hasattr(value, "numpy"):
-        return [torch.from_numpy(value.numpy())]
+        try:
+            return [torch.from_dlpack(value)]  # zero-copy view of TVM's output
+        except Exception:  # noqa: BLE001 - older TVMs: copy through numpy
+            return [torch.from_numpy(value.numpy())]
     out = []
     for item in value:  # tuples (Array of tensors) come back nested
         out.extend(_to_torch(item))
@@ -202,7 +217,7 @@ class TvmFunction:
         return fn
 
     def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        inputs = [_to_tvm(np.ascontiguousarray(a.detach().cpu().numpy()), self.device) for a in args]
+        inputs = [_to_tvm(a, self.device) for a in args]
         return tuple(_to_torch(self.vm["main"](*inputs)))
 
     def export_library(self, path: str | Path) -> None:
