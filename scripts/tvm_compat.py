@@ -83,7 +83,8 @@ def importable(target: Path) -> tuple[bool, str]:
 def run_apply(version: str, target: Path, work: Path, args) -> dict:
     out, reports = work / version / "out", work / version / "reports"
     command = [sys.executable, "-m", "surgery", "apply", "geometry_encoder", "--out", str(out), "--reports", str(reports),
-               "--examples", str(args.examples), "--tvm-examples", str(args.tvm_examples), "--seed", str(args.seed)]
+               "--examples", str(args.examples), "--tvm-examples", str(args.tvm_examples), "--seed", str(args.seed),
+               "--schedules", args.schedules] + (["--no-split"] if args.schedules == "default" else [])
     start = time.perf_counter()
     run = subprocess.run(command, env=env_for(target), capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
@@ -150,7 +151,8 @@ def write_report(rows: list[dict], args, total_s: float) -> tuple[Path, Path]:
         if "reasons" in r:
             lines += [f"- **{r['tvm']}**"] + [f"  - `{k}`: {v}" for k, v in r["reasons"].items()]
             lines += [f"  - failure: {f}" for f in r["failures"]]
-    lines += ["", "Latencies are medians of 5 calls in the apply process, untuned TVM (default schedules), "
+    lines += ["", f"Schedules: `--schedules {args.schedules}`" + (" `--no-split` (stock TVM CPU pipeline, one graph)." if args.schedules == "default" else " (speed rewrites, our schedules, image/prompt split)."),
+              "", "Latencies are medians of 5 calls in the apply process, "
               "on a shared machine: compare them within one run only.", "",
               "Commands run:", ""] + [f"- `{r['command']}`" for r in rows if "command" in r]
     md = write_text(Path(args.reports) / "tvm_compat.md", "\n".join(lines) + "\n")
@@ -169,6 +171,9 @@ def main(argv=None) -> int:
     parser.add_argument("--examples", type=int, default=20)
     parser.add_argument("--tvm-examples", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--schedules", choices=["default", "ours"], default="default",
+                        help="default: stock TVM's CPU pipeline, one graph (what every version must take); ours: the "
+                             "shipped speed configuration (speed rewrites, our schedules, image/prompt split), validated on 0.27 only")
     args = parser.parse_args(argv)
     bad = [v for v in args.versions if not re.fullmatch(r"\d+\.\d+\.\d+(\.post\d+)?", v)]
     if bad or args.examples < 1 or args.tvm_examples < 1:
