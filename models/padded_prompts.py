@@ -28,7 +28,6 @@ own convention, so no such module is ever built.
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 from typing import Callable, Sequence
 
@@ -230,13 +229,9 @@ def check_against_exact_counts(padded_fn: PaddedGeometryEncoder, wrapper: torch.
 
 
 def median_ms(fn: Callable, args, repeats: int = 5) -> float:
-    fn(*args)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    from surgery.pipeline import latency_ms
+
+    return latency_ms(fn, args, repeats)
 
 
 def latency_inputs(points: int, boxes: int, batch: int, feat_size=(72, 72), seed: int = 0) -> tuple[Tensor, ...]:

@@ -144,7 +144,8 @@ def _describe_inputs(spec: ModelSpec, args) -> dict:
             for name, a in zip(spec.input_names, args)}
 
 
-def _latency_ms(fn, args, repeats: int) -> float:
+def latency_ms(fn, args, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls after one warm-up call, in milliseconds."""
     fn(*args)
     times = []
     for _ in range(repeats):
@@ -266,15 +267,15 @@ def operate(
     if latency_repeats > 0:
         with torch.no_grad():
             if spec.module is not None:
-                latency["eager_ms"] = _latency_ms(spec.module, spec.example_args, latency_repeats)
-            latency["rewritten_pytorch_ms"] = _latency_ms(rewritten_fn, spec.example_args, latency_repeats)
+                latency["eager_ms"] = latency_ms(spec.module, spec.example_args, latency_repeats)
+            latency["rewritten_pytorch_ms"] = latency_ms(rewritten_fn, spec.example_args, latency_repeats)
         if tvm_fn is not None:
-            latency["tvm_ms"] = _latency_ms(tvm_fn, spec.example_args, latency_repeats)
+            latency["tvm_ms"] = latency_ms(tvm_fn, spec.example_args, latency_repeats)
         if stage_fns is not None:
             stage_args, rest_args = staged.split_args(spec.example_args)
             frontier = tuple(stage_fns[0](*stage_args))
-            latency["tvm_stage_ms"] = _latency_ms(stage_fns[0], stage_args, latency_repeats)
-            latency["tvm_rest_ms"] = _latency_ms(stage_fns[1], frontier + tuple(rest_args), latency_repeats)
+            latency["tvm_stage_ms"] = latency_ms(stage_fns[0], stage_args, latency_repeats)
+            latency["tvm_rest_ms"] = latency_ms(stage_fns[1], frontier + tuple(rest_args), latency_repeats)
         progress("[latency   ] " + ", ".join(f"{k} {v:.1f}" for k, v in latency.items()))
 
     artifacts = {}

@@ -4,17 +4,19 @@ Stock TVM's CPU pipeline (``relax.backend.cpu_generic``) compiles every kernel e
 ``LegalizeOps`` wrote it: one scalar, single-threaded loop nest per operator. That is why the
 untuned geometry encoder ran ~45x slower than eager PyTorch. MetaSchedule would schedule the
 kernels, but with apache-tvm 0.27.0.post1 + apache-tvm-ffi 0.1.15.post2 it segfaults inside
-``tvm::ffi::ToJSONGraph`` before the first trial (reproduce with ``scripts/bench_geometry_encoder.py
---metaschedule-probe``), so we ship deterministic rules instead, applied at build time with
-dlight's ``ApplyDefaultSchedule`` (first rule that accepts a kernel wins):
+``tvm::ffi::ToJSONGraph`` before the first trial (``relax.pipeline.static_shape_tuning_pipeline``
+or ``meta_schedule.relax_integration.tune_relax`` on a single 64x64 Linear, JSON or in-memory
+database alike), so we ship deterministic rules instead, applied at build time with dlight's
+``ApplyDefaultSchedule`` (first rule that accepts a kernel wins):
 
 - ``Matmul``: a kernel whose one reduction block is ``C[..., i, j] += A[..., i, k] * B[..., k, j]``
   (matmul, batched matmul, dense with a pre-transposed weight). Register-blocked micro-kernel:
   ``ii x jv`` accumulators in a local buffer, ``jv`` vectorised over the output's contiguous axis,
   the reduction loop outside them, parallel over the outer tiles; elementwise producers are
   inlined into it and elementwise consumers fused into its write-back.
-- dlight's own ``cpu.Reduction`` for softmax / layer norm / sums (parallel rows, vectorised
-  elementwise parts).
+- ``RowReduction``: softmax / layer norm and their fused masking: parallel rows, each reduction
+  split into 16 partial sums (``rfactor``) and vectorised; dlight's own ``cpu.Reduction`` after
+  it for what it declines.
 - ``Injective``: elementwise / broadcast / transpose / gather kernels: one fused loop, parallel
   when large, vectorised inner lanes when the innermost extent allows.
 - ``ParallelOuter``: anything else gets its outermost spatial loops run in parallel.
@@ -53,6 +55,14 @@ def _has_root(sch) -> bool:
         return True
     except Exception:  # noqa: BLE001 - functions without a root block are not ours to schedule
         return False
+
+
+def _schedule_for(func, target) -> s_tir.Schedule | None:
+    """A schedule of ``func`` when it is a CPU kernel with a root block (what every rule takes)."""
+    if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+        return None
+    sch = s_tir.Schedule(func)
+    return sch if _has_root(sch) else None
 
 
 def _iter_kinds(sch: s_tir.Schedule, block) -> str:
@@ -98,10 +108,8 @@ class Matmul(dlight.ScheduleRule):
     """``C[..., i, j] (+)= A[..., i, k] * B[..., k, j]``: register-blocked, vectorised over j."""
 
     def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
-            return None
-        sch = s_tir.Schedule(func)
-        if not _has_root(sch):
+        sch = _schedule_for(func, target)
+        if sch is None:
             return None
         reductions = [b for b in _blocks(sch) if "R" in _iter_kinds(sch, b)]
         if len(reductions) != 1:
@@ -208,7 +216,6 @@ def _transposed_axis(sch: s_tir.Schedule, block) -> int | None:
     return None
 
 
-DEBUG: list = []
 L2_PANEL_BYTES = 256 * 1024
 TILE = 16  # transposes are copied in TILE x TILE blocks, so reads and writes both stay in cache
 
@@ -254,10 +261,8 @@ class Injective(dlight.ScheduleRule):
     """Kernels of spatial blocks only: inline into the last, fuse, parallel when large, vectorise."""
 
     def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
-            return None
-        sch = s_tir.Schedule(func)
-        if not _has_root(sch):
+        sch = _schedule_for(func, target)
+        if sch is None:
             return None
         blocks = _blocks(sch)
         if not blocks or not all(_is_spatial(sch, b) for b in blocks):
@@ -273,10 +278,8 @@ class ParallelOuter(dlight.ScheduleRule):
     allows, then run every block's leading spatial loops in parallel and vectorise spatial blocks."""
 
     def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
-            return None
-        sch = s_tir.Schedule(func)
-        if not _has_root(sch) or not _blocks(sch):
+        sch = _schedule_for(func, target)
+        if sch is None or not _blocks(sch):
             return None
         _inline_elementwise(sch, _blocks(sch)[-1])
         for block in _blocks(sch):
@@ -301,10 +304,8 @@ class RowReduction(dlight.ScheduleRule):
     under one parallel loop over the rows and the elementwise blocks are vectorised."""
 
     def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
-            return None
-        sch = s_tir.Schedule(func)
-        if not _has_root(sch):
+        sch = _schedule_for(func, target)
+        if sch is None:
             return None
         blocks = _blocks(sch)
         kinds = [_iter_kinds(sch, b) for b in blocks]
@@ -345,8 +346,8 @@ class RowReduction(dlight.ScheduleRule):
                     try:
                         sch.reorder(steps[0], lanes[-1])
                         sch.vectorize(lanes[-1])
-                    except Exception as exc:  # noqa: BLE001 - stays scalar, still 16 independent chains
-                        DEBUG.append(repr(exc)[:300])
+                    except Exception:  # noqa: BLE001 - stays scalar, still 16 independent chains
+                        pass
         return sch
 
 
