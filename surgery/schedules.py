@@ -135,8 +135,8 @@ class Matmul(dlight.ScheduleRule):
         # Register tile ii x jv: up to 24 vector accumulators (AVX-512 has 32 registers), as wide
         # in j as divides it, so each k step costs ii broadcasts + jv/16 loads for ii*jv/16 FMAs.
         ek = _extent(sch, k) or 0
-        # With a long reduction the B panel (k x jv) is re-read once per row tile: keep it narrow
-        # enough to stay in L2 (256 KiB here) rather than stream from L3.
+        # With a long reduction the B panel (k x jv) is re-read once per row tile: keep it within a
+        # quarter of this machine's 1 MiB L2 per core, so it is re-read from L2 rather than L3.
         widths = [v for v in (4 * VECTOR_LANES, 3 * VECTOR_LANES, 2 * VECTOR_LANES, VECTOR_LANES) if ek * v * 4 <= L2_PANEL_BYTES]
         jv = next((v for v in widths + [VECTOR_LANES, 8] if ej % v == 0), None)
         if jv is None:
