@@ -67,7 +67,7 @@ def build_systems(spec, log):
     """name -> (callable on the wrapper's 8 inputs, info)."""
     from surgery.pipeline import choose_rewrites
     from surgery.stages import hoist
-    from surgery.tvm_backend import compile_program, speed_rewrites
+    from surgery.tvm_backend import cache_root, compile_program, speed_rewrites
 
     args = spec.example_args
     systems = {}
@@ -81,7 +81,7 @@ def build_systems(spec, log):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             onnx_program = torch.onnx.export(module, args, dynamo=True, verbose=False)
-        path = Path(os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery")) / "onnx" / f"{spec.name}.onnx"
+        path = cache_root() / "onnx" / f"{spec.name}.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
         onnx_program.save(str(path))
         options = ort.SessionOptions()
@@ -106,17 +106,17 @@ def build_systems(spec, log):
     names, _ = choose_rewrites("auto", progress=log)
     rewritten = surgery.rewrite(program, names)
     tvm_log: list = []
-    fn, info = compile_program(rewritten, schedules="default", cache_dir=cache_dir(), log=tvm_log)
+    fn, info = compile_program(rewritten, schedules="default", cache_dir=cache_root(), log=tvm_log)
     systems["tvm default"] = (fn, {"rewrites": names, **info})
 
     one_call, speed = speed_rewrites(rewritten)
-    fn, info = compile_program(one_call, schedules="ours", cache_dir=cache_dir(), log=tvm_log)
+    fn, info = compile_program(one_call, schedules="ours", cache_dir=cache_root(), log=tvm_log)
     systems["tvm shipped, one call"] = (fn, {"rewrites": names, "speed_rewrites": speed, **info})
 
     split_program, speed = speed_rewrites(rewritten, split=True)
     staged = hoist(split_program.run_decompositions(), spec.stage_inputs, args)
-    image_fn, image_info = compile_program(staged.stage, schedules="ours", cache_dir=cache_dir(), log=tvm_log)
-    prompt_fn, prompt_info = compile_program(staged.rest, schedules="ours", cache_dir=cache_dir(), log=tvm_log)
+    image_fn, image_info = compile_program(staged.stage, schedules="ours", cache_dir=cache_root(), log=tvm_log)
+    prompt_fn, prompt_info = compile_program(staged.rest, schedules="ours", cache_dir=cache_root(), log=tvm_log)
     split_info = {"rewrites": names, "speed_rewrites": speed, "image_stage": image_info, "prompt_stage": prompt_info,
                   "frontier_mib": staged.frontier_bytes() / 2**20, "hoisted_nodes": staged.hoisted_nodes}
     systems["tvm shipped, image+prompt"] = (staged.compose(image_fn, prompt_fn), split_info)
@@ -125,10 +125,6 @@ def build_systems(spec, log):
     systems["  image stage (once per image)"] = (lambda *a: image_fn(*image_args), split_info)
     systems["  prompt stage (per prompt)"] = (lambda *a: prompt_fn(*frontier, *prompt_args), split_info)
     return systems
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery"))
 
 
 def measure(systems, args, rounds: int, calls: int, warmup: int) -> dict:
