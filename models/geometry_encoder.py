@@ -78,9 +78,25 @@ def build_geometry_encoder(seed: int = 0, checkpoint: str | Path | None = None) 
     with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
         torch.manual_seed(seed)
         encoder = model_builder._create_geometry_encoder()
+        _redraw_cloned_layers(encoder)
     if checkpoint is not None:
         load_checkpoint(encoder, checkpoint)
     return encoder.eval()
+
+
+def _redraw_cloned_layers(encoder: nn.Module) -> None:
+    """SAM3 builds its encoder layers as deep copies of one layer, so at random initialisation
+    all three hold the same weights; a trained checkpoint's layers differ. A compiler that merges
+    identical computations (TVM's common-subexpression elimination does) then does one layer's
+    image-side work for three, and a benchmark on such weights flatters it. So every layer after
+    the first draws its weights again, from the same seeded generator, with each module's own
+    initialiser (children before parents, as at construction: attention's own initialiser then
+    zeroes its output bias)."""
+    for layer in list(getattr(encoder, "encode", []))[1:]:
+        for module in reversed(list(layer.modules())):
+            reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
+            if callable(reset):
+                reset()
 
 
 def load_checkpoint(encoder: nn.Module, path: str | Path) -> None:

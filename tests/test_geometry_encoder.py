@@ -47,6 +47,19 @@ def test_seeded_weights_are_reproducible_and_leave_global_rng_alone(encoder):
     assert not torch.equal(other.label_embed.weight, encoder.label_embed.weight)
 
 
+def test_seeded_layers_differ_like_a_trained_checkpoints(encoder):
+    """SAM3 deep-copies one layer three times; identical random layers would let a compiler's
+    common-subexpression elimination do one layer's image-side work for all three."""
+    layers = list(encoder.encode)
+    assert len(layers) == 3
+    for name in ("cross_attn_image.in_proj_weight", "cross_attn_image.out_proj.weight", "linear1.weight", "linear2.weight"):
+        weights = [layer.state_dict()[name] for layer in layers]
+        for i in range(3):
+            for j in range(i + 1, 3):
+                assert not torch.equal(weights[i], weights[j]), (name, i, j)
+        assert all(abs(float(w.std() / weights[0].std()) - 1) < 0.1 for w in weights), name  # same initialiser
+
+
 def test_runs_on_cpu_and_restores_pin_memory(encoder):
     original = torch.Tensor.pin_memory
     shape = PromptShape(points=2, boxes=1, batch=1, feat_size=(8, 8))
