@@ -123,6 +123,7 @@ class Matmul(dlight.ScheduleRule):
             return None
         if any(not _is_spatial(sch, b) for b in _blocks(sch) if not sch.get(b).same_as(stmt)):
             return None
+        contractible = _contraction_safe(func)
         _inline_elementwise(sch, block)
         block = [b for b in _blocks(sch) if "R" in _iter_kinds(sch, b)][0]
         loops = sch.get_loops(block)
@@ -138,10 +139,14 @@ class Matmul(dlight.ScheduleRule):
         # With a long reduction the B panel (k x jv) is re-read once per row tile: keep it within a
         # quarter of this machine's 1 MiB L2 per core, so it is re-read from L2 rather than L3.
         widths = [v for v in (4 * VECTOR_LANES, 3 * VECTOR_LANES, 2 * VECTOR_LANES, VECTOR_LANES) if ek * v * 4 <= L2_PANEL_BYTES]
-        jv = next((v for v in widths + [VECTOR_LANES, 8] if ej % v == 0), None)
-        if jv is None:
+        widths = [v for v in widths + [VECTOR_LANES, 8] if ej % v == 0]
+        if not widths:
             return None
-        ii = next(v for v in (6, 4, 3, 2, 1) if ei % v == 0 and v * max(1, jv // VECTOR_LANES) <= 24)
+        # the tile with the most accumulators (independent FMA chains to hide its latency), then
+        # the widest: 14 rows take 7 x 48 (21 chains) rather than 2 x 64 (8)
+        tiles = [(ii, jv) for jv in widths for ii in (8, 7, 6, 5, 4, 3, 2, 1)
+                 if ei % ii == 0 and ii * max(1, jv // VECTOR_LANES) <= 24]
+        ii, jv = max(tiles, key=lambda t: (t[0] * max(1, t[1] // VECTOR_LANES), t[1]))
         io, ii_loop = sch.split(i, [None, ii])
         jo, jv_loop = sch.split(j, [None, jv])
         jvo, jvi = sch.split(jv_loop, [None, min(jv, VECTOR_LANES)])
@@ -160,6 +165,8 @@ class Matmul(dlight.ScheduleRule):
         sch.unroll(ii_loop)
         sch.unroll(jvo)
         sch.vectorize(jvi)
+        if contractible:
+            sch.annotate(block, FMA_ANNOTATION, 1)
         init = sch.decompose_reduction(block, k)  # last: TVM only vectorises complete reduction blocks
         sch.vectorize(sch.get_loops(init)[-1])
         write_back = sch.get_loops(accumulator)[len(outer) + 2:]
@@ -171,6 +178,29 @@ class Matmul(dlight.ScheduleRule):
                 if not sch.get(loops_other[0]).same_as(sch.get(tiles)):
                     _schedule_injective(sch, other)
         return sch
+
+
+# Fused multiply-add. The shipped target turns LLVM's a*b+c contraction off (see
+# surgery.tvm_backend.host_target): where a value feeds a floor, a comparison or a select, one
+# rounding instead of two can move it across the step (the whole-model test found such a case in
+# ROI pooling's sample positions). A matmul's accumulation has no such step: contracting it only
+# changes rounding the way any BLAS's order of accumulation does. So kernels the Matmul rule
+# schedules, and whose fused producers and consumers hold no step function, are compiled for a
+# target with FMA (which on x86 also brings AVX-512 back); everything else keeps it off. TVM
+# compiles all CPU kernels of a module with one LLVM target, so ``surgery.tvm_backend.build``
+# compiles the marked kernels as a library of their own and links it into the executable.
+FMA_ANNOTATION = "surgery.fma_contractible"
+_STEP_FUNCTIONS = re.compile(r"T\.(floor|ceil|round|trunc|nearbyint|if_then_else|Select|Cast\(\"u?int|bitwise)|"
+                             r"T\.(floordiv|floormod|truncdiv|truncmod)\(|[^<>=!-]([<>]=?|==|!=)[^<>=]")
+
+
+def _contraction_safe(func: tirx.PrimFunc) -> bool:
+    """No step function in the kernel's arithmetic (its loops are plain ranges before scheduling)."""
+    return _STEP_FUNCTIONS.search(func.script()) is None
+
+
+def is_fma_kernel(func) -> bool:
+    return isinstance(func, tirx.PrimFunc) and FMA_ANNOTATION in func.script()
 
 
 def _is_mul_add(store: tirx.BufferStore) -> bool:
@@ -298,8 +328,8 @@ class ParallelOuter(dlight.ScheduleRule):
 
 
 class RowReduction(dlight.ScheduleRule):
-    """Softmax, layer norm and their fused masking: blocks over the same rows, some reducing
-    along the row. Each reduction is split into 16 partial accumulators (``rfactor``) so it
+    """Softmax, layer norm and their fused masking, or a lone row sum: blocks over the same rows,
+    some reducing along the row. Each reduction is split into 16 partial accumulators (``rfactor``) so it
     vectorises instead of waiting on one add's latency per element; then every block moves
     under one parallel loop over the rows and the elementwise blocks are vectorised."""
 
@@ -309,7 +339,8 @@ class RowReduction(dlight.ScheduleRule):
             return None
         blocks = _blocks(sch)
         kinds = [_iter_kinds(sch, b) for b in blocks]
-        if len(blocks) < 2 or not any("R" in k for k in kinds) or "R" in kinds[-1]:
+        lone = len(blocks) == 1  # a row sum on its own (attention's row sums of probabilities)
+        if not blocks or not any("R" in k for k in kinds) or ("R" in kinds[-1] and not lone):
             return None
         leading = min(len(k) - len(k.lstrip("S")) for k in kinds)
         if leading == 0 or any(k.count("R") > 1 or (("R" in k) and not k.endswith("R")) for k in kinds):
@@ -368,8 +399,14 @@ def pipeline(target: tvm.target.Target):
             seq = tvm.transform.Sequential(
                 # the same image + position sum feeds all three layers: compute it once
                 [relax.transform.EliminateCommonSubexpr()]
+                # exp as TVM's fast_exp (a polynomial LLVM vectorises) instead of libm's scalar
+                # expf, one call per element: softmax over 5,184 image tokens was 2/3 exp
+                + [relax.transform.FastMathTransform()]
                 + cpu.library_dispatch_passes(target)
                 + cpu.legalize_passes(target)
+                # again after fusion: a fused kernel whose inputs are all constants (a slice of
+                # attention's packed in-projection, transposed) is evaluated once, here
+                + [relax.transform.FoldConstant()]
                 + [dlight.ApplyDefaultSchedule(*rules())]
                 + cpu.dataflow_lower_passes(target)
                 + cpu.finalize_passes(target)

@@ -92,10 +92,10 @@ def import_program(program: torch.export.ExportedProgram):
 
 
 SCHEDULES = ("ours", "default")
-SCHEDULES_FORMAT = 2  # bump when surgery.schedules changes, so cached libraries are rebuilt
+SCHEDULES_FORMAT = 6  # bump when surgery.schedules changes, so cached libraries are rebuilt
 
 
-def host_target(schedules: str = "ours"):
+def host_target(schedules: str = "ours", fma: bool = False):
     """``"default"``: plain ``llvm`` as stock TVM builds it. ``"ours"``: llvm for this CPU
     (``mcpu`` = the host's, e.g. znver4 with AVX-512) and its core count, for our schedules."""
     tvm, _, _ = _tvm()
@@ -104,7 +104,7 @@ def host_target(schedules: str = "ours"):
     from tvm.target import codegen
 
     target = {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1}
-    if codegen.llvm_get_system_triple().startswith("x86_64"):
+    if codegen.llvm_get_system_triple().startswith("x86_64") and not fma:
         # No FMA: TVM lets LLVM contract a*b+c into one fused multiply-add (one rounding where
         # PyTorch rounds twice). With it, the whole-model property test found a batch-2 prompt
         # (points on the image's edge) where the encoder came out 0.0096 off; without it, and
@@ -123,8 +123,63 @@ def build(mod, target=None, schedules: str = "default"):
     if schedules == "ours":
         from .schedules import pipeline
 
-        return tvm.compile(mod, target=target, relax_pipeline=pipeline(tvm.target.Target(target)))
+        target = tvm.target.Target(target)
+        fma_target = host_target(schedules, fma=True)
+        if str(target) != str(host_target(schedules)) or str(fma_target) == str(target):
+            return tvm.compile(mod, target=target, relax_pipeline=pipeline(target))
+        return _build_with_fma_kernels(mod, target, fma_target)
     return tvm.compile(mod, target=target) if hasattr(tvm, "compile") else relax.build(mod, target=target)
+
+
+@contextlib.contextmanager
+def _constant_folding():
+    """Relax's FoldConstant evaluates a kernel on constants by compiling it with the global
+    function ``tir.build``; apache-tvm 0.27 renamed that ``tirx.build``, so the pass silently
+    folds nothing and every call turns weight transposes and reshapes into kernels run on every
+    call. For our build, ``tir.build`` is ``tirx.build`` (stock builds are left as they are)."""
+    try:
+        import tvm_ffi
+    except ImportError:  # a TVM before the FFI split: nothing renamed
+        yield
+        return
+    missing = tvm_ffi.get_global_func("tir.build", allow_missing=True) is None
+    build = tvm_ffi.get_global_func("tirx.build", allow_missing=True)
+    if missing and build is not None:
+        tvm_ffi.register_global_func("tir.build", build)
+    try:
+        yield
+    finally:
+        if missing and build is not None:
+            tvm_ffi.remove_global_func("tir.build")
+
+
+def _build_with_fma_kernels(mod, target, fma_target):
+    """``tvm.compile`` with our pipeline, except that the kernels our Matmul rule marked
+    contraction-safe (``surgery.schedules.FMA_ANNOTATION``) are compiled for ``fma_target`` as a
+    library of their own, linked into the executable: TVM compiles every CPU kernel of one module
+    for one LLVM target, and FMA must stay off for the rest. These are the steps of
+    ``relax.build`` (TVM 0.27), with the kernels split in two before code generation."""
+    tvm, relax, _ = _tvm()
+    from tvm.relax import vm_build
+
+    from .schedules import is_fma_kernel, pipeline
+
+    with target, _constant_folding():
+        mod = pipeline(target)(mod)
+    attrs = dict(mod.attrs) if mod.attrs else {}
+    ext_libs = list(attrs.get("external_mods", []))
+    params = dict(attrs.get("const_name_to_constant", {}))
+    builder = relax.ExecBuilder()
+    mod = vm_build._vmcodegen(builder, mod, "bytecode")
+    kernels = vm_build._filter_tir(mod)
+    if kernels is None:
+        return vm_build._vmlink(builder=builder, target=target, tir_mod=None, ext_libs=ext_libs, params=params)
+    fma = {gv: f for gv, f in kernels.functions.items() if is_fma_kernel(f)}
+    rest = {gv: f for gv, f in kernels.functions.items() if gv not in fma}
+    if fma:
+        ext_libs.append(tvm.tirx.build(tvm.IRModule(fma, attrs=kernels.attrs), target=fma_target))
+    return vm_build._vmlink(builder=builder, target=target, tir_mod=tvm.IRModule(rest, attrs=kernels.attrs),
+                            ext_libs=ext_libs, params=params)
 
 
 def speed_rewrites(program: torch.export.ExportedProgram, split: bool = False) -> tuple[torch.export.ExportedProgram, dict]:

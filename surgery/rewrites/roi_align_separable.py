@@ -73,10 +73,14 @@ def roi_align_separable(
     wy = axis_weights(at.y, at.used_y, at.grid_h, H)  # [K, PH, H]
     wx = axis_weights(at.x, at.used_x, at.grid_w, W)  # [K, PW, W]
     if N == 1:
-        # One map for every box: the row products of all boxes in one batched product over
-        # channels, without copying the map per box.
-        rows = torch.matmul(wy.reshape(1, K * PH, H), input[0])  # [C, K*PH, W]
-        rows = rows.reshape(C, K, PH, W).permute(1, 0, 2, 3).reshape(K, C * PH, W)  # [K, C*PH, W]
+        # One map for every box, taken channels-last: SAM3's features arrive as [H*W, 1, C], so
+        # [H, W*C] is what the graph had before it was permuted to NCHW. Then the row products of
+        # all boxes are one matrix product with C-long contiguous rows (no product per channel
+        # over 72-wide rows), and so are the column products.
+        feats = input[0].permute(1, 2, 0).reshape(H, W * C)  # [H, W*C]
+        rows = torch.matmul(wy.reshape(K * PH, H), feats).reshape(K, PH, W, C)  # [K, PH, W, C]
+        out = torch.matmul(wx[:, None], rows)  # [K, 1, PW, W] @ [K, PH, W, C] -> [K, PH, PW, C]
+        return out.permute(0, 3, 1, 2)  # [K, C, PH, PW]
     else:
         maps = input.index_select(0, rois[:, 0].to(torch.int64))  # [K, C, H, W]
         rows = torch.matmul(wy[:, None], maps).reshape(K, C * PH, W)  # [K, C*PH, W]
