@@ -21,9 +21,21 @@ database alike), so we ship deterministic rules instead, applied at build time w
   when large, vectorised inner lanes when the innermost extent allows.
 - ``ParallelOuter``: anything else gets its outermost spatial loops run in parallel.
 
+Besides the rules, the pipeline:
+
+- folds constants where stock TVM leaves them to run on every call: a slice of a constant tuple
+  (the import turns attention's packed in-projection split into one) is made that constant
+  (``CanonicalizeBindings``), and ``FoldConstant`` runs again after fusion, so weight transposes
+  are evaluated once, at build time;
+- computes ``exp`` as TVM's ``fast_exp`` (``FastMathTransform``), a polynomial LLVM vectorises,
+  where libm's ``expf`` is one scalar call per element. Measured over [-87, 88]: at most 4.1e-6
+  relative (68 ulp) from the exact value, where ``torch.exp`` is within 1 ulp;
+- compiles matmul kernels with fused multiply-add (``FMA_ANNOTATION`` below).
+
 Schedules change the loop order, never the arithmetic of a single output element except for the
-order in which a matmul's reduction is accumulated (as with any BLAS); the whole-model property
-test bounds the effect (float32, max abs 1e-5 on unit-scale inputs).
+order in which a matmul's reduction is accumulated and its FMA contraction (as with any BLAS);
+with ``fast_exp`` that is the shipped build's whole numeric difference, and the whole-model
+property test bounds it (float32, max abs 1e-5 on unit-scale inputs).
 """
 
 from __future__ import annotations
@@ -402,6 +414,9 @@ def pipeline(target: tvm.target.Target):
                 # exp as TVM's fast_exp (a polynomial LLVM vectorises) instead of libm's scalar
                 # expf, one call per element: softmax over 5,184 image tokens was 2/3 exp
                 + [relax.transform.FastMathTransform()]
+                # a slice of a constant tuple (the import folds attention's packed in-projection
+                # split into one) becomes that constant, so what follows it can fold too
+                + [relax.transform.CanonicalizeBindings()]
                 + cpu.library_dispatch_passes(target)
                 + cpu.legalize_passes(target)
                 # again after fusion: a fused kernel whose inputs are all constants (a slice of

@@ -92,12 +92,13 @@ def import_program(program: torch.export.ExportedProgram):
 
 
 SCHEDULES = ("ours", "default")
-SCHEDULES_FORMAT = 6  # bump when surgery.schedules changes, so cached libraries are rebuilt
+SCHEDULES_FORMAT = 7  # bump when surgery.schedules changes, so cached libraries are rebuilt
 
 
 def host_target(schedules: str = "ours", fma: bool = False):
     """``"default"``: plain ``llvm`` as stock TVM builds it. ``"ours"``: llvm for this CPU
-    (``mcpu`` = the host's, e.g. znver4 with AVX-512) and its core count, for our schedules."""
+    (``mcpu`` = the host's, e.g. znver4) and its core count, for our schedules; on x86 with FMA
+    off unless ``fma`` (the target ``build`` compiles contraction-safe matmul kernels for)."""
     tvm, _, _ = _tvm()
     if schedules == "default":
         return "llvm"
@@ -108,7 +109,8 @@ def host_target(schedules: str = "ours", fma: bool = False):
         # No FMA: TVM lets LLVM contract a*b+c into one fused multiply-add (one rounding where
         # PyTorch rounds twice). With it, the whole-model property test found a batch-2 prompt
         # (points on the image's edge) where the encoder came out 0.0096 off; without it, and
-        # with stock TVM's plain llvm target (no FMA either), 2.2e-6. AVX-512 stays on.
+        # with stock TVM's plain llvm target (no FMA either), 2.2e-6. LLVM ties AVX-512 to FMA,
+        # so this target has AVX2 only; matmul kernels get both back (schedules.FMA_ANNOTATION).
         target["mattr"] = ["-fma"]
     return tvm.target.Target(target)
 
@@ -131,28 +133,6 @@ def build(mod, target=None, schedules: str = "default"):
     return tvm.compile(mod, target=target) if hasattr(tvm, "compile") else relax.build(mod, target=target)
 
 
-@contextlib.contextmanager
-def _constant_folding():
-    """Relax's FoldConstant evaluates a kernel on constants by compiling it with the global
-    function ``tir.build``; apache-tvm 0.27 renamed that ``tirx.build``, so the pass silently
-    folds nothing and every call turns weight transposes and reshapes into kernels run on every
-    call. For our build, ``tir.build`` is ``tirx.build`` (stock builds are left as they are)."""
-    try:
-        import tvm_ffi
-    except ImportError:  # a TVM before the FFI split: nothing renamed
-        yield
-        return
-    missing = tvm_ffi.get_global_func("tir.build", allow_missing=True) is None
-    build = tvm_ffi.get_global_func("tirx.build", allow_missing=True)
-    if missing and build is not None:
-        tvm_ffi.register_global_func("tir.build", build)
-    try:
-        yield
-    finally:
-        if missing and build is not None:
-            tvm_ffi.remove_global_func("tir.build")
-
-
 def _build_with_fma_kernels(mod, target, fma_target):
     """``tvm.compile`` with our pipeline, except that the kernels our Matmul rule marked
     contraction-safe (``surgery.schedules.FMA_ANNOTATION``) are compiled for ``fma_target`` as a
@@ -164,7 +144,7 @@ def _build_with_fma_kernels(mod, target, fma_target):
 
     from .schedules import is_fma_kernel, pipeline
 
-    with target, _constant_folding():
+    with target:
         mod = pipeline(target)(mod)
     attrs = dict(mod.attrs) if mod.attrs else {}
     ext_libs = list(attrs.get("external_mods", []))

@@ -101,3 +101,72 @@ def test_cli_split_option_rejects_unknown_inputs(tmp_path):
     assert result.returncode == 2
     assert "--split" in result.stderr and "img_feats" in result.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "rep").exists()
+
+
+class _MatmulThen(torch.nn.Module):
+    """A linear layer and what follows it in the same fused kernel."""
+
+    def __init__(self, then):
+        super().__init__()
+        self.linear = torch.nn.Linear(64, 32)
+        self.then = then
+
+    def forward(self, x):
+        return self.then(self.linear(x))
+
+
+def _scheduled_kernels(module, x):
+    """Our pipeline up to code generation, on a small module: {kernel name: PrimFunc}."""
+    import tvm
+
+    from surgery import schedules
+
+    with torch.no_grad():
+        program = torch.export.export(module.eval(), (x,))
+    mod = tvm_backend.import_program(program)
+    target = tvm_backend.host_target("ours")
+    with target:
+        mod = schedules.pipeline(target)(mod)
+    return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+def test_only_matmuls_without_step_functions_are_compiled_with_fma():
+    """FMA rounds a*b+c once: harmless in a matmul's accumulation, not where the value then meets
+    a floor or a comparison (the ROI pooling counterexample)."""
+    from surgery.schedules import is_fma_kernel
+
+    x = torch.randn(128, 64)
+    smooth = _scheduled_kernels(_MatmulThen(torch.relu), x)
+    assert [name for name, f in smooth.items() if is_fma_kernel(f)] == [n for n in smooth if "matmul" in n] != []
+    stepped = _scheduled_kernels(_MatmulThen(torch.floor), x)
+    assert any("matmul" in n and "floor" in n for n in stepped), list(stepped)  # floor fused into the matmul kernel
+    assert not any(is_fma_kernel(f) for f in stepped.values())
+
+
+def test_constants_are_folded_after_fusion():
+    """Weight transposes are evaluated at build time, not run as kernels on every call (stock TVM
+    leaves a transpose of one slice of a split constant as a kernel)."""
+
+    class Reassociated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.packed = torch.nn.Parameter(torch.randn(96, 32))
+
+        def forward(self, x):
+            q, k, v = self.packed.split(32)  # like attention's packed in-projection
+            return x @ q.T @ k @ v.T
+
+    kernels = _scheduled_kernels(Reassociated(), torch.randn(4, 32))
+    assert not any("transpose" in name or "split" in name for name in kernels), list(kernels)
+
+
+def test_fma_build_matches_pytorch_and_survives_export(tmp_path):
+    x = torch.randn(128, 64)
+    module = _MatmulThen(torch.relu).eval()
+    with torch.no_grad():
+        program = torch.export.export(module, (x,))
+        expected = module(x)
+    fn = tvm_backend.TvmFunction(tvm_backend.build(tvm_backend.import_program(program), None, "ours"))
+    fn.export_library(tmp_path / "lib.so")
+    for compiled in (fn, tvm_backend.TvmFunction.load(tmp_path / "lib.so")):
+        assert_equivalent(compiled(x)[0], expected)
