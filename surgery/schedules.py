@@ -40,14 +40,19 @@ property test bounds it (float32, max abs 1e-5 on unit-scale inputs).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 
+import numpy as np
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 
 VECTOR_LANES = 16  # float32 lanes of one AVX-512 register (the LLVM backend splits for AVX2)
+VECTOR_REGISTERS = 32  # AVX-512 has zmm0-zmm31
+MAX_ACCUMULATORS = 28  # of them, at most this many hold a register tile's accumulators
+FMA_LATENCY = 4  # cycles: one k step of a tile takes at least this long
 PARALLEL_MIN_ELEMENTS = 1 << 14  # below this a thread-pool launch costs more than it saves
 
 
@@ -116,8 +121,64 @@ def _vectorize_inner(sch: s_tir.Schedule, loop, lanes: int = VECTOR_LANES) -> No
         sch.vectorize(loop)
 
 
+@dataclasses.dataclass(frozen=True)
+class MatmulPlan:
+    """How the Matmul rule lays out one ``C[..., i, j] += A[..., i, k] * B[..., k, j]``.
+
+    ``mr x nr`` is the register tile (``mr`` rows of A broadcast, ``nr / 16`` vectors of B per k
+    step), ``j_major`` runs the column tiles outside the row tiles (B's panel is reused from
+    cache across rows: the larger operand is read once), and ``k_parts > 1`` splits the reduction
+    across threads (``rfactor``) when the tiles are too few to share out, or when one column
+    panel of B is too large to stay in a core's L2 while every row tile re-reads it."""
+
+    mr: int
+    nr: int
+    j_major: bool
+    k_parts: int
+
+
+def _divisors(n: int, limit: int) -> list[int]:
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
+
+
+def plan_matmul(batch: int, rows: int, cols: int, depth: int, threads: int) -> MatmulPlan | None:
+    """The register tile and loop order for a (batched) ``rows x depth @ depth x cols`` product,
+    or None when ``cols`` does not split into whole vectors.
+
+    Per k step a tile costs ``mr * nv`` FMAs (two issue per cycle), ``mr + nv`` loads (two per
+    cycle: ``mr`` broadcasts of A, ``nv`` vectors of B) and at least one FMA latency (4 cycles);
+    the tile with the best FMA share of those cycles wins, then the one with more accumulators,
+    then the wider. Accumulators plus B's vectors stay within the 32 vector registers."""
+    tiles = []
+    for nv in range(1, 9):
+        if cols % (nv * VECTOR_LANES):
+            continue
+        for mr in _divisors(rows, 16):
+            accumulators = mr * nv
+            if accumulators > MAX_ACCUMULATORS or accumulators + nv > VECTOR_REGISTERS - 2:
+                continue
+            fma = accumulators / 2
+            efficiency = fma / max(fma, (mr + nv) / 2, FMA_LATENCY)
+            tiles.append((round(efficiency, 3), accumulators, nv, mr))
+    if not tiles:
+        return None
+    _, _, nv, mr = max(tiles)
+    nr = nv * VECTOR_LANES
+    row_tiles, col_tiles = rows // mr, cols // nr
+    a_bytes, b_bytes = 4 * rows * depth, 4 * depth * cols
+    j_major = col_tiles > 1 and row_tiles > 1 and b_bytes >= a_bytes
+    tasks = batch * row_tiles * col_tiles
+    k_parts = 1
+    panel = 4 * depth * nr  # one column panel of B, re-read by every row tile
+    if threads > 1 and depth >= 64 * threads and depth % threads == 0 and (
+            tasks < threads or (col_tiles == 1 and row_tiles > 1 and panel > L2_PANEL_BYTES)):
+        k_parts = threads
+    return MatmulPlan(mr, nr, j_major, k_parts)
+
+
 class Matmul(dlight.ScheduleRule):
-    """``C[..., i, j] (+)= A[..., i, k] * B[..., k, j]``: register-blocked, vectorised over j."""
+    """``C[..., i, j] (+)= A[..., i, k] * B[..., k, j]``: register-blocked, vectorised over j,
+    parallel over tiles (or over parts of the reduction), laid out by ``plan_matmul``."""
 
     def apply(self, func, target, _tunable):
         sch = _schedule_for(func, target)
@@ -141,55 +202,99 @@ class Matmul(dlight.ScheduleRule):
         loops = sch.get_loops(block)
         if len(loops) != len(kinds):
             return None
-        *outer, i, j, k = loops
-        ei, ej = _extent(sch, i), _extent(sch, j)
-        if ei is None or ej is None:
+        extents = [_extent(sch, loop) for loop in loops]
+        if None in extents:
             return None
-        # Register tile ii x jv: up to 24 vector accumulators (AVX-512 has 32 registers), as wide
-        # in j as divides it, so each k step costs ii broadcasts + jv/16 loads for ii*jv/16 FMAs.
-        ek = _extent(sch, k) or 0
-        # With a long reduction the B panel (k x jv) is re-read once per row tile: keep it within a
-        # quarter of this machine's 1 MiB L2 per core, so it is re-read from L2 rather than L3.
-        widths = [v for v in (4 * VECTOR_LANES, 3 * VECTOR_LANES, 2 * VECTOR_LANES, VECTOR_LANES) if ek * v * 4 <= L2_PANEL_BYTES]
-        widths = [v for v in widths + [VECTOR_LANES, 8] if ej % v == 0]
-        if not widths:
+        *batch_extents, rows, cols, depth = extents
+        threads = _threads(target)
+        plan = plan_matmul(_product(batch_extents), rows, cols, depth, threads)
+        if plan is None:
             return None
-        # the tile with the most accumulators (independent FMA chains to hide its latency), then
-        # the widest: 14 rows take 7 x 48 (21 chains) rather than 2 x 64 (8)
-        tiles = [(ii, jv) for jv in widths for ii in (8, 7, 6, 5, 4, 3, 2, 1)
-                 if ei % ii == 0 and ii * max(1, jv // VECTOR_LANES) <= 24]
-        ii, jv = max(tiles, key=lambda t: (t[0] * max(1, t[1] // VECTOR_LANES), t[1]))
-        io, ii_loop = sch.split(i, [None, ii])
-        jo, jv_loop = sch.split(j, [None, jv])
-        jvo, jvi = sch.split(jv_loop, [None, min(jv, VECTOR_LANES)])
-        sch.reorder(*outer, io, jo, k, ii_loop, jvo, jvi)
+        if plan.k_parts > 1:
+            block, final = self._split_reduction(sch, block, plan.k_parts)
+        else:
+            final = None
+        *outer, i, j, k = sch.get_loops(block)
+        io, ii = sch.split(i, [None, plan.mr])
+        jo, jv = sch.split(j, [None, plan.nr])
+        jvo, jvi = sch.split(jv, [None, VECTOR_LANES])
+        tile_order = [jo, io] if plan.j_major else [io, jo]
+        sch.reorder(*outer, *tile_order, k, ii, jvo, jvi)
         accumulator = sch.cache_write(block, 0, "local")
-        sch.reverse_compute_at(accumulator, jo, preserve_unit_loops=True)
-        # elementwise consumers (bias add, activation) run on the tile just written
-        consumers = [b for b in _blocks(sch) if _is_spatial(sch, b) and not sch.get(b).same_as(sch.get(accumulator))]
-        for consumer in consumers:
-            try:
-                sch.reverse_compute_inline(consumer)
-            except Exception:  # noqa: BLE001 - left as its own loop nest, scheduled below
-                pass
-        tiles = sch.fuse(*outer, io, jo) if outer else sch.fuse(io, jo)
-        sch.parallel(tiles)
-        sch.unroll(ii_loop)
+        sch.reverse_compute_at(accumulator, tile_order[-1], preserve_unit_loops=True)
+        if final is None:
+            self._inline_consumers(sch, accumulator)
+            tiles = sch.fuse(*outer, *tile_order)
+            sch.parallel(tiles)
+        else:
+            # the reduction's parts are the parallel loop; each part's tiles run in order
+            sch.parallel(outer[0])
+        sch.unroll(ii)
         sch.unroll(jvo)
         sch.vectorize(jvi)
         if contractible:
             sch.annotate(block, FMA_ANNOTATION, 1)
         init = sch.decompose_reduction(block, k)  # last: TVM only vectorises complete reduction blocks
         sch.vectorize(sch.get_loops(init)[-1])
-        write_back = sch.get_loops(accumulator)[len(outer) + 2:]
-        if write_back:
-            _vectorize_inner(sch, write_back[-1], min(jv, VECTOR_LANES))
+        write_back = sch.get_loops(accumulator)[len(sch.get_loops(accumulator)) - 2:]
+        _vectorize_inner(sch, write_back[-1], VECTOR_LANES)
+        if final is not None:
+            self._schedule_sum_of_parts(sch, final, contractible)
         for other in _blocks(sch):
-            if not sch.get(other).same_as(sch.get(block)) and sch.get_loops(other) and _is_spatial(sch, other):
-                loops_other = sch.get_loops(other)
-                if not sch.get(loops_other[0]).same_as(sch.get(tiles)):
-                    _schedule_injective(sch, other)
+            if _is_spatial(sch, other) and not _is_scheduled(sch, other):
+                _schedule_injective(sch, other)
         return sch
+
+    @staticmethod
+    def _split_reduction(sch, block, parts: int):
+        """``rfactor``: part p of the reduction into ``C_rf[p, ...]``, then ``C = sum_p C_rf[p]``."""
+        *outer, i, j, k = sch.get_loops(block)
+        ko, ki = sch.split(k, [parts, None])
+        sch.reorder(ko, *outer, i, j, ki)
+        partial = sch.rfactor(ko, 0)
+        return partial, block
+
+    @staticmethod
+    def _inline_consumers(sch, producer) -> None:
+        """Elementwise consumers (bias add, activation, layout) run on the tile just written."""
+        for consumer in [b for b in _blocks(sch) if _is_spatial(sch, b) and not sch.get(b).same_as(sch.get(producer))]:
+            try:
+                sch.reverse_compute_inline(consumer)
+            except Exception:  # noqa: BLE001 - left as its own loop nest, scheduled after
+                pass
+
+    def _schedule_sum_of_parts(self, sch, final, contractible: bool) -> None:
+        """``C[..., i, j] = sum_p C_rf[p, ..., i, j]``: parallel over rows, the parts inside, j
+        vectorised; elementwise consumers fused into it."""
+        self._inline_consumers(sch, final)
+        ko, *rest = sch.get_loops(final)
+        *outer, j = rest
+        sch.reorder(*outer, ko, j)
+        rows = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(rows)
+        _vectorize_inner(sch, j)
+        sch.decompose_reduction(final, ko)  # after vectorising: its init copies the vector loop
+        for block in _blocks(sch):
+            if _is_spatial(sch, block) and sch.get(sch.get_loops(block)[0]).same_as(sch.get(rows)):
+                _vectorize_inner(sch, sch.get_loops(block)[-1])
+
+
+def _is_scheduled(sch, block) -> bool:
+    """A block under a parallel or vectorised loop already has its schedule."""
+    kinds = {tirx.ForKind.PARALLEL, tirx.ForKind.VECTORIZED}
+    return any(sch.get(loop).kind in kinds for loop in sch.get_loops(block))
+
+
+def _product(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def _threads(target) -> int:
+    cores = target.attrs.get("num-cores") if hasattr(target, "attrs") else None
+    return int(cores) if cores else 1
 
 
 # Fused multiply-add. The shipped target turns LLVM's a*b+c contraction off (see
@@ -258,7 +363,9 @@ def _transposed_axis(sch: s_tir.Schedule, block) -> int | None:
     return None
 
 
-L2_PANEL_BYTES = 256 * 1024
+# A column panel of B that every row tile re-reads should stay in L2 (1-2 MiB per core on the
+# x86 servers we measured): beyond this the reduction is split across threads instead.
+L2_PANEL_BYTES = 768 * 1024
 TILE = 16  # transposes are copied in TILE x TILE blocks, so reads and writes both stay in cache
 
 
@@ -394,6 +501,54 @@ class RowReduction(dlight.ScheduleRule):
         return sch
 
 
+def _static_shape(expr) -> list[int] | None:
+    """The static shape of a relax expression (``.ty`` in TVM 0.27, ``.struct_info`` before)."""
+    ty = getattr(expr, "ty", None) or getattr(expr, "struct_info", None)
+    dims = getattr(getattr(ty, "shape", None), "values", None)
+    if dims is None or not all(isinstance(v, tirx.IntImm) for v in dims):
+        return None
+    return [int(v) for v in dims]
+
+
+@tvm.transform.module_pass(opt_level=0, name="AbsorbMatmulBroadcasts")
+def absorb_matmul_broadcasts(mod, _ctx):
+    """``matmul(broadcast_to(x), y)`` -> ``matmul(x, y)`` where only batch dimensions were
+    broadcast (relax's matmul broadcasts them itself). PyTorch's ``bmm`` needs equal batches, so
+    an exported ``matmul([1, M, K], [T, K, N])`` arrives as an ``expand`` of the shared operand,
+    which TVM would otherwise materialise as a copy per batch before the product."""
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    lhs, rhs = wildcard(), wildcard()
+    lhs_b, rhs_b = is_op("relax.broadcast_to")(lhs, wildcard()), is_op("relax.broadcast_to")(rhs, wildcard())
+    pattern = is_op("relax.matmul")(lhs_b | wildcard(), rhs_b | wildcard())
+
+    def rewrite(call, matches):
+        def operand(broadcast, inner, given):
+            if broadcast in matches:
+                before, after = _static_shape(matches[inner]), _static_shape(matches[broadcast])
+                if before is not None and after is not None and len(before) >= 2 and before[-2:] == after[-2:]:
+                    return matches[inner]
+            return given
+
+        x, y = operand(lhs_b, lhs, call.args[0]), operand(rhs_b, rhs, call.args[1])
+        sx, sy, out = _static_shape(x), _static_shape(y), _static_shape(call)
+        if (x is call.args[0] and y is call.args[1]) or None in (sx, sy, out) or min(len(sx), len(sy)) < 2:
+            return call
+        try:
+            batch = list(np.broadcast_shapes(tuple(sx[:-2]), tuple(sy[:-2])))
+        except ValueError:
+            return call
+        if batch + [sx[-2], sy[-1]] != out:
+            return call
+        return relax.op.matmul(x, y, out_dtype=call.attrs.out_dtype)
+
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = rewrite_call(pattern, rewrite, func)
+    return mod
+
+
 @functools.lru_cache(maxsize=None)
 def rules() -> tuple:
     return (Matmul(), RowReduction(), dlight.cpu.Reduction(), Injective(), ParallelOuter())
@@ -417,6 +572,8 @@ def pipeline(target: tvm.target.Target):
                 # a slice of a constant tuple (the import folds attention's packed in-projection
                 # split into one) becomes that constant, so what follows it can fold too
                 + [relax.transform.CanonicalizeBindings()]
+                # matmul(broadcast_to(x), y) -> matmul(x, y): no per-batch copy of a shared operand
+                + [absorb_matmul_broadcasts]
                 + cpu.library_dispatch_passes(target)
                 + cpu.legalize_passes(target)
                 # again after fusion: a fused kernel whose inputs are all constants (a slice of

@@ -202,6 +202,31 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir or os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery"))
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Give TVM's CPU thread pool one thread per core; returns the count it runs with.
+
+    Left alone, TVM's runtime uses ``std::thread::hardware_concurrency() / 2`` threads on x86
+    (``threading_backend.cc`` assumes every core is two hyper-threads), so on a 2-core machine
+    without hyper-threading every parallel kernel ran on one core: half the machine idle. A
+    ``TVM_NUM_THREADS`` (or ``OMP_NUM_THREADS``) the user set wins over ours. TVM reads the
+    variable at each parallel launch until its pool starts, so this must run before the first
+    multi-threaded call; ``TvmFunction`` calls it."""
+    tvm, _, _ = _tvm()
+    if threads is not None:
+        os.environ["TVM_NUM_THREADS"] = str(int(threads))
+    elif not (os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")):
+        os.environ["TVM_NUM_THREADS"] = str(cpu_cores())
+    return int(tvm.get_global_func("runtime.NumThreads")())
+
+
 def _to_tvm(value, device):
     """torch tensor -> TVM tensor; zero-copy through DLPack where this TVM has it (a contiguous
     CPU tensor is shared, not copied), else through numpy."""
@@ -238,6 +263,7 @@ class TvmFunction:
 
     def __init__(self, executable, device=None):
         tvm, relax, _ = _tvm()
+        configure_threads()
         self.device = device or tvm.cpu()
         self.executable = executable
         self.vm = relax.VirtualMachine(executable, self.device)

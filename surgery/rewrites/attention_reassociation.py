@@ -178,11 +178,12 @@ def _rewrite_scores(graph, bmm, q3, key: _Projection, B, H, q, d, n, E):
         qw = b(aten.bmm.default, qh, w)  # [H, B*q, E]
         qw = b(aten.view.default, qw, [H, B, q, E])
         qw = b.contiguous(b(aten.permute.default, qw, [1, 0, 2, 3]))  # [B, H, q, E]
-        qwt = b(aten.permute.default, b(aten.view.default, qw, [B, H * q, E]), [0, 2, 1])  # [B, E, H*q]
-        # tokens @ (Q Wk)^T rather than (Q Wk) @ tokens^T: the transpose then falls on the small
-        # [n, H*q] product instead of on the [n, E] tokens
-        scores_t = b(aten.bmm.default, b.tokens_batch_first(key.tokens, n, B, E), qwt)  # [B, n, H*q]
-        scores = b(aten.permute.default, scores_t, [0, 2, 1])  # [B, H*q, n]
+        qw = b(aten.view.default, qw, [B, H * q, E])  # [B, H*q, E]
+        # (Q Wk) @ tokens^T: the few query rows are the product's rows, the n tokens its columns,
+        # so the product's columns are as many as the tokens whatever H*q is (matmul_packing
+        # then lays tokens^T out in column panels, once for all layers)
+        tokens_t = b(aten.permute.default, b.tokens_batch_first(key.tokens, n, B, E), [0, 2, 1])  # [B, E, n]
+        scores = b(aten.bmm.default, qw, tokens_t)  # [B, H*q, n]
         if key.bias is not None:
             bias = b(aten.view.default, key.bias, [H, d, 1])  # [H, d, 1]
             qb = b(aten.bmm.default, qh, bias)  # [H, B*q, 1]
