@@ -300,20 +300,97 @@ def _threads(target) -> int:
 # Fused multiply-add. The shipped target turns LLVM's a*b+c contraction off (see
 # surgery.tvm_backend.host_target): where a value feeds a floor, a comparison or a select, one
 # rounding instead of two can move it across the step (the whole-model test found such a case in
-# ROI pooling's sample positions). A matmul's accumulation has no such step: contracting it only
-# changes rounding the way any BLAS's order of accumulation does. So kernels the Matmul rule
-# schedules, and whose fused producers and consumers hold no step function, are compiled for a
-# target with FMA (which on x86 also brings AVX-512 back); everything else keeps it off. TVM
+# ROI pooling's sample positions). A sum of products with no such step after it (a matmul's
+# accumulation, a layer norm's or softmax's row sums) only changes rounding the way any BLAS's
+# order of accumulation does. So the kernels our Matmul and RowReduction rules schedule are
+# compiled for a target with FMA (which on x86 also brings AVX-512 back) when no step function in
+# them reads a contractible value (one computed with a*b+c in that kernel); everything else keeps
+# it off. One exception: the range reduction inside TVM's fast_exp, floor(x * log2(e) + 0.5),
+# may round either way at a tie without changing exp's value beyond its polynomial's error. TVM
 # compiles all CPU kernels of a module with one LLVM target, so ``surgery.tvm_backend.build``
 # compiles the marked kernels as a library of their own and links it into the executable.
 FMA_ANNOTATION = "surgery.fma_contractible"
-_STEP_FUNCTIONS = re.compile(r"T\.(floor|ceil|round|trunc|nearbyint|if_then_else|Select|Cast\(\"u?int|bitwise)|"
-                             r"T\.(floordiv|floormod|truncdiv|truncmod)\(|[^<>=!-]([<>]=?|==|!=)[^<>=]")
+_STEP_CALLS = {"tirx.floor", "tirx.ceil", "tirx.round", "tirx.trunc", "tirx.nearbyint"}
+_EXACT_RANGE_REDUCTION = ("T_fast_exp",)  # blocks whose steps round either way harmlessly
+
+
+def _visit(expr, fn) -> None:
+    """Call ``fn`` on every node of a TIR expression, children first."""
+    for field in ("a", "b", "value", "condition", "true_value", "false_value"):
+        child = getattr(expr, field, None)
+        if isinstance(child, tvm.ir.Expr):
+            _visit(child, fn)
+    for field in ("args", "indices"):
+        for child in getattr(expr, field, None) or ():
+            if isinstance(child, tvm.ir.Expr):
+                _visit(child, fn)
+    fn(expr)
+
+
+def _loaded_buffer(expr) -> str | None:
+    """The name of the buffer a load reads (``TensorLoad.source`` in 0.27, ``BufferLoad.buffer`` before)."""
+    if type(expr).__name__ not in ("TensorLoad", "BufferLoad"):
+        return None
+    buffer = getattr(expr, "source", None)
+    if buffer is None:
+        buffer = getattr(expr, "buffer", None)
+    return getattr(buffer, "name", None)
+
+
+def _is_float(expr) -> bool:
+    dtype = getattr(expr, "dtype", None)  # before 0.27; its type (``.ty``) from 0.27
+    return str(dtype if dtype is not None else getattr(expr, "ty", "")).startswith(("float", "bfloat"))
+
+
+def _steps(expr) -> list:
+    """The float arguments of the step functions in ``expr``: floor/ceil/round, comparisons of
+    floats, float-to-integer casts."""
+    found = []
+
+    def visit(node):
+        if isinstance(node, tvm.ir.expr.Call) and getattr(node.op, "name", "") in _STEP_CALLS:
+            found.extend(node.args)
+        elif isinstance(node, (tirx.LT, tirx.LE, tirx.GT, tirx.GE, tirx.EQ, tirx.NE)) and _is_float(node.a):
+            found.extend([node.a, node.b])
+        elif isinstance(node, tirx.Cast) and _is_float(node.value) and not _is_float(node):
+            found.append(node.value)
+
+    _visit(expr, visit)
+    return found
+
+
+def _contractible(expr, contracted: set) -> bool:
+    """``expr`` holds a float a*b+c, or reads a buffer computed with one."""
+    found = False
+
+    def visit(node):
+        nonlocal found
+        if isinstance(node, (tirx.Add, tirx.Sub)) and _is_float(node) and any(isinstance(x, tirx.Mul) for x in (node.a, node.b)):
+            found = True
+        elif _loaded_buffer(node) in contracted:
+            found = True
+
+    _visit(expr, visit)
+    return found
 
 
 def _contraction_safe(func: tirx.PrimFunc) -> bool:
-    """No step function in the kernel's arithmetic (its loops are plain ranges before scheduling)."""
-    return _STEP_FUNCTIONS.search(func.script()) is None
+    """No step function in the kernel reads a value that FMA could round differently."""
+    sch = s_tir.Schedule(func)
+    if not _has_root(sch):
+        return False
+    contracted: set[str] = set()
+    for block in _blocks(sch):
+        stmt = sch.get(block)
+        body = stmt.body
+        if not isinstance(body, tirx.BufferStore):
+            return False
+        exempt = stmt.name_hint.startswith(_EXACT_RANGE_REDUCTION)
+        if not exempt and any(_contractible(arg, contracted) for arg in _steps(body.value)):
+            return False
+        if _contractible(body.value, contracted):
+            contracted.add(body.buffer.name)
+    return True
 
 
 def is_fma_kernel(func) -> bool:
@@ -467,6 +544,17 @@ class RowReduction(dlight.ScheduleRule):
         for block, k in zip(blocks, kinds):
             if "R" in k and (_extent(sch, sch.get_loops(block)[-1]) or 0) % VECTOR_LANES:
                 return None  # rows that do not split into whole vectors: leave to the next rule
+        contractible = _contraction_safe(func)
+        # an elementwise step read once (x - max, the masking after the division) is computed
+        # where it is read instead of through a row-sized buffer
+        for block in blocks[:-1]:
+            if _is_spatial(sch, block) and len(sch.get_consumers(block)) == 1:
+                try:
+                    sch.compute_inline(block)
+                except Exception:  # noqa: BLE001 - TVM refuses: keep it as its own loop
+                    pass
+        blocks = _blocks(sch)
+        kinds = [_iter_kinds(sch, b) for b in blocks]
         for block, k in zip(list(blocks), kinds):
             if "R" not in k:
                 continue
@@ -498,6 +586,8 @@ class RowReduction(dlight.ScheduleRule):
                         sch.vectorize(lanes[-1])
                     except Exception:  # noqa: BLE001 - stays scalar, still 16 independent chains
                         pass
+        if contractible:
+            sch.annotate(_blocks(sch)[-1], FMA_ANNOTATION, 1)
         return sch
 
 
