@@ -23,7 +23,8 @@ def seeded_tensor(shape, dtype, seed: int, *, uniform: bool = False) -> torch.Te
 
 def strategy_for(rewrite_name: str, dtype=None):
     """The input strategy of a rewrite, by its registered name."""
-    from ..rewrites import (attention_reassociation, conv_as_matmul, floor_divide, full_like, grid_sample, matmul_packing,
+    from ..rewrites import (attention_reassociation, conv_as_matmul, floor_divide, full_like, grid_sample, layout_round_trips,
+                            matmul_packing,
                             roi_align, roi_align_separable, scatter, where_scalar)
 
     table = {
@@ -37,6 +38,7 @@ def strategy_for(rewrite_name: str, dtype=None):
         "roi_align_separable": roi_align_separable.separable_cases,
         "where_scalar": where_scalar.where_scalar_cases,
         "matmul_packing": matmul_packing.packing_cases,
+        "layout_round_trips": layout_round_trips.layout_cases,
     }
     if rewrite_name not in table:
         raise KeyError(f"no strategy for rewrite {rewrite_name!r}; known: {sorted(table)}")

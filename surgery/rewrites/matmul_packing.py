@@ -45,7 +45,7 @@ CONTRACT = ("mm/addmm/bmm (batch 1) whose right-hand side is wider than one regi
             "unit-scale inputs); activations are packed only for reductions of 128 or more; anything "
             "else is left as it is")
 
-MIN_ACTIVATION_DEPTH = 128  # shorter reductions read an activation's strided rows faster than a copy
+MIN_ACTIVATION_DEPTH = 64  # shorter reductions read an activation's strided rows faster than a copy
 
 
 def panel_width(rows: int, cols: int, depth: int) -> int | None:
