@@ -122,3 +122,54 @@ def test_roi_align_separable_graph_form(data):
     if not _within_contract(case):
         return  # beyond the bound the graph caps samples per bin, as roi_align's does
     assert_equivalent(rewritten.module()(*case.args()), case.reference(), scale=case.scale, context=repr(case))
+
+
+@settings(max_examples=graph_examples())
+@given(data=st.data())
+def test_matmul_packing_graph_form(data):
+    """Packed exactly where the rule says (a weight, or an activation with a long enough
+    reduction, wider than one panel), and the program's outputs unchanged."""
+    from surgery.rewrites.matmul_packing import MIN_ACTIVATION_DEPTH, panel_width
+
+    case = data.draw(strategy_for("matmul_packing"), label="case")
+    program = torch.export.export(case.module(), case.args())
+    rewritten, log = surgery.rewrite_with_log(program, ["matmul_packing"])
+    (m, k), n = case.a.shape, case.b.shape[1]
+    expected_packed = panel_width(m, n, k) is not None and (case.b_is_weight or k >= MIN_ACTIVATION_DEPTH)
+    event("packed" if expected_packed else "left alone")
+    assert sum(result.replaced.get("matrix products", 0) for _, result in log) == int(expected_packed)
+    census = surgery.op_census(rewritten)
+    assert (census["aten.bmm.default"] == 1) == expected_packed
+    assert_equivalent(rewritten.module()(*case.args()), program.module()(*case.args()), scale=case.scale, context=repr(case))
+
+
+def test_layout_round_trips_removes_the_geometry_encoders_feature_round_trip():
+    """SAM3's [HW, 1, C] -> NCHW -> [H, W*C] (roi_align_separable) becomes one view of the layer
+    norm's output; a chain that reorders elements (NCHW for the point sampling) stays."""
+    from surgery.rewrites.layout_round_trips import LayoutCase
+
+    x = torch.randn(12, 1, 5)  # [HW, 1, C], H=3, W=4
+    steps = (("permute", (1, 2, 0)), ("reshape", (1, 5, 3, 4)), ("select0",), ("permute", (1, 2, 0)),
+             ("clone",), ("reshape", (3, 20)))
+    case = LayoutCase(x, steps)
+    program = torch.export.export(case.module(), case.args())
+    rewritten, log = surgery.rewrite_with_log(program, ["layout_round_trips"])
+    assert dict(log[0][1].replaced) == {"layout chains": 1}
+    assert "aten.permute.default" not in surgery.op_census(rewritten)
+    assert torch.equal(rewritten.module()(x), case.reference())
+    reorder = LayoutCase(x, (("permute", (1, 2, 0)), ("clone",), ("reshape", (60,))))
+    _, log = surgery.rewrite_with_log(torch.export.export(reorder.module(), (x,)), ["layout_round_trips"])
+    assert not log[0][1].modified
+
+
+@settings(max_examples=graph_examples())
+@given(data=st.data())
+def test_gather_through_permute_graph_form(data):
+    """Rewritten exactly when the index is the same for every other position; bit-exact."""
+    case = data.draw(strategy_for("gather_through_permute"), label="case")
+    program = torch.export.export(case.module(), case.args())
+    rewritten, log = surgery.rewrite_with_log(program, ["gather_through_permute"])
+    event("broadcast index: rewritten" if case.broadcast else "varying index: left alone")
+    assert log[0][1].modified == case.broadcast
+    assert ("aten.gather.default" in surgery.op_census(rewritten)) == (not case.broadcast)
+    assert torch.equal(rewritten.module()(*case.args()), case.reference())

@@ -117,17 +117,7 @@ class _MatmulThen(torch.nn.Module):
 
 def _scheduled_kernels(module, x):
     """Our pipeline up to code generation, on a small module: {kernel name: PrimFunc}."""
-    import tvm
-
-    from surgery import schedules
-
-    with torch.no_grad():
-        program = torch.export.export(module.eval(), (x,))
-    mod = tvm_backend.import_program(program)
-    target = tvm_backend.host_target("ours")
-    with target:
-        mod = schedules.pipeline(target)(mod)
-    return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    return _scheduled_kernels_of(module, (x,))
 
 
 def test_only_matmuls_without_step_functions_are_compiled_with_fma():
@@ -170,3 +160,107 @@ def test_fma_build_matches_pytorch_and_survives_export(tmp_path):
     fn.export_library(tmp_path / "lib.so")
     for compiled in (fn, tvm_backend.TvmFunction.load(tmp_path / "lib.so")):
         assert_equivalent(compiled(x)[0], expected)
+
+
+def test_softmax_and_layer_norm_get_fma_but_not_a_floor_of_their_result():
+    """Row reductions (softmax with its fast_exp, layer norm) are compiled with FMA like matmuls;
+    a step function reading a contracted value in the same kernel still turns it off."""
+    from surgery.schedules import is_fma_kernel
+
+    x = torch.randn(64, 256)
+    softmax = _scheduled_kernels(torch.nn.Softmax(-1), x)
+    assert [n for n, f in softmax.items() if is_fma_kernel(f)] == [n for n in softmax if "softmax" in n] != []
+    norm = _scheduled_kernels(torch.nn.LayerNorm(256), x)
+    assert any(is_fma_kernel(f) for n, f in norm.items() if "layer_norm" in n), list(norm)
+
+    class FloorOfNorm(torch.nn.Module):
+        def forward(self, x):
+            return torch.floor(((x - x.mean(-1, keepdim=True)) * 3.0 + 0.5).sum(-1))
+
+    stepped = _scheduled_kernels(FloorOfNorm(), x)
+    assert any("floor" in n for n in stepped), list(stepped)
+    assert not any(is_fma_kernel(f) for n, f in stepped.items() if "floor" in n)
+
+
+def test_tvm_runs_on_every_core_unless_told_otherwise():
+    """TVM's runtime defaults to hardware_concurrency / 2 threads on x86 (it assumes
+    hyper-threads): one thread on a 2-core machine. TvmFunction sets one per core; a
+    TVM_NUM_THREADS the user set wins. Fresh processes: TVM fixes its pool at first use."""
+    import os
+
+    code = ("from surgery import tvm_backend; import torch; "
+            "print(tvm_backend.configure_threads(), tvm_backend.cpu_cores())")
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    threads, cores = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                                    check=True).stdout.split()[-2:]
+    assert threads == cores
+    forced = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**env, "TVM_NUM_THREADS": "1"}).stdout.split()[-2:]
+    assert forced[0] == "1"
+
+
+def test_matmul_plans_stay_within_the_registers_and_read_small_products_once():
+    from hypothesis import given, strategies as st
+
+    from surgery.schedules import MAX_ACCUMULATORS, VECTOR_LANES, VECTOR_REGISTERS, plan_matmul
+
+    @given(st.integers(1, 8), st.integers(1, 6000), st.sampled_from([16, 32, 48, 64, 96, 112, 256, 2048, 5184, 18432]),
+           st.integers(1, 13000))
+    def check(batch, rows, cols, depth):
+        plan = plan_matmul(batch, rows, cols, depth, threads=2)
+        assert plan is not None  # every width that is a whole number of vectors gets a plan
+        nv = plan.nr // VECTOR_LANES
+        assert rows % plan.mr == 0 and cols % plan.nr == 0
+        assert plan.mr * nv <= MAX_ACCUMULATORS and plan.mr * nv + nv <= VECTOR_REGISTERS - 2
+        if plan.k_parts > 1:
+            assert depth % plan.k_parts == 0
+
+    check()
+    assert plan_matmul(1, 13, 100, 256, threads=2) is None  # not whole vectors: another rule's
+    # a vector-matrix product: one tile over all rows, so the weight is read once
+    assert plan_matmul(1, 4, 256, 12544, threads=2).mr == 4
+    assert plan_matmul(1, 13, 2048, 256, threads=2).mr == 13
+    # a long reduction whose only column panel outgrows L2: split across threads
+    assert plan_matmul(1, 256, 112, 5184, threads=2).k_parts == 2
+    assert plan_matmul(1, 256, 112, 5184, threads=1).k_parts == 1
+
+
+def test_a_shared_matmul_operand_is_not_copied_per_batch():
+    """matmul([1, M, K] expanded, [T, K, N]): PyTorch's bmm needs the expand, TVM's matmul
+    broadcasts itself; no broadcast kernel may be left (it copied 17 MB per call)."""
+
+    class Panels(torch.nn.Module):
+        def forward(self, a, panels):
+            return torch.matmul(a.unsqueeze(0), panels)
+
+    kernels = _scheduled_kernels_of(Panels(), (torch.randn(13, 512), torch.randn(4, 512, 32)))
+    assert not any("broadcast" in name for name in kernels), list(kernels)
+    assert any("matmul" in name for name in kernels)
+
+
+def test_inlined_reshapes_leave_simple_index_arithmetic():
+    """A transpose through reshapes: after our schedule, no division or modulo per element."""
+
+    class Transposed(torch.nn.Module):
+        def forward(self, x, y):
+            return (x + y).reshape(512, 64).t().reshape(64, 16, 32).permute(1, 0, 2).contiguous()
+
+    kernels = _scheduled_kernels_of(Transposed(), (torch.randn(512, 1, 64), torch.randn(512, 1, 64)))
+    [func] = [f for n, f in kernels.items() if "transpose" in n]
+    stores = [line.split("] = ", 1)[1] for line in func.script().splitlines() if "] = " in line and "T.axis" not in line]
+    assert stores and not any("//" in read or "%" in read for read in stores), stores
+
+
+def _scheduled_kernels_of(module, args):
+    """Our pipeline up to code generation: {kernel name: PrimFunc}."""
+    import tvm
+
+    from surgery import schedules
+
+    with torch.no_grad():
+        program = torch.export.export(module.eval(), args)
+    mod = tvm_backend.import_program(program)
+    target = tvm_backend.host_target("ours")
+    with target:
+        mod = schedules.pipeline(target)(mod)
+    return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}

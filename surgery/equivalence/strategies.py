@@ -23,9 +23,9 @@ def seeded_tensor(shape, dtype, seed: int, *, uniform: bool = False) -> torch.Te
 
 def strategy_for(rewrite_name: str, dtype=None):
     """The input strategy of a rewrite, by its registered name."""
-    from ..rewrites import (attention_reassociation, conv_as_matmul, floor_divide, full_like, grid_sample, layout_round_trips,
-                            matmul_packing,
-                            roi_align, roi_align_separable, scatter, where_scalar)
+    from ..rewrites import (attention_reassociation, conv_as_matmul, floor_divide, full_like, gather_through_permute,
+                            grid_sample, layout_round_trips, matmul_packing, roi_align, roi_align_separable, scatter,
+                            where_scalar)
 
     table = {
         "floor_divide": floor_divide.floor_divide_cases,
@@ -39,6 +39,7 @@ def strategy_for(rewrite_name: str, dtype=None):
         "where_scalar": where_scalar.where_scalar_cases,
         "matmul_packing": matmul_packing.packing_cases,
         "layout_round_trips": layout_round_trips.layout_cases,
+        "gather_through_permute": gather_through_permute.gather_cases,
     }
     if rewrite_name not in table:
         raise KeyError(f"no strategy for rewrite {rewrite_name!r}; known: {sorted(table)}")

@@ -8,6 +8,7 @@ from .conv_as_matmul import ConvAsMatmul
 from .floor_divide import FloorDivideToFmod
 from .full_like import FullLikeToFull
 from .grid_sample import GridSampleToGather
+from .gather_through_permute import GatherThroughPermute
 from .layout_round_trips import LayoutRoundTrips
 from .matmul_packing import MatmulPacking
 from .roi_align import RoiAlignToGridSample
@@ -22,7 +23,7 @@ REGISTRY: dict[str, type[Rewrite]] = {
 
 # Speed rewrites: TVM converts their operators correctly, so the probe never asks for them; they
 # make the compiled program faster (``surgery.tvm_backend`` applies them for the shipped build).
-SPEED_REWRITES: dict[str, type[Rewrite]] = {cls.name: cls for cls in sorted([RoiAlignSeparable, ConvAsMatmul, AttentionReassociation, LayoutRoundTrips, MatmulPacking], key=lambda c: c.order)}
+SPEED_REWRITES: dict[str, type[Rewrite]] = {cls.name: cls for cls in sorted([RoiAlignSeparable, ConvAsMatmul, AttentionReassociation, LayoutRoundTrips, GatherThroughPermute, MatmulPacking], key=lambda c: c.order)}
 
 
 def resolve(rewrites=None) -> list[Rewrite]:
@@ -45,5 +46,5 @@ def resolve(rewrites=None) -> list[Rewrite]:
 
 
 __all__ = ["REGISTRY", "SPEED_REWRITES", "Rewrite", "RewriteError", "RewriteResult", "op_census", "resolve",
-           "AttentionReassociation", "ConvAsMatmul", "FloorDivideToFmod", "FullLikeToFull", "GridSampleToGather", "LayoutRoundTrips",
+           "AttentionReassociation", "ConvAsMatmul", "FloorDivideToFmod", "FullLikeToFull", "GatherThroughPermute", "GridSampleToGather", "LayoutRoundTrips",
            "MatmulPacking", "RoiAlignSeparable", "RoiAlignToGridSample", "ScatterToSelect", "WhereScalarToFull"]
