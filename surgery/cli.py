@@ -20,13 +20,17 @@ class UsageError(Exception):
 def _list(args) -> int:
     from models import MODELS
 
-    from .rewrites import REGISTRY
+    from .rewrites import REGISTRY, SPEED_REWRITES
 
     print("models (python -m surgery apply NAME, or apply PATH.pt2 for a saved ExportedProgram):")
     for name, build in MODELS.items():
         print(f"  {name:16s} {(build.__doc__ or '').strip().splitlines()[0]}")
     print("rewrites (applied in this order):")
     for name, cls in REGISTRY.items():
+        print(f"  {name:12s} {cls.summary}")
+        print(f"  {'':12s} contract: {cls.contract}")
+    print("speed rewrites (the shipped TVM build, --schedules ours, applies them after those, in this order):")
+    for name, cls in SPEED_REWRITES.items():
         print(f"  {name:12s} {cls.summary}")
         print(f"  {'':12s} contract: {cls.contract}")
     return 0

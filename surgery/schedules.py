@@ -54,6 +54,7 @@ VECTOR_REGISTERS = 32  # AVX-512 has zmm0-zmm31
 MAX_ACCUMULATORS = 28  # of them, at most this many hold a register tile's accumulators
 FMA_LATENCY = 4  # cycles: one k step of a tile takes at least this long
 PARALLEL_MIN_ELEMENTS = 1 << 14  # below this a thread-pool launch costs more than it saves
+PARALLEL_MIN_MACS = 1 << 17  # the same for a matmul's multiply-adds
 
 
 def _extent(sch: s_tir.Schedule, loop) -> int | None:
@@ -242,7 +243,8 @@ class Matmul(dlight.ScheduleRule):
         if final is None:
             self._inline_consumers(sch, accumulator)
             tiles = sch.fuse(*outer, *tile_order)
-            sch.parallel(tiles)
+            if _product(extents) >= PARALLEL_MIN_MACS:
+                sch.parallel(tiles)
         else:
             # the reduction's parts are the parallel loop; each part's tiles run in order
             sch.parallel(outer[0])
@@ -584,8 +586,10 @@ class RowReduction(dlight.ScheduleRule):
         blocks = _blocks(sch)
         last = blocks[-1]
         loops = sch.get_loops(last)
+        elements = _product(_extent(sch, loop) or 1 for loop in loops)
         rows = sch.fuse(*loops[:leading]) if leading > 1 else loops[0]
-        sch.parallel(rows)
+        if elements >= PARALLEL_MIN_ELEMENTS:
+            sch.parallel(rows)  # a few short rows (6 prompt tokens' layer norm) run faster alone
         for block in reversed(blocks[:-1]):
             sch.compute_at(block, rows, preserve_unit_loops=True)
         for block in _blocks(sch):

@@ -13,9 +13,11 @@ so every tile streams one contiguous panel. ``nb`` is the tile width the kernel 
 (``surgery.schedules.plan_matmul``), so a panel is exactly one column of tiles.
 
 Where B is a weight, TVM folds the packing into a constant at build time: free. Where B is an
-activation it is a copy per call, made only when the reduction is long enough (``K >= 128``)
-for the strided reads to cost more than the copy; the geometry encoder's image features are
-packed once per call and shared by all three layers (TVM's common-subexpression elimination).
+activation it is a copy per call, made only when the reduction is long enough (``K >= 64``)
+for the strided reads to cost about as much as the copy: the geometry encoder's image features
+are packed once per call and shared by all three layers (TVM's common-subexpression
+elimination), and the feature map the boxes pool from (72 rows) is packed where the image/prompt
+split puts the copy into the image stage, run once per image.
 
 A speed rewrite: TVM converts ``mm``/``addmm``/``bmm`` correctly, so the probe never asks for it;
 ``surgery.tvm_backend`` applies it last, to the program the shipped build compiles.
@@ -42,10 +44,10 @@ aten = torch.ops.aten
 CONTRACT = ("mm/addmm/bmm (batch 1) whose right-hand side is wider than one register tile: B packed "
             "into column panels [N/nb, K, nb] and multiplied panel by panel; the same products summed "
             "over k (float64: within 1e-12 relative to the sum of |terms|; float32: 1e-5 absolute on "
-            "unit-scale inputs); activations are packed only for reductions of 128 or more; anything "
+            "unit-scale inputs); activations are packed only for reductions of 64 or more; anything "
             "else is left as it is")
 
-MIN_ACTIVATION_DEPTH = 64  # shorter reductions read an activation's strided rows faster than a copy
+MIN_ACTIVATION_DEPTH = 64  # shorter reductions read an activation's strided rows about as fast as a copy
 
 
 def panel_width(rows: int, cols: int, depth: int) -> int | None:
@@ -212,7 +214,7 @@ class _Product(torch.nn.Module):
 
 def packing_cases(dtype=None):
     """Hypothesis strategy of ``PackingCase``: 1-16 rows, reductions of 1-300 (both sides of the
-    activation threshold), 16-400 columns (one panel, several panels, and widths that are no
+    activation threshold, and right at it), 16-400 columns (one panel, several panels, and widths that are no
     multiple of a vector, which the rewrite must leave alone), with and without bias, B a
     weight (parameter) or an activation (input)."""
     from hypothesis import strategies as st
