@@ -67,6 +67,7 @@ def check(outputs, expected) -> dict:
 def build_systems(spec, log):
     """name -> (callable on the wrapper's 8 inputs, info)."""
     from surgery.pipeline import choose_rewrites
+    from surgery.rewrites.base import decomposed
     from surgery.stages import hoist
     from surgery.tvm_backend import cache_root, compile_program, speed_rewrites
 
@@ -115,7 +116,7 @@ def build_systems(spec, log):
     systems["tvm shipped, one call"] = (fn, {"rewrites": names, "speed_rewrites": speed, **info})
 
     split_program, speed = speed_rewrites(rewritten, split=True)
-    staged = hoist(split_program.run_decompositions(), spec.stage_inputs, args)
+    staged = hoist(decomposed(split_program), spec.stage_inputs, args)
     image_fn, image_info = compile_program(staged.stage, schedules="ours", cache_dir=cache_root(), log=tvm_log)
     prompt_fn, prompt_info = compile_program(staged.rest, schedules="ours", cache_dir=cache_root(), log=tvm_log)
     split_info = {"rewrites": names, "speed_rewrites": speed, "image_stage": image_info, "prompt_stage": prompt_info,

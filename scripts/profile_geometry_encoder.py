@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     import surgery
     from models.geometry_encoder import geometry_encoder_spec
     from surgery.pipeline import choose_rewrites
+    from surgery.rewrites.base import decomposed
     from surgery.stages import hoist
     from surgery.tvm_backend import _to_tvm, cache_root, compile_program, configure_threads, speed_rewrites
 
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
     if args.part == "one":
         part, inputs = speed_rewrites(rewritten)[0], example
     else:
-        staged = hoist(speed_rewrites(rewritten, split=True)[0].run_decompositions(), spec.stage_inputs, example)
+        staged = hoist(decomposed(speed_rewrites(rewritten, split=True)[0]), spec.stage_inputs, example)
         image_args, prompt_args = staged.split_args(example)
         if args.part == "image":
             part, inputs = staged.stage, image_args

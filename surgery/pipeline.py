@@ -27,6 +27,7 @@ from . import op_census, rewrite_with_log
 from .atomic import atomic_path
 from .equivalence.compare import ErrorStats, accumulate, compare
 from .rewrites import REGISTRY, RewriteError
+from .rewrites.base import decomposed
 from .tvm_backend import cache_root, host_target
 
 
@@ -227,7 +228,7 @@ def operate(
             tvm_info.update(schedules=schedules, target=str(host_target(schedules)), speed_rewrites=speed)
             detail = f"speed rewrites: {', '.join(speed) or 'none'}"
             if stage_inputs:
-                staged = hoist(for_tvm.run_decompositions(), stage_inputs, spec.example_args)
+                staged = hoist(decomposed(for_tvm), stage_inputs, spec.example_args)
                 detail += (f"; split: {staged.hoisted_nodes} nodes hoisted into the {'/'.join(stage_inputs)} stage, "
                            f"{len(staged.frontier)} tensors ({staged.frontier_bytes() / 2**20:.1f} MiB) handed to the rest")
                 tvm_info["split"] = {"stage_inputs": list(stage_inputs), "hoisted_nodes": staged.hoisted_nodes,

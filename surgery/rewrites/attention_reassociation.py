@@ -35,7 +35,7 @@ import dataclasses
 import torch
 from torch import fx
 
-from .base import Rewrite, RewriteResult
+from .base import Rewrite, RewriteResult, decomposed
 
 aten = torch.ops.aten
 
@@ -263,7 +263,7 @@ class AttentionReassociation(Rewrite):
         return {}
 
     def __call__(self, program: torch.export.ExportedProgram) -> RewriteResult:
-        program = copy.deepcopy(program.run_decompositions())
+        program = copy.deepcopy(decomposed(program))
         done = reassociate(program.graph_module.graph)
         if not done:
             return RewriteResult(program, {})

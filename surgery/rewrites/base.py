@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 from typing import Callable, ClassVar, Mapping
 
 import torch
@@ -34,6 +35,27 @@ def op_census(program: torch.export.ExportedProgram) -> collections.Counter:
 def _op_name(target) -> str:
     # OpOverloads print as "aten.scatter.src", "torchvision.roi_align.default".
     return str(target) if isinstance(target, OpOverload) else getattr(target, "__name__", str(target))
+
+
+@functools.lru_cache(maxsize=1)
+def _decomposed_by_default() -> frozenset:
+    # _unsafe_view is in the table but is also what decomposing reshape emits: it stays
+    return frozenset(torch.export.default_decompositions().keys()) - {torch.ops.aten._unsafe_view.default}
+
+
+def decomposed(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``program`` in core ATen: as it is when ``run_decompositions()`` would change nothing (no
+    operator of its is in the default decomposition table, none mutates), else that. The speed
+    rewrites run one after another on each other's output, and a second ``run_decompositions()``
+    of a decomposed program costs ~2 s of retracing here for nothing."""
+    table = _decomposed_by_default()
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        schema = getattr(node.target, "_schema", None)
+        if node.target in table or (schema is not None and schema.is_mutable):
+            return program.run_decompositions()
+    return program
 
 
 def is_tracing(*tensors: torch.Tensor) -> bool:

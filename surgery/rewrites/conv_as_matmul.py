@@ -24,7 +24,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from .base import Rewrite, RewriteResult, op_census
+from .base import Rewrite, RewriteResult, decomposed, op_census
 
 aten = torch.ops.aten
 
@@ -43,7 +43,7 @@ def conv_as_matmul(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
     """``F.conv2d(input, weight, bias)`` for a kernel as large as the input: ``[N, F, 1, 1]``."""
     n, f = input.shape[0], weight.shape[0]
     flat = input.reshape(n, -1)  # [N, C*KH*KW]
-    kernel = weight.reshape(f, -1).t()  # [C*KH*KW, F]
+    kernel = weight.reshape(f, -1).permute(1, 0)  # [C*KH*KW, F] (permute: already core ATen, unlike t)
     out = torch.mm(flat, kernel) if bias is None else torch.addmm(bias, flat, kernel)  # [N, F]
     return out.reshape(n, f, 1, 1)  # [N, F, 1, 1]
 
@@ -67,7 +67,7 @@ class ConvAsMatmul(Rewrite):
     def __call__(self, program: torch.export.ExportedProgram) -> RewriteResult:
         # Works on core ATen (convolution.default); convs it does not cover stay, so no
         # "operator left behind" check, and the count is of convolutions actually replaced.
-        program = program.run_decompositions()
+        program = decomposed(program)
         before = op_census(program)["aten.convolution.default"]
         if not before:
             return RewriteResult(program, {})

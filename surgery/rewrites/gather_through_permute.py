@@ -27,7 +27,7 @@ import itertools
 import torch
 from torch import Tensor, fx
 
-from .base import Rewrite, RewriteResult
+from .base import Rewrite, RewriteResult, decomposed
 from .layout_round_trips import _chain, _replay, _val
 
 aten = torch.ops.aten
@@ -109,7 +109,7 @@ class GatherThroughPermute(Rewrite):
         return {}
 
     def __call__(self, program: torch.export.ExportedProgram) -> RewriteResult:
-        program = copy.deepcopy(program.run_decompositions())
+        program = copy.deepcopy(decomposed(program))
         done = rewrite_gathers(program.graph_module.graph)
         if not done:
             return RewriteResult(program, {})

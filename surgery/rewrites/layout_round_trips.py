@@ -24,7 +24,7 @@ import dataclasses
 import torch
 from torch import Tensor, fx
 
-from .base import Rewrite, RewriteResult
+from .base import Rewrite, RewriteResult, decomposed
 
 aten = torch.ops.aten
 
@@ -114,7 +114,7 @@ class LayoutRoundTrips(Rewrite):
         return {}
 
     def __call__(self, program: torch.export.ExportedProgram) -> RewriteResult:
-        program = copy.deepcopy(program.run_decompositions())
+        program = copy.deepcopy(decomposed(program))
         done = simplify(program.graph_module.graph)
         if not done:
             return RewriteResult(program, {})

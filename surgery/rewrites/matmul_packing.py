@@ -37,7 +37,7 @@ import dataclasses
 import torch
 from torch import Tensor, fx
 
-from .base import Rewrite, RewriteResult
+from .base import Rewrite, RewriteResult, decomposed
 
 aten = torch.ops.aten
 
@@ -148,7 +148,7 @@ class MatmulPacking(Rewrite):
         return {}
 
     def __call__(self, program: torch.export.ExportedProgram) -> RewriteResult:
-        program = copy.deepcopy(program.run_decompositions())
+        program = copy.deepcopy(decomposed(program))
         signature = program.graph_signature
         weights = set(signature.inputs_to_parameters) | set(signature.inputs_to_buffers) | set(
             getattr(signature, "inputs_to_lifted_tensor_constants", {}))
