@@ -154,7 +154,8 @@ def _divisors(n: int, limit: int) -> list[int]:
     return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
-def plan_matmul(batch: int, rows: int, cols: int, depth: int, threads: int) -> MatmulPlan | None:
+def plan_matmul(batch: int, rows: int, cols: int, depth: int, threads: int,
+                registers: int = VECTOR_REGISTERS) -> MatmulPlan | None:
     """The register tile and loop order for a (batched) ``rows x depth @ depth x cols`` product,
     or None when ``cols`` does not split into whole vectors.
 
@@ -169,7 +170,7 @@ def plan_matmul(batch: int, rows: int, cols: int, depth: int, threads: int) -> M
             continue
         for mr in _divisors(rows, 16):
             accumulators = mr * nv
-            if accumulators > MAX_ACCUMULATORS or accumulators + nv > VECTOR_REGISTERS - 2:
+            if accumulators > min(MAX_ACCUMULATORS, registers - 4) or accumulators + nv > registers - 2:
                 continue
             fma = accumulators / 2
             efficiency = fma / max(fma, (mr + nv) / 2, FMA_LATENCY)
@@ -225,7 +226,7 @@ class Matmul(dlight.ScheduleRule):
             return None
         *batch_extents, rows, cols, depth = extents
         threads = _threads(target)
-        plan = plan_matmul(_product(batch_extents), rows, cols, depth, threads)
+        plan = plan_matmul(_product(batch_extents), rows, cols, depth, threads, _vector_registers(target))
         if plan is None:
             return None
         if plan.k_parts > 1:
@@ -309,6 +310,18 @@ def _product(values) -> int:
     for v in values:
         out *= v
     return out
+
+
+def _vector_registers(target) -> int:
+    """16-float vectors the host keeps in registers: 32 with AVX-512 (zmm0-31); on an AVX2-only
+    CPU each is two of its 16 ymm registers, so 8 (tiles shrink instead of spilling)."""
+    from tvm.target import codegen
+
+    host = tvm.target.Target({"kind": "llvm", "mcpu": str(target.attrs.get("mcpu", codegen.llvm_get_system_cpu()))})
+    try:
+        return VECTOR_REGISTERS if codegen.target_has_features("avx512f", host) else 8
+    except Exception:  # noqa: BLE001 - not an x86 target: assume the wide register file
+        return VECTOR_REGISTERS
 
 
 def _threads(target) -> int:
