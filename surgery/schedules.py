@@ -2,21 +2,24 @@
 
 Stock TVM's CPU pipeline (``relax.backend.cpu_generic``) compiles every kernel exactly as
 ``LegalizeOps`` wrote it: one scalar, single-threaded loop nest per operator. That is why the
-untuned geometry encoder ran ~45x slower than eager PyTorch. MetaSchedule would schedule the
-kernels, but with apache-tvm 0.27.0.post1 + apache-tvm-ffi 0.1.15.post2 it segfaults inside
-``tvm::ffi::ToJSONGraph`` before the first trial (``relax.pipeline.static_shape_tuning_pipeline``
-or ``meta_schedule.relax_integration.tune_relax`` on a single 64x64 Linear, JSON or in-memory
-database alike), so we ship deterministic rules instead, applied at build time with dlight's
-``ApplyDefaultSchedule`` (first rule that accepts a kernel wins):
+untuned geometry encoder ran ~65x slower than eager PyTorch. MetaSchedule would schedule the
+kernels, but with apache-tvm 0.27.0.post1 + apache-tvm-ffi 0.1.15.x serialising any TVM object
+segfaults in ``tvm::ffi::ToJSONGraph`` (``tvm.ir.save_json(tvm.tirx.Var("x", "int32"))``), which
+MetaSchedule does before its first trial; with apache-tvm-ffi 0.1.14.x it runs, but its search
+stalled after its initial candidates here and each build costs seconds (README, "Speed on TVM").
+So we ship deterministic rules, applied at build time with dlight's ``ApplyDefaultSchedule``
+(first rule that accepts a kernel wins):
 
 - ``Matmul``: a kernel whose one reduction block is ``C[..., i, j] += A[..., i, k] * B[..., k, j]``
-  (matmul, batched matmul, dense with a pre-transposed weight). Register-blocked micro-kernel:
-  ``ii x jv`` accumulators in a local buffer, ``jv`` vectorised over the output's contiguous axis,
-  the reduction loop outside them, parallel over the outer tiles; elementwise producers are
-  inlined into it and elementwise consumers fused into its write-back.
+  (matmul, batched matmul, dense with a pre-transposed weight). Register-blocked micro-kernel
+  planned by ``plan_matmul`` (tile ``mr x nr`` from the FMA/load/latency balance within the
+  vector registers, loop order reading the larger operand once, reduction split across threads
+  when a column panel outgrows L2): accumulators in a local buffer, ``nr`` vectorised over the
+  output's contiguous axis, the reduction loop outside them, parallel over the tiles;
+  elementwise producers are inlined into it and elementwise consumers fused into its write-back.
 - ``RowReduction``: softmax / layer norm and their fused masking: parallel rows, each reduction
-  split into 16 partial sums (``rfactor``) and vectorised; dlight's own ``cpu.Reduction`` after
-  it for what it declines.
+  split into 16 partial sums (``rfactor``) and vectorised, single-use elementwise steps computed
+  where they are read; dlight's own ``cpu.Reduction`` after it for what it declines.
 - ``Injective``: elementwise / broadcast / transpose / gather kernels: one fused loop, parallel
   when large, vectorised inner lanes when the innermost extent allows.
 - ``ParallelOuter``: anything else gets its outermost spatial loops run in parallel.
@@ -30,10 +33,13 @@ Besides the rules, the pipeline:
 - computes ``exp`` as TVM's ``fast_exp`` (``FastMathTransform``), a polynomial LLVM vectorises,
   where libm's ``expf`` is one scalar call per element. Measured over [-87, 88]: at most 4.1e-6
   relative (68 ulp) from the exact value, where ``torch.exp`` is within 1 ulp;
-- compiles matmul kernels with fused multiply-add (``FMA_ANNOTATION`` below).
+- ``matmul(broadcast_to(x), y)`` becomes ``matmul(x, y)`` (``absorb_matmul_broadcasts``);
+- index arithmetic left by inlined reshapes is simplified over the loop ranges (``_simplified``);
+- compiles Matmul and RowReduction kernels with fused multiply-add where no step function reads
+  a contracted value (``FMA_ANNOTATION`` below).
 
 Schedules change the loop order, never the arithmetic of a single output element except for the
-order in which a matmul's reduction is accumulated and its FMA contraction (as with any BLAS);
+order in which a reduction is accumulated and its FMA contraction (as with any BLAS);
 with ``fast_exp`` that is the shipped build's whole numeric difference, and the whole-model
 property test bounds it (float32, max abs 1e-5 on unit-scale inputs).
 """
