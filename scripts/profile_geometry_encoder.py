@@ -35,7 +35,6 @@ def main(argv=None) -> int:
         print("profile: error: --points, --boxes, --calls and --top must be >= 1", file=sys.stderr)
         return 2
 
-    import tvm
 
     import surgery
     from models.geometry_encoder import geometry_encoder_spec

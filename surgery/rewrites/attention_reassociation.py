@@ -29,13 +29,12 @@ sum of |terms|, float32 within the usual 1e-5 absolute on unit-scale inputs (pro
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
 from torch import fx
 
-from .base import Rewrite, RewriteResult, decomposed
+from .base import GraphRewrite
 
 aten = torch.ops.aten
 
@@ -252,25 +251,15 @@ def reassociate(graph: fx.Graph) -> dict[str, int]:
     return {k: v for k, v in done.items() if v}
 
 
-class AttentionReassociation(Rewrite):
+class AttentionReassociation(GraphRewrite):
     name = "attention_reassociation"
     summary = "few-query attention: key/value projections reassociated onto the queries (speed)"
     contract = CONTRACT
     order = 60
     purpose = "speed"
 
-    def decompositions(self):
-        return {}
-
-    def __call__(self, program: torch.export.ExportedProgram) -> RewriteResult:
-        program = copy.deepcopy(decomposed(program))
-        done = reassociate(program.graph_module.graph)
-        if not done:
-            return RewriteResult(program, {})
-        program.graph_module.graph.eliminate_dead_code()
-        program.graph_module.recompile()
-        program = program.run_decompositions({})  # retrace: fresh metadata, verified graph
-        return RewriteResult(program, {f"aten.bmm.default ({kind})": count for kind, count in done.items()})
+    def rewrite_graph(self, graph, program):
+        return {f"aten.bmm.default ({kind})": count for kind, count in reassociate(graph).items()}
 
 
 # ----------------------------------------------------------------------------- strategy

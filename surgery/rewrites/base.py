@@ -127,6 +127,31 @@ class Rewrite:
         return f"{type(self).__name__}({args})"
 
 
+class GraphRewrite(Rewrite):
+    """A rewrite that edits the core-ATen graph itself, for what a decomposition table cannot
+    express (chains of operators, pairs of products): subclasses implement ``rewrite_graph``,
+    which edits the graph in place and says what it replaced; the program is then cleaned up
+    and retraced, so its metadata is fresh and the graph verified again."""
+
+    def decompositions(self):
+        return {}
+
+    def rewrite_graph(self, graph, program: torch.export.ExportedProgram) -> dict[str, int]:
+        raise NotImplementedError
+
+    def __call__(self, program: torch.export.ExportedProgram) -> RewriteResult:
+        import copy
+
+        program = copy.deepcopy(decomposed(program))
+        replaced = {k: v for k, v in self.rewrite_graph(program.graph_module.graph, program).items() if v}
+        if not replaced:
+            return RewriteResult(program, {})
+        program.graph_module.graph.eliminate_dead_code()
+        program.graph_module.recompile()
+        program = program.run_decompositions({})  # retrace: fresh metadata, verified graph
+        return RewriteResult(program, replaced)
+
+
 class CallModule(torch.nn.Module):
     """``forward(*inputs)`` calls ``fn(*inputs, **kwargs)``: a test case in graph form, for export."""
 

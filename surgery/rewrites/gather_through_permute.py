@@ -20,14 +20,13 @@ varies along another dimension, or whose source is not one permute away, are lef
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 
 import torch
 from torch import Tensor, fx
 
-from .base import Rewrite, RewriteResult, decomposed
+from .base import GraphRewrite
 from .layout_round_trips import _chain, _replay, _val
 
 aten = torch.ops.aten
@@ -98,25 +97,15 @@ def rewrite_gathers(graph: fx.Graph) -> int:
     return done
 
 
-class GatherThroughPermute(Rewrite):
+class GatherThroughPermute(GraphRewrite):
     name = "gather_through_permute"
     summary = "gather of whole rows from a permuted tensor -> index_select before the permute (speed)"
     contract = CONTRACT
     order = 66  # after layout_round_trips, before matmul_packing
     purpose = "speed"
 
-    def decompositions(self):
-        return {}
-
-    def __call__(self, program: torch.export.ExportedProgram) -> RewriteResult:
-        program = copy.deepcopy(decomposed(program))
-        done = rewrite_gathers(program.graph_module.graph)
-        if not done:
-            return RewriteResult(program, {})
-        program.graph_module.graph.eliminate_dead_code()
-        program.graph_module.recompile()
-        program = program.run_decompositions({})  # retrace: fresh metadata, verified graph
-        return RewriteResult(program, {"aten.gather.default": done})
+    def rewrite_graph(self, graph, program):
+        return {"aten.gather.default": rewrite_gathers(graph)}
 
 
 # ----------------------------------------------------------------------------- strategy

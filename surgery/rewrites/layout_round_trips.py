@@ -18,13 +18,12 @@ tensor); chains that reorder elements, or that read a non-contiguous source, are
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
 from torch import Tensor, fx
 
-from .base import Rewrite, RewriteResult, decomposed
+from .base import GraphRewrite
 
 aten = torch.ops.aten
 
@@ -103,25 +102,15 @@ def simplify(graph: fx.Graph) -> int:
     return done
 
 
-class LayoutRoundTrips(Rewrite):
+class LayoutRoundTrips(GraphRewrite):
     name = "layout_round_trips"
     summary = "layout chains that end in their source's memory order -> one view (speed)"
     contract = CONTRACT
     order = 65  # after roi_align_separable (which takes the map back channels-last), before packing
     purpose = "speed"
 
-    def decompositions(self):
-        return {}
-
-    def __call__(self, program: torch.export.ExportedProgram) -> RewriteResult:
-        program = copy.deepcopy(decomposed(program))
-        done = simplify(program.graph_module.graph)
-        if not done:
-            return RewriteResult(program, {})
-        program.graph_module.graph.eliminate_dead_code()
-        program.graph_module.recompile()
-        program = program.run_decompositions({})  # retrace: fresh metadata, verified graph
-        return RewriteResult(program, {"layout chains": done})
+    def rewrite_graph(self, graph, program):
+        return {"layout chains": simplify(graph)}
 
 
 # ----------------------------------------------------------------------------- strategy

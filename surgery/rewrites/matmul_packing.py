@@ -31,13 +31,12 @@ as they are.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
 from torch import Tensor, fx
 
-from .base import Rewrite, RewriteResult, decomposed
+from .base import GraphRewrite
 
 aten = torch.ops.aten
 
@@ -137,28 +136,18 @@ def pack(graph: fx.Graph, weights: set[str]) -> int:
     return done
 
 
-class MatmulPacking(Rewrite):
+class MatmulPacking(GraphRewrite):
     name = "matmul_packing"
     summary = "mm/addmm/bmm with a wide right-hand side -> column panels, one bmm over them (speed)"
     contract = CONTRACT
     order = 70  # last: the other speed rewrites emit products this one packs
     purpose = "speed"
 
-    def decompositions(self):
-        return {}
-
-    def __call__(self, program: torch.export.ExportedProgram) -> RewriteResult:
-        program = copy.deepcopy(decomposed(program))
+    def rewrite_graph(self, graph, program):
         signature = program.graph_signature
         weights = set(signature.inputs_to_parameters) | set(signature.inputs_to_buffers) | set(
             getattr(signature, "inputs_to_lifted_tensor_constants", {}))
-        done = pack(program.graph_module.graph, weights)
-        if not done:
-            return RewriteResult(program, {})
-        program.graph_module.graph.eliminate_dead_code()
-        program.graph_module.recompile()
-        program = program.run_decompositions({})  # retrace: fresh metadata, verified graph
-        return RewriteResult(program, {"matrix products": done})
+        return {"matrix products": pack(graph, weights)}
 
 
 # ----------------------------------------------------------------------------- strategy
