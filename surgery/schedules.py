@@ -123,7 +123,10 @@ def _simplified(sch: s_tir.Schedule) -> s_tir.Schedule:
     code generator evaluates per element (a 5 MB transpose took 0.7 ms); over the block
     iterators' ranges they are ``x[32 * a + b, c]``. Block and loop handles of ``sch`` are not
     valid in the result: take them again."""
-    from tvm.s_tir.transform import StmtSimplify
+    try:
+        from tvm.s_tir.transform import StmtSimplify  # apache-tvm 0.27
+    except ImportError:
+        from tvm.tirx.transform import StmtSimplify  # 0.25, 0.26
 
     func = StmtSimplify()(tvm.IRModule({"main": sch.mod["main"]}))["main"]
     return s_tir.Schedule(func)
@@ -348,19 +351,22 @@ def _threads(target) -> int:
 # compiles all CPU kernels of a module with one LLVM target, so ``surgery.tvm_backend.build``
 # compiles the marked kernels as a library of their own and links it into the executable.
 FMA_ANNOTATION = "surgery.fma_contractible"
-_STEP_CALLS = {"tirx.floor", "tirx.ceil", "tirx.round", "tirx.trunc", "tirx.nearbyint"}
+_STEP_CALLS = {f"{ns}.{op}" for ns in ("tirx", "tir") for op in ("floor", "ceil", "round", "trunc", "nearbyint")}
 _EXACT_RANGE_REDUCTION = ("T_fast_exp",)  # blocks whose steps round either way harmlessly
+
+
+_EXPR = getattr(tvm.ir, "Expr", None) or getattr(tvm.ir, "PrimExpr")  # 0.27 / before
 
 
 def _visit(expr, fn) -> None:
     """Call ``fn`` on every node of a TIR expression, children first."""
     for field in ("a", "b", "value", "condition", "true_value", "false_value"):
         child = getattr(expr, field, None)
-        if isinstance(child, tvm.ir.Expr):
+        if isinstance(child, _EXPR):
             _visit(child, fn)
     for field in ("args", "indices"):
         for child in getattr(expr, field, None) or ():
-            if isinstance(child, tvm.ir.Expr):
+            if isinstance(child, _EXPR):
                 _visit(child, fn)
     fn(expr)
 
@@ -386,7 +392,7 @@ def _steps(expr) -> list:
     found = []
 
     def visit(node):
-        if isinstance(node, tvm.ir.expr.Call) and getattr(node.op, "name", "") in _STEP_CALLS:
+        if type(node).__name__ == "Call" and getattr(getattr(node, "op", None), "name", "") in _STEP_CALLS:
             found.extend(node.args)
         elif isinstance(node, (tirx.LT, tirx.LE, tirx.GT, tirx.GE, tirx.EQ, tirx.NE)) and _is_float(node.a):
             found.extend([node.a, node.b])
