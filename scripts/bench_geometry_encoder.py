@@ -24,6 +24,7 @@ says so, with the compile times recorded when they were built.
 from __future__ import annotations
 
 import argparse
+import operator
 import json
 import os
 import platform
@@ -130,16 +131,40 @@ def build_systems(spec, log):
     return systems
 
 
+_SPLITS = {torch.ops.aten.split_with_sizes.default, torch.ops.aten.split.Tensor}
+
+
+def weight_bytes_read(program: torch.export.ExportedProgram) -> int:
+    """Bytes of the program's weights and constants that its graph reads. A weight read only
+    through a split (attention's packed q/k/v in-projection, whose k and v thirds went to the
+    image stage) counts only the pieces some node reads; TVM folds the rest away."""
+    signature = program.graph_signature
+    held = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
+            **getattr(signature, "inputs_to_lifted_tensor_constants", {})}
+    total = 0
+    for node in program.graph.nodes:
+        if node.op != "placeholder" or node.name not in held or not node.users:
+            continue
+        value = node.meta["val"]
+        full = value.numel() * value.element_size()
+        if all(user.op == "call_function" and user.target in _SPLITS
+               and all(piece.target is operator.getitem for piece in user.users) for user in node.users):
+            pieces = {(user, piece.args[1]) for user in node.users for piece in user.users if piece.users}
+            total += min(full, sum(user.meta["val"][index].numel() * value.element_size()
+                                   for user, index in pieces))
+        else:
+            total += full
+    return total
+
+
 def prompt_stage_reads(staged, tokens: int = 72 * 72, head_width: int = 32) -> dict:
-    """What one prompt-stage call must read whatever its schedules: every weight it holds and the
+    """What one prompt-stage call must read whatever its schedules: every weight it reads and the
     cross-attention keys and values of the three layers (the image stage's ``[heads, head width,
     tokens]`` / ``[heads, tokens, head width]`` tensors): every element of them enters every
     prompt's result. (The feature map the boxes pool from is left out: a small box needs only
     part of it.) And how fast this machine reads that many bytes: a 2-thread sum over a buffer of
     that size, warm as between two prompts. Their ratio is a floor under the prompt stage here."""
-    program = staged.rest
-    tensors = list(program.state_dict.values()) + list((getattr(program, "constants", {}) or {}).values())
-    weights = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    weights = weight_bytes_read(staged.rest)
     keys_values = sum(f["bytes"] for f in staged.frontier
                       if len(f["shape"]) == 3 and tokens in f["shape"] and head_width in f["shape"])
     total = weights + keys_values

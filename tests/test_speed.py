@@ -264,3 +264,42 @@ def _scheduled_kernels_of(module, args):
     with target:
         mod = schedules.pipeline(target)(mod)
     return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+def _script(name: str):
+    """A module under scripts/, imported from its path (scripts/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _PackedProjection(torch.nn.Module):
+    """attention's packed q/k/v in-projection, of which only the pieces ``used`` are read."""
+
+    def __init__(self, used):
+        super().__init__()
+        self.in_proj = torch.nn.Parameter(torch.randn(24, 8))
+        self.out_proj = torch.nn.Parameter(torch.randn(8, 8))
+        self.used = used
+
+    def forward(self, x):
+        pieces = self.in_proj.split([8, 8, 8])
+        out = x @ self.out_proj
+        for i in self.used:
+            out = out + x @ pieces[i].t()
+        return out
+
+
+@pytest.mark.parametrize("used", [(0,), (0, 2), (0, 1, 2)])
+def test_prompt_floor_counts_the_weight_pieces_the_graph_reads(used):
+    """The benchmark's floor under the prompt stage counts a packed weight's pieces only where the
+    graph reads them (the key and value thirds of the cross-attention in-projection belong to the
+    image stage), and every other weight in full."""
+    bench = _script("bench_geometry_encoder")
+    program = torch.export.export(_PackedProjection(used), (torch.randn(2, 8),))
+    assert bench.weight_bytes_read(program) == 4 * (8 * 8 + len(used) * 8 * 8)
