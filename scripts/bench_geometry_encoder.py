@@ -24,8 +24,8 @@ says so, with the compile times recorded when they were built.
 from __future__ import annotations
 
 import argparse
-import operator
 import json
+import operator
 import os
 import platform
 import statistics
