@@ -34,7 +34,7 @@ import dataclasses
 import torch
 from torch import fx
 
-from .base import GraphRewrite
+from .base import LAYOUT_OPS, GraphRewrite, node_value
 
 aten = torch.ops.aten
 
@@ -42,10 +42,6 @@ CONTRACT = ("multi-head attention whose keys/values are a projection of many tok
             "(heads x queries < embedding width): projections reassociated onto the queries; same terms "
             "summed in another order (float64: 1e-12 relative to the sum of |terms|; float32: 1e-5 absolute "
             "on unit-scale inputs); fully masked rows stay zero; anything else is left as it is")
-
-_LAYOUT = {aten.view.default, aten._unsafe_view.default, aten.permute.default, aten.expand.default,
-           aten.clone.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.reshape.default,
-           aten.alias.default}
 
 
 @dataclasses.dataclass
@@ -59,14 +55,10 @@ class _Projection:
     scale: float
 
 
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
 def _projection(operand: fx.Node) -> _Projection | None:
     chain, node, scale = [], operand, 1.0
     while isinstance(node, fx.Node) and node.op == "call_function":
-        if node.target in _LAYOUT:
+        if node.target in LAYOUT_OPS:
             chain.append(node)
             node = node.args[0]
         elif node.target is aten.mul.Scalar and isinstance(node.args[1], (int, float)):
@@ -112,7 +104,7 @@ def _head_split(nB: int, E: int, B: int, H: int, keys: bool) -> torch.Tensor:
 
 def _matches(projection: _Projection, operand_shape, keys: bool) -> tuple[int, int] | None:
     """(B, H) when the chain is exactly the multi-head split of the projection, else None."""
-    tokens, weight = _val(projection.tokens), _val(projection.weight)
+    tokens, weight = node_value(projection.tokens), node_value(projection.weight)
     if tokens is None or weight is None or tokens.dim() != 2 or weight.dim() != 2 or weight.shape[0] != weight.shape[1]:
         return None
     nB, E = tokens.shape
@@ -224,7 +216,7 @@ def reassociate(graph: fx.Graph) -> dict[str, int]:
         if node.op != "call_function" or node.target is not aten.bmm.default:
             continue
         left, right = node.args
-        lv, rv = _val(left), _val(right)
+        lv, rv = node_value(left), node_value(right)
         if lv is None or rv is None or lv.dtype != rv.dtype or not lv.dtype.is_floating_point:
             continue
         _G, q = lv.shape[0], lv.shape[1]
@@ -236,9 +228,9 @@ def reassociate(graph: fx.Graph) -> dict[str, int]:
             if found is None:
                 continue
             B, H = found
-            E = _val(projection.weight).shape[0]
+            E = node_value(projection.weight).shape[0]
             d = E // H
-            n = _val(projection.tokens).shape[0] // B
+            n = node_value(projection.tokens).shape[0] // B
             if H * q >= E:  # reassociation would cost more than the projection saves
                 break
             if keys:

@@ -127,6 +127,20 @@ class Rewrite:
         return f"{type(self).__name__}({args})"
 
 
+# Operators that only change how a tensor's elements are viewed or laid out, never their values:
+# the graph rewrites walk through them to find where an operand comes from.
+LAYOUT_OPS = frozenset({
+    torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.reshape.default,
+    torch.ops.aten.permute.default, torch.ops.aten.expand.default, torch.ops.aten.clone.default,
+    torch.ops.aten.alias.default, torch.ops.aten.unsqueeze.default, torch.ops.aten.squeeze.dim,
+    torch.ops.aten.squeeze.dims})
+
+
+def node_value(node):
+    """The example value export recorded for a graph node (``meta["val"]``); None for a non-node."""
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
 class GraphRewrite(Rewrite):
     """A rewrite that edits the core-ATen graph itself, for what a decomposition table cannot
     express (chains of operators, pairs of products): subclasses implement ``rewrite_graph``,

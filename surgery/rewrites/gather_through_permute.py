@@ -26,8 +26,8 @@ import itertools
 import torch
 from torch import Tensor, fx
 
-from .base import GraphRewrite
-from .layout_round_trips import _chain, _replay, _val
+from .base import GraphRewrite, node_value
+from .layout_round_trips import _chain, _replay
 
 aten = torch.ops.aten
 
@@ -43,7 +43,7 @@ def _broadcast_index(index: fx.Node, dim: int, rank: int) -> fx.Node | None:
     if not (isinstance(index, fx.Node) and index.op == "call_function" and index.target is aten.expand.default):
         return None
     source = index.args[0]
-    val = _val(source)
+    val = node_value(source)
     if val is None or val.dim() != rank or val.dtype != torch.int64:
         return None
     if any(size != 1 for d, size in enumerate(val.shape) if d != dim):
@@ -53,7 +53,7 @@ def _broadcast_index(index: fx.Node, dim: int, rank: int) -> fx.Node | None:
 
 def _as_one_permute(source: fx.Node, chain: list[fx.Node], shape) -> list[int] | None:
     """The permutation ``p`` with ``chain(source) == permute(source, p)`` (shapes included)."""
-    val = _val(source)
+    val = node_value(source)
     if val is None or not chain or val.numel() > MAX_REPLAY_ELEMENTS or not val.is_contiguous():
         return None
     index = torch.arange(val.numel(), dtype=torch.float64).view(tuple(val.shape))
@@ -76,7 +76,7 @@ def rewrite_gathers(graph: fx.Graph) -> int:
         if node.op != "call_function" or node.target is not aten.gather.default or node.kwargs.get("sparse_grad"):
             continue
         x, dim, index = node.args[:3]
-        vx = _val(x)
+        vx = node_value(x)
         if vx is None:
             continue
         dim = dim % vx.dim()

@@ -24,7 +24,7 @@ import dataclasses
 import torch
 from torch import Tensor, fx
 
-from .base import GraphRewrite
+from .base import LAYOUT_OPS, GraphRewrite, node_value
 
 aten = torch.ops.aten
 
@@ -33,14 +33,8 @@ CONTRACT = ("chains of layout operators (view, reshape, permute, clone, select/s
             "one view of the source: bit-exact; chains that reorder elements or start at a program input are "
             "left as they are")
 
-_LAYOUT = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
-           aten.clone.default, aten.alias.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
-           aten.squeeze.default, aten.select.int, aten.expand.default}
+_LAYOUT = LAYOUT_OPS | {aten.squeeze.default, aten.select.int}  # select: of a size-1 axis only (_is_layout)
 MAX_REPLAY_ELEMENTS = 1 << 24  # index tensors are float64 copies of the source's shape
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
 def _is_layout(node: fx.Node) -> bool:
@@ -49,10 +43,10 @@ def _is_layout(node: fx.Node) -> bool:
     if node.target is aten.clone.default and node.kwargs.get("memory_format") not in (None, torch.contiguous_format):
         return False
     if node.target is aten.select.int:  # only the element of a size-1 axis: a view dropping it
-        source = _val(node.args[0])
+        source = node_value(node.args[0])
         return source is not None and source.shape[node.args[1]] == 1
     if node.target is aten.expand.default:  # only an expand that adds nothing (a no-op)
-        source, out = _val(node.args[0]), _val(node)
+        source, out = node_value(node.args[0]), node_value(node)
         return source is not None and out is not None and tuple(source.shape) == tuple(out.shape)
     return True
 
@@ -73,8 +67,8 @@ def _replay(chain: list[fx.Node], probe: Tensor) -> Tensor:
 
 
 def _is_identity(source: fx.Node, chain: list[fx.Node]) -> bool:
-    val = _val(source)
-    out = _val(chain[-1])
+    val = node_value(source)
+    out = node_value(chain[-1])
     if val is None or out is None or val.numel() != out.numel() or val.numel() > MAX_REPLAY_ELEMENTS:
         return False
     if not val.is_contiguous():
@@ -100,7 +94,7 @@ def simplify(graph: fx.Graph) -> int:
         if len(chain) < 2 or source.op != "call_function" or not _is_identity(source, chain):
             continue
         with graph.inserting_before(node):
-            view = graph.call_function(aten.view.default, (source, list(_val(node).shape)))
+            view = graph.call_function(aten.view.default, (source, list(node_value(node).shape)))
         node.replace_all_uses_with(view)
         done += 1
     return done

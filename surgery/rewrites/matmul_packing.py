@@ -36,7 +36,7 @@ import dataclasses
 import torch
 from torch import Tensor, fx
 
-from .base import GraphRewrite
+from .base import GraphRewrite, node_value
 
 aten = torch.ops.aten
 
@@ -69,10 +69,6 @@ def packed_matmul(a: Tensor, b: Tensor, nb: int) -> Tensor:
     return out.permute(1, 0, 2).reshape(m, n)  # [M, N]
 
 
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
 def _is_weight(node: fx.Node, weights: set[str]) -> bool:
     """True when ``node`` is computed from parameters/buffers/constants alone (a layout of a weight)."""
     if node.op == "placeholder":
@@ -92,7 +88,7 @@ def _operands(node: fx.Node):
         return node.args[0], node.args[1], node.args[2], False
     if node.target is aten.bmm.default:
         a, b = node.args
-        va, vb = _val(a), _val(b)
+        va, vb = node_value(a), node_value(b)
         if va is not None and vb is not None and va.shape[0] == 1 and vb.shape[0] == 1:
             return None, a, b, True
     return None
@@ -108,7 +104,7 @@ def pack(graph: fx.Graph, weights: set[str]) -> int:
         if operands is None:
             continue
         bias, a, b, batched = operands
-        va, vb = _val(a), _val(b)
+        va, vb = node_value(a), node_value(b)
         if va is None or vb is None or va.dtype != vb.dtype or not va.dtype.is_floating_point:
             continue
         m, k = va.shape[-2:]
