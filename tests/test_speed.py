@@ -202,7 +202,7 @@ def test_tvm_runs_on_every_core_unless_told_otherwise():
 def test_matmul_plans_stay_within_the_registers_and_read_small_products_once():
     from hypothesis import given, strategies as st
 
-    from surgery.schedules import MAX_ACCUMULATORS, VECTOR_LANES, VECTOR_REGISTERS, plan_matmul
+    from surgery.matmul_tiling import MAX_ACCUMULATORS, VECTOR_LANES, VECTOR_REGISTERS, plan_matmul
 
     @given(st.integers(1, 8), st.integers(1, 6000), st.sampled_from([16, 32, 48, 64, 96, 112, 256, 2048, 5184, 18432]),
            st.integers(1, 13000))

@@ -10,7 +10,7 @@ rewrite stores B as ``nb``-wide column panels, ``Bp[t, k, j] = B[k, t * nb + j]`
     C[m, t * nb + j] = sum_k A[m, k] * Bp[t, k, j]        # bmm over panels, A shared by all
 
 so every tile streams one contiguous panel. ``nb`` is the tile width the kernel will pick
-(``surgery.schedules.plan_matmul``), so a panel is exactly one column of tiles.
+(``surgery.matmul_tiling.plan_matmul``), so a panel is exactly one column of tiles.
 
 Where B is a weight, TVM folds the packing into a constant at build time: free. Where B is an
 activation it is a copy per call, made only when the reduction is long enough (``K >= 64``)
@@ -36,6 +36,7 @@ import dataclasses
 import torch
 from torch import Tensor, fx
 
+from ..matmul_tiling import plan_matmul
 from .base import GraphRewrite, node_value
 
 aten = torch.ops.aten
@@ -51,8 +52,6 @@ MIN_ACTIVATION_DEPTH = 64  # shorter reductions read an activation's strided row
 
 def panel_width(rows: int, cols: int, depth: int) -> int | None:
     """The kernel's tile width for this product, when B is wider than it (else None)."""
-    from ..schedules import plan_matmul
-
     plan = plan_matmul(1, rows, cols, depth, threads=1)
     if plan is None or cols <= plan.nr or cols % plan.nr:
         return None

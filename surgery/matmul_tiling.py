@@ -1,0 +1,78 @@
+"""The register tile and loop order of our CPU matmul kernel, in plain Python.
+
+The Matmul schedule rule (``surgery.schedules.matmul``) lays its kernels out by ``plan_matmul``,
+and the ``matmul_packing`` rewrite packs a product's right-hand side into panels exactly one tile
+wide, so both read the plan from here. Nothing here imports TVM: the rewrites must not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+VECTOR_LANES = 16  # float32 lanes of one AVX-512 register (the LLVM backend splits for AVX2)
+VECTOR_REGISTERS = 32  # AVX-512 has zmm0-zmm31
+MAX_ACCUMULATORS = 28  # of them, at most this many hold a register tile's accumulators
+FMA_LATENCY = 4  # cycles: one k step of a tile takes at least this long
+# A column panel of B that every row tile re-reads should stay in L2 (1-2 MiB per core on the
+# x86 servers we measured): beyond this the reduction is split across threads instead.
+L2_PANEL_BYTES = 768 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulPlan:
+    """How the Matmul rule lays out one ``C[..., i, j] += A[..., i, k] * B[..., k, j]``.
+
+    ``mr x nr`` is the register tile (``mr`` rows of A broadcast, ``nr / 16`` vectors of B per k
+    step), ``j_major`` runs the column tiles outside the row tiles (B's panel is reused from
+    cache across rows: the larger operand is read once), and ``k_parts > 1`` splits the reduction
+    across threads (``rfactor``) when the tiles are too few to share out, or when one column
+    panel of B is too large to stay in a core's L2 while every row tile re-reads it."""
+
+    mr: int
+    nr: int
+    j_major: bool
+    k_parts: int
+
+
+def _divisors(n: int, limit: int) -> list[int]:
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
+
+
+def plan_matmul(batch: int, rows: int, cols: int, depth: int, threads: int,
+                registers: int = VECTOR_REGISTERS) -> MatmulPlan | None:
+    """The register tile and loop order for a (batched) ``rows x depth @ depth x cols`` product,
+    or None when ``cols`` does not split into whole vectors.
+
+    Per k step a tile costs ``mr * nv`` FMAs (two issue per cycle), ``mr + nv`` loads (two per
+    cycle: ``mr`` broadcasts of A, ``nv`` vectors of B) and at least one FMA latency (4 cycles);
+    the tile with the best FMA share of those cycles wins, then the one with more accumulators,
+    then the taller (measured on SAM3's attention products: 12 x 32 beats 6 x 64 and 4 x 96 by
+    5-15%). Accumulators plus B's vectors stay within the 32 vector registers."""
+    tiles = []
+    for nv in range(1, 9):
+        if cols % (nv * VECTOR_LANES):
+            continue
+        for mr in _divisors(rows, 16):
+            accumulators = mr * nv
+            if accumulators > min(MAX_ACCUMULATORS, registers - 4) or accumulators + nv > registers - 2:
+                continue
+            fma = accumulators / 2
+            efficiency = fma / max(fma, (mr + nv) / 2, FMA_LATENCY)
+            tiles.append((round(efficiency, 3), accumulators, mr, nv))
+    if not tiles:
+        return None
+    # Few rows (a vector-matrix product, memory-bound): one tile as tall as all of them, so each
+    # panel of B is read once rather than once per row tile.
+    whole = [t for t in tiles if t[2] == rows and t[0] >= 0.75]
+    _, _, mr, nv = max(whole, key=lambda t: (t[0], t[3])) if whole else max(tiles)
+    nr = nv * VECTOR_LANES
+    row_tiles, col_tiles = rows // mr, cols // nr
+    a_bytes, b_bytes = 4 * rows * depth, 4 * depth * cols
+    j_major = col_tiles > 1 and row_tiles > 1 and b_bytes >= a_bytes
+    tasks = batch * row_tiles * col_tiles
+    k_parts = 1
+    panel = 4 * depth * nr  # one column panel of B, re-read by every row tile
+    if threads > 1 and depth >= 64 * threads and depth % threads == 0 and (
+            tasks < threads or (col_tiles == 1 and row_tiles > 1 and panel > L2_PANEL_BYTES)):
+        k_parts = threads
+    return MatmulPlan(mr, nr, j_major, k_parts)

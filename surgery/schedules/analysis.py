@@ -1,0 +1,111 @@
+"""What the schedule rules share: which kernels they take, their blocks and loops, inlining,
+index simplification and vectorising an inner loop."""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import get_root_block
+from tvm.s_tir.dlight.base import get_extent
+
+from ..matmul_tiling import VECTOR_LANES
+from .compat import stmt_simplify
+
+PARALLEL_MIN_ELEMENTS = 1 << 14  # below this a thread-pool launch costs more than it saves
+
+
+def static_extent(sch: s_tir.Schedule, loop) -> int | None:
+    """A loop's extent when it is a constant."""
+    extent = get_extent(sch, loop)
+    return extent if isinstance(extent, int) else None
+
+
+def has_root_block(sch: s_tir.Schedule) -> bool:
+    try:
+        get_root_block(sch)
+        return True
+    except Exception:  # noqa: BLE001 - functions without a root block are not ours to schedule
+        return False
+
+
+def root_blocks(sch: s_tir.Schedule):
+    """The blocks under the function's root block, in order."""
+    return sch.get_child_blocks(get_root_block(sch)) if has_root_block(sch) else []
+
+
+def schedule_for(func, target) -> s_tir.Schedule | None:
+    """A schedule of ``func`` when it is a CPU kernel with a root block (what every rule takes)."""
+    if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+        return None
+    sch = s_tir.Schedule(func)
+    return sch if has_root_block(sch) else None
+
+
+def iter_kinds(sch: s_tir.Schedule, block) -> str:
+    """One letter per block iterator: S(patial), R(eduction), O(ther). Unlike dlight's
+    ``SBlockInfo.dom_kind``, which pairs iterators with loops, this counts every iterator
+    whatever the loops above the block have become."""
+    kinds = {tirx.IterVar.DataPar: "S", tirx.IterVar.CommReduce: "R"}
+    return "".join(kinds.get(iv.iter_type, "O") for iv in sch.get(block).iter_vars)
+
+
+def is_spatial(sch, block) -> bool:
+    return set(iter_kinds(sch, block)) <= {"S"}
+
+
+def is_scheduled(sch, block) -> bool:
+    """A block under a parallel or vectorised loop already has its schedule."""
+    kinds = {tirx.ForKind.PARALLEL, tirx.ForKind.VECTORIZED}
+    return any(sch.get(loop).kind in kinds for loop in sch.get_loops(block))
+
+
+def inline_elementwise(sch: s_tir.Schedule, keep) -> None:
+    """Inline every spatial block but ``keep`` into its consumer or producer where TVM allows.
+    Unlike dlight's ``try_inline``, one block at a time, each into its consumer before its
+    producer, and never ``keep``: the block the rule schedules stays where it is."""
+    changed = True
+    while changed:
+        changed = False
+        for block in root_blocks(sch):
+            if sch.get(block).same_as(sch.get(keep)) or not is_spatial(sch, block):
+                continue
+            for inline in (sch.compute_inline, sch.reverse_compute_inline):
+                try:
+                    inline(block)
+                    changed = True
+                    break
+                except Exception:  # noqa: BLE001 - TVM refuses: not inlinable, try the next way
+                    continue
+            if changed:
+                break
+
+
+def simplified(sch: s_tir.Schedule) -> s_tir.Schedule:
+    """A fresh schedule of the function with its index arithmetic simplified. Inlining a chain
+    of reshapes leaves reads like ``x[((32 * a + b) // 5184 + c) % 256 // 256 + ...]`` that the
+    code generator evaluates per element (a 5 MB transpose took 0.7 ms); over the block
+    iterators' ranges they are ``x[32 * a + b, c]``. Block and loop handles of ``sch`` are not
+    valid in the result: take them again."""
+    func = stmt_simplify()(tvm.IRModule({"main": sch.mod["main"]}))["main"]
+    return s_tir.Schedule(func)
+
+
+def vectorize_inner(sch: s_tir.Schedule, loop, lanes: int = VECTOR_LANES) -> None:
+    """Vectorise ``loop`` when it is at most ``lanes`` long, else its inner ``lanes`` when they
+    divide it; a loop of any other length stays scalar (dlight's ``auto_vectorize`` would split
+    it with a tail)."""
+    extent = static_extent(sch, loop)
+    if extent is None or extent < 2:
+        return
+    if extent % lanes == 0 and extent > lanes:
+        _, inner = sch.split(loop, [None, lanes])
+        sch.vectorize(inner)
+    elif extent <= lanes:
+        sch.vectorize(loop)
+
+
+def product(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out

@@ -1,0 +1,52 @@
+"""What differs between the apache-tvm releases we run on (0.25, 0.26, 0.27), in one place."""
+
+from __future__ import annotations
+
+import tvm
+
+# A TIR expression: ``tvm.ir.Expr`` in 0.27, ``tvm.ir.PrimExpr`` before.
+PrimExpr = getattr(tvm.ir, "Expr", None) or tvm.ir.PrimExpr
+
+
+def stmt_simplify():
+    """TIR's ``StmtSimplify`` pass (``tvm.s_tir.transform`` in 0.27, ``tvm.tirx.transform`` before)."""
+    try:
+        from tvm.s_tir.transform import StmtSimplify  # 0.27
+    except ImportError:
+        from tvm.tirx.transform import StmtSimplify  # 0.25, 0.26
+    return StmtSimplify()
+
+
+def analyzer():
+    """A fresh arithmetic analyzer (``tvm.sym.analyzer`` in 0.27, ``tvm.arith`` before)."""
+    try:
+        from tvm.sym.analyzer import Analyzer  # apache-tvm 0.27
+    except ImportError:
+        from tvm.arith import Analyzer  # earlier releases
+    return Analyzer()
+
+
+def region_buffer(region):
+    """The buffer a read region covers (``TensorRegion.source`` in 0.27, ``BufferRegion.buffer`` before)."""
+    return region.source if hasattr(region, "source") else region.buffer
+
+
+def loaded_buffer_name(expr) -> str | None:
+    """The name of the buffer a load reads (``TensorLoad.source`` in 0.27, ``BufferLoad.buffer`` before)."""
+    if type(expr).__name__ not in ("TensorLoad", "BufferLoad"):
+        return None
+    buffer = getattr(expr, "source", None)
+    if buffer is None:
+        buffer = getattr(expr, "buffer", None)
+    return getattr(buffer, "name", None)
+
+
+def dtype_name(expr) -> str:
+    """A TIR expression's data type as text (``.dtype`` before 0.27, its type ``.ty`` from 0.27)."""
+    dtype = getattr(expr, "dtype", None)
+    return str(dtype if dtype is not None else getattr(expr, "ty", ""))
+
+
+def relax_type(expr):
+    """A relax expression's type (``.ty`` in 0.27, ``.struct_info`` before)."""
+    return getattr(expr, "ty", None) or getattr(expr, "struct_info", None)

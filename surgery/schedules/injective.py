@@ -1,0 +1,101 @@
+"""``Injective``: elementwise / broadcast / transpose / gather kernels: one fused loop, parallel
+when large, vectorised inner lanes when the innermost extent allows; transposes are copied in
+tiles. ``schedule_injective`` is also how the other rules schedule the spatial blocks they leave."""
+
+from __future__ import annotations
+
+from tvm import s_tir
+from tvm.s_tir import dlight
+from tvm.s_tir.dlight.analysis import collect_vars_used_in_prim_expr
+
+from ..matmul_tiling import VECTOR_LANES
+from .analysis import (
+    PARALLEL_MIN_ELEMENTS,
+    inline_elementwise,
+    is_spatial,
+    product,
+    root_blocks,
+    schedule_for,
+    simplified,
+    static_extent,
+    vectorize_inner,
+)
+from .compat import analyzer, region_buffer
+
+TILE = 16  # transposes are copied in TILE x TILE blocks, so reads and writes both stay in cache
+
+
+def _transposed_axis(sch: s_tir.Schedule, block) -> int | None:
+    """For a block whose innermost iterator does not index the last axis of a buffer it reads
+    (a transpose: consecutive writes, strided reads), the position of the iterator that does
+    index that last axis; else None. Indices are simplified over the iterators' ranges first
+    (inlined reshapes leave ``(72 * y + x) // 5184 + c`` where ``c`` is meant)."""
+    stmt = sch.get(block)
+    iters = [iv.var for iv in stmt.iter_vars]
+    if len(iters) < 2:
+        return None
+    ranges = analyzer()
+    for iv in stmt.iter_vars:
+        ranges.bind(iv.var, iv.dom)
+    for read in stmt.reads:
+        if len(region_buffer(read).shape) < 2:
+            continue
+        last = collect_vars_used_in_prim_expr(ranges.simplify(read.region[-1].min))
+        if iters[-1] in last:
+            continue
+        for position, var in enumerate(iters[:-1]):
+            if var in last:
+                return position
+    return None
+
+
+def schedule_injective(sch: s_tir.Schedule, block) -> None:
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    extents = [static_extent(sch, loop) for loop in loops]
+    if None in extents:
+        return
+    total = product(extents)
+    across = _transposed_axis(sch, block) if len(loops) == len(sch.get(block).iter_vars) else None
+    if across is not None and extents[across] >= 8 and extents[-1] >= 8:
+        # copy in tiles of (read-contiguous axis, write-contiguous axis): both stay in cache
+        tile = next((t for t in (TILE, 8) if extents[across] % t == 0 and extents[-1] % t == 0), TILE)
+        ro, ri = sch.split(loops[across], [None, tile])
+        co, ci = sch.split(loops[-1], [None, tile])
+        others = [loop for i, loop in enumerate(loops[:-1]) if i != across]
+        sch.reorder(*others, ro, co, ri, ci)
+        tiles = sch.fuse(*others, ro, co)
+        if total >= PARALLEL_MIN_ELEMENTS:
+            sch.parallel(tiles)
+        sch.unroll(ci)
+        return
+    # Outer loops fused and run in parallel; the innermost loop (contiguous writes) vectorised.
+    *outer, inner = loops
+    lanes = next((v for v in (VECTOR_LANES, 8) if extents[-1] % v == 0), None)
+    if outer:
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        if total >= PARALLEL_MIN_ELEMENTS and (static_extent(sch, fused) or 0) >= 2:
+            sch.parallel(fused)
+    elif total >= PARALLEL_MIN_ELEMENTS and lanes:
+        chunk, inner = sch.split(inner, [None, 4096 if extents[-1] % 4096 == 0 else lanes * 64])
+        sch.parallel(chunk)
+    if lanes:
+        vectorize_inner(sch, inner, lanes)
+
+
+class Injective(dlight.ScheduleRule):
+    """Kernels of spatial blocks only: inline into the last, fuse, parallel when large, vectorise."""
+
+    def apply(self, func, target, _tunable):
+        sch = schedule_for(func, target)
+        if sch is None:
+            return None
+        blocks = root_blocks(sch)
+        if not blocks or not all(is_spatial(sch, b) for b in blocks):
+            return None
+        inline_elementwise(sch, blocks[-1])
+        sch = simplified(sch)
+        for block in root_blocks(sch):
+            schedule_injective(sch, block)
+        return sch

@@ -1,0 +1,159 @@
+"""``Matmul``: a kernel whose one reduction block is ``C[..., i, j] += A[..., i, k] * B[..., k, j]``
+(matmul, batched matmul, dense with a pre-transposed weight). Register-blocked micro-kernel
+planned by ``surgery.matmul_tiling.plan_matmul`` (tile ``mr x nr`` from the FMA/load/latency
+balance within the vector registers, loop order reading the larger operand once, reduction split
+across threads when a column panel outgrows L2): accumulators in a local buffer, ``nr``
+vectorised over the output's contiguous axis, the reduction loop outside them, parallel over the
+tiles; elementwise producers are inlined into it and elementwise consumers fused into its
+write-back."""
+
+from __future__ import annotations
+
+import tvm
+from tvm import tirx
+from tvm.s_tir import dlight
+
+from ..matmul_tiling import VECTOR_LANES, VECTOR_REGISTERS, plan_matmul
+from .analysis import (
+    inline_elementwise,
+    is_scheduled,
+    is_spatial,
+    iter_kinds,
+    product,
+    root_blocks,
+    schedule_for,
+    simplified,
+    static_extent,
+    vectorize_inner,
+)
+from .fma import FMA_ANNOTATION, contraction_safe
+from .injective import schedule_injective
+
+PARALLEL_MIN_MACS = 1 << 17  # below this many multiply-adds a thread-pool launch costs more than it saves
+
+
+def _vector_registers(target) -> int:
+    """16-float vectors the host keeps in registers: 32 with AVX-512 (zmm0-31); on an AVX2-only
+    CPU each is two of its 16 ymm registers, so 8 (tiles shrink instead of spilling)."""
+    from tvm.target import codegen
+
+    host = tvm.target.Target({"kind": "llvm", "mcpu": str(target.attrs.get("mcpu", codegen.llvm_get_system_cpu()))})
+    try:
+        return VECTOR_REGISTERS if codegen.target_has_features("avx512f", host) else 8
+    except Exception:  # noqa: BLE001 - not an x86 target: assume the wide register file
+        return VECTOR_REGISTERS
+
+
+def _threads(target) -> int:
+    cores = target.attrs.get("num-cores") if hasattr(target, "attrs") else None
+    return int(cores) if cores else 1
+
+
+def _is_mul_add(store: tirx.BufferStore) -> bool:
+    value = store.value
+    return isinstance(value, tirx.Add) and any(isinstance(side, tirx.Mul) for side in (value.a, value.b))
+
+
+class Matmul(dlight.ScheduleRule):
+    """``C[..., i, j] (+)= A[..., i, k] * B[..., k, j]``: register-blocked, vectorised over j,
+    parallel over tiles (or over parts of the reduction), laid out by ``plan_matmul``."""
+
+    def apply(self, func, target, _tunable):
+        sch = schedule_for(func, target)
+        if sch is None:
+            return None
+        reductions = [b for b in root_blocks(sch) if "R" in iter_kinds(sch, b)]
+        if len(reductions) != 1:
+            return None
+        block = reductions[0]
+        kinds = iter_kinds(sch, block)
+        stmt = sch.get(block)
+        if kinds.rstrip("R") != "S" * kinds.count("S") or kinds.count("R") != 1 or kinds.count("S") < 2:
+            return None
+        if len(stmt.reads) < 2 or not isinstance(stmt.body, tirx.BufferStore) or not _is_mul_add(stmt.body):
+            return None
+        if any(not is_spatial(sch, b) for b in root_blocks(sch) if not sch.get(b).same_as(stmt)):
+            return None
+        contractible = contraction_safe(func)
+        inline_elementwise(sch, block)
+        sch = simplified(sch)
+        block = [b for b in root_blocks(sch) if "R" in iter_kinds(sch, b)][0]
+        loops = sch.get_loops(block)
+        if len(loops) != len(kinds):
+            return None
+        extents = [static_extent(sch, loop) for loop in loops]
+        if None in extents:
+            return None
+        *batch_extents, rows, cols, depth = extents
+        threads = _threads(target)
+        plan = plan_matmul(product(batch_extents), rows, cols, depth, threads, _vector_registers(target))
+        if plan is None:
+            return None
+        if plan.k_parts > 1:
+            block, final = self._split_reduction(sch, block, plan.k_parts)
+        else:
+            final = None
+        *outer, i, j, k = sch.get_loops(block)
+        io, ii = sch.split(i, [None, plan.mr])
+        jo, jv = sch.split(j, [None, plan.nr])
+        jvo, jvi = sch.split(jv, [None, VECTOR_LANES])
+        tile_order = [jo, io] if plan.j_major else [io, jo]
+        sch.reorder(*outer, *tile_order, k, ii, jvo, jvi)
+        accumulator = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(accumulator, tile_order[-1], preserve_unit_loops=True)
+        if final is None:
+            self._inline_consumers(sch, accumulator)
+            tiles = sch.fuse(*outer, *tile_order)
+            if product(extents) >= PARALLEL_MIN_MACS:
+                sch.parallel(tiles)
+        else:
+            # the reduction's parts are the parallel loop; each part's tiles run in order
+            sch.parallel(outer[0])
+        sch.unroll(ii)
+        sch.unroll(jvo)
+        sch.vectorize(jvi)
+        if contractible:
+            sch.annotate(block, FMA_ANNOTATION, 1)
+        init = sch.decompose_reduction(block, k)  # last: TVM only vectorises complete reduction blocks
+        sch.vectorize(sch.get_loops(init)[-1])
+        write_back = sch.get_loops(accumulator)[len(sch.get_loops(accumulator)) - 2:]
+        vectorize_inner(sch, write_back[-1], VECTOR_LANES)
+        if final is not None:
+            self._schedule_sum_of_parts(sch, final)
+        for other in root_blocks(sch):
+            if is_spatial(sch, other) and not is_scheduled(sch, other):
+                schedule_injective(sch, other)
+        return sch
+
+    @staticmethod
+    def _split_reduction(sch, block, parts: int):
+        """``rfactor``: part p of the reduction into ``C_rf[p, ...]``, then ``C = sum_p C_rf[p]``."""
+        *outer, i, j, k = sch.get_loops(block)
+        ko, ki = sch.split(k, [parts, None])
+        sch.reorder(ko, *outer, i, j, ki)
+        partial = sch.rfactor(ko, 0)
+        return partial, block
+
+    @staticmethod
+    def _inline_consumers(sch, producer) -> None:
+        """Elementwise consumers (bias add, activation, layout) run on the tile just written."""
+        for consumer in [b for b in root_blocks(sch) if is_spatial(sch, b) and not sch.get(b).same_as(sch.get(producer))]:
+            try:
+                sch.reverse_compute_inline(consumer)
+            except Exception:  # noqa: BLE001 - left as its own loop nest, scheduled after
+                pass
+
+    def _schedule_sum_of_parts(self, sch, final) -> None:
+        """``C[..., i, j] = sum_p C_rf[p, ..., i, j]``: parallel over rows, the parts inside, j
+        vectorised; elementwise consumers fused into it."""
+        self._inline_consumers(sch, final)
+        ko, *rest = sch.get_loops(final)
+        *outer, j = rest
+        sch.reorder(*outer, ko, j)
+        rows = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(rows)
+        vectorize_inner(sch, j)
+        sch.decompose_reduction(final, ko)  # after vectorising: its init copies the vector loop
+        for block in root_blocks(sch):
+            if is_spatial(sch, block) and sch.get(sch.get_loops(block)[0]).same_as(sch.get(rows)):
+                vectorize_inner(sch, sch.get_loops(block)[-1])
