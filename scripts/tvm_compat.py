@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from surgery.atomic import write_text  # noqa: E402
+from surgery.paths import display_path  # noqa: E402
 
 VERSIONS = ("0.25.0", "0.26.0", "0.27.0")
 # The apache-tvm-ffi each wheel runs with. The wheels only say ">=": 0.25.0's libtvm_runtime
@@ -82,7 +83,7 @@ def importable(target: Path) -> tuple[bool, str]:
 
 def run_apply(version: str, target: Path, work: Path, args) -> dict:
     out, reports = work / version / "out", work / version / "reports"
-    command = [sys.executable, "-m", "surgery", "apply", "geometry_encoder", "--out", str(out), "--reports", str(reports),
+    command = [sys.executable, "-m", "surgery", "apply", "geometry_encoder", "--out", out, "--reports", reports,
                "--examples", str(args.examples), "--tvm-examples", str(args.tvm_examples), "--seed", str(args.seed),
                "--schedules", args.schedules] + (["--no-split"] if args.schedules == "default" else [])
     start = time.perf_counter()
@@ -90,8 +91,8 @@ def run_apply(version: str, target: Path, work: Path, args) -> dict:
     wall = time.perf_counter() - start
     (work / version).mkdir(parents=True, exist_ok=True)
     write_text(work / version / "apply.log", run.stdout + "\n--- stderr ---\n" + run.stderr)
-    row = {"version": version, "exit_code": run.returncode, "wall_s": wall, "log": str(work / version / "apply.log"),
-           "command": f"PYTHONPATH={target} python " + " ".join(command[1:])}
+    row = {"version": version, "exit_code": run.returncode, "wall_s": wall, "log": shown(work / version / "apply.log"),
+           "command": f"PYTHONPATH={shown(target)} python " + " ".join(shown(a) if isinstance(a, Path) else a for a in command[1:])}
     report_path = reports / "geometry_encoder.json"
     if not report_path.is_file():
         row["error"] = (run.stderr.strip().splitlines() or ["no report written"])[-1][:300]
@@ -119,6 +120,11 @@ def run_apply(version: str, target: Path, work: Path, args) -> dict:
         "failures": [f.get("check") + ": " + f.get("error", "")[:300] for f in report.get("failures", [])],
     })
     return row
+
+
+def shown(path: Path) -> str:
+    """A path as the reports show it: relative to the project, the home directory as ~."""
+    return display_path(path, ROOT)
 
 
 def fmt(value, spec=".3g", missing="-"):

@@ -22,6 +22,12 @@ def _list(args) -> int:
 
     from .rewrites import REGISTRY, SPEED_REWRITES
 
+    if args.markdown:
+        from .catalog import catalog_markdown
+
+        descriptions = {name: (build.__doc__ or "").strip().splitlines()[0] for name, build in MODELS.items()}
+        print(catalog_markdown(descriptions, contracts=not args.brief), end="")
+        return 0
     print("models (python -m surgery apply NAME, or apply PATH.pt2 for a saved ExportedProgram):")
     for name, build in MODELS.items():
         print(f"  {name:16s} {(build.__doc__ or '').strip().splitlines()[0]}")
@@ -163,7 +169,10 @@ def _apply(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m surgery", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="show models and rewrites").set_defaults(run=_list)
+    listing = sub.add_parser("list", help="show models and rewrites")
+    listing.add_argument("--markdown", action="store_true", help="as the Markdown tables and contracts the docs hold")
+    listing.add_argument("--brief", action="store_true", help="with --markdown: the tables only, one line per entry")
+    listing.set_defaults(run=_list)
     verify = sub.add_parser("verify", help="property-check rewrites and write an equivalence report")
     verify.add_argument("--rewrite", action="append", help="rewrite to check (repeatable; default: all)")
     verify.add_argument("--examples", type=int, default=2000, help="function-form hypothesis examples per rewrite")

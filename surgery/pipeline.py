@@ -26,6 +26,7 @@ import torch
 from . import op_census, rewrite_with_log
 from .atomic import atomic_path
 from .equivalence.compare import ErrorStats, accumulate, compare
+from .paths import display_path
 from .rewrites import REGISTRY, RewriteError
 from .rewrites.base import decomposed
 from .tvm_backend import cache_root, host_target
@@ -242,7 +243,7 @@ def operate(
                 tvm_info[f"{part}_build"] = info
                 cached.append(info["cached"])
             tvm_info["build_s"] = stages.setdefault("TVM build", time.perf_counter() - start)
-            how = ("reused compiled libraries from the cache (" + str(cache_root(cache_dir) / "tvm-lib") + ")" if all(cached)
+            how = ("reused compiled libraries from the cache (" + display_path(cache_root(cache_dir) / "tvm-lib") + ")" if all(cached)
                    else f"target {host_target(schedules)}, {schedules} schedules")
             stage(current, start, how)
             if staged:

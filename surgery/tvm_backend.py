@@ -27,6 +27,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .paths import display_path
+
 PROBE_FORMAT = 3  # bump when the probe cases change, so cached verdicts are recomputed
 
 
@@ -309,7 +311,7 @@ def compile_program(program: torch.export.ExportedProgram, target=None, schedule
             try:
                 with native_log(log if log is not None else []):  # TVM logs a line per loaded scope
                     fn = TvmFunction.load(library)
-                info = {"import_s": 0.0, "build_s": 0.0, "cached": True, "library": str(library),
+                info = {"import_s": 0.0, "build_s": 0.0, "cached": True, "library": display_path(library),
                         "load_s": time.perf_counter() - start}
                 with contextlib.suppress(OSError, ValueError):  # when it was built, how long it took
                     info["built"] = json.loads(library.with_suffix(".json").read_text())
@@ -331,7 +333,7 @@ def compile_program(program: torch.export.ExportedProgram, target=None, schedule
         try:
             with atomic_path(library, suffix=".so") as tmp, native_log(sink):
                 fn.export_library(tmp)
-            info["library"] = str(library)
+            info["library"] = display_path(library)
             write_text(library.with_suffix(".json"), json.dumps({
                 "import_s": info["import_s"], "build_s": info["build_s"], "schedules": schedules,
                 "target": str(host_target(schedules) if target is None else target), "tvm": versions}, indent=2))
