@@ -11,6 +11,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
+
+from models import MODELS
+from models.geometry_encoder import CheckpointError
+from models.padded_prompts import check_compiled, limits_from_options
+
+from .equivalence.report import write_model_report, write_rewrite_report
+from .equivalence.verify import verify_rewrite
+from .pipeline import operate, saved_program_spec
+from .rewrites import REGISTRY, SPEED_REWRITES
 
 
 class UsageError(Exception):
@@ -18,10 +28,6 @@ class UsageError(Exception):
 
 
 def _list(args) -> int:
-    from models import MODELS
-
-    from .rewrites import REGISTRY, SPEED_REWRITES
-
     print("models (python -m surgery apply NAME, or apply PATH.pt2 for a saved ExportedProgram):")
     for name, build in MODELS.items():
         print(f"  {name:16s} {(build.__doc__ or '').strip().splitlines()[0]}")
@@ -37,10 +43,6 @@ def _list(args) -> int:
 
 
 def _verify(args) -> int:
-    from .equivalence.report import write_rewrite_report
-    from .equivalence.verify import verify_rewrite
-    from .rewrites import REGISTRY
-
     names = args.rewrite or list(REGISTRY)
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
@@ -90,15 +92,6 @@ def _stage_inputs(args, spec) -> tuple[str, ...] | None:
 
 
 def _apply(args) -> int:
-    from pathlib import Path
-
-    from models import MODELS
-    from models.geometry_encoder import CheckpointError
-
-    from .equivalence.report import write_model_report
-    from .pipeline import operate, saved_program_spec
-    from .rewrites import REGISTRY
-
     rewrites = args.rewrite or ["auto"]
     if len(rewrites) == 1 and rewrites[0] in ("auto", "all", "none"):
         rewrites = rewrites[0]
@@ -110,8 +103,6 @@ def _apply(args) -> int:
         raise UsageError("--examples must be >= 1 and --tvm-examples >= 0")
     limits = None
     if (args.max_points, args.max_boxes, args.max_batch) != (None, None, None):  # one module for varying counts
-        from models.padded_prompts import limits_from_options
-
         if args.target != "geometry_encoder":
             raise UsageError("--max-points/--max-boxes/--max-batch apply to geometry_encoder only")
         try:
@@ -145,8 +136,6 @@ def _apply(args) -> int:
                      stage_inputs=stage_inputs, cache_dir=args.cache)
     result.report["stages_s"] = {"build": build_s, **result.report["stages_s"]}
     if limits is not None and result.tvm is not None:
-        from models.padded_prompts import check_compiled
-
         check_compiled(result, limits, args.feat_size, args.examples if args.tvm_examples is None else args.tvm_examples, args.seed,
                        (args.points, args.boxes, args.batch), progress=lambda m: print(m, flush=True))
     md, js = write_model_report(result.report, args.reports)
