@@ -21,7 +21,10 @@ import warnings
 from pathlib import Path
 
 import torch
+from hypothesis import strategies as st
 from torch import Tensor, nn
+
+from surgery.pipeline import ModelSpec
 
 D_MODEL = 256
 CHECKPOINT_PREFIX = "detector.geometry_encoder."
@@ -32,6 +35,7 @@ class CheckpointError(ValueError):
 
 
 def _import_sam3():
+    # Imported when an encoder is built, not with this module: sam3 takes seconds to import.
     try:
         with warnings.catch_warnings():
             # sam3's import warns about torch.jit.script and CUDA autocast on a CPU-only machine:
@@ -210,8 +214,6 @@ def prompt_inputs(shape: PromptShape):
     valid point per image, 0 to all boxes), labels 0/1, points anywhere in [0, 1] including
     the exact edges, boxes inside, straddling the image's edges and whole-image, and unit-scale
     features."""
-    from hypothesis import strategies as st
-
     Np, Nb, B = shape.points, shape.boxes, shape.batch
     H, W = shape.feat_size
     edge = st.sampled_from([0.0, 1.0, 0.5, 1e-6, 1 - 1e-6])
@@ -249,8 +251,6 @@ def geometry_encoder_spec(points: int = 3, boxes: int = 2, batch: int = 1, feat_
 
     Returns the ModelSpec that ``surgery.pipeline.operate`` takes: module, inputs, strategy.
     """
-    from surgery.pipeline import ModelSpec
-
     shape = PromptShape(points, boxes, batch, tuple(feat_size)).validate()
     encoder = build_geometry_encoder(seed=seed, checkpoint=checkpoint)
     wrapper = GeometryEncoderWrapper(encoder, shape.feat_size).eval()

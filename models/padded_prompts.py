@@ -32,9 +32,14 @@ import time
 from typing import Callable, Sequence
 
 import torch
+from hypothesis import strategies as st
 from torch import Tensor
 
-from .geometry_encoder import D_MODEL, INPUT_NAMES, OUTPUT_NAMES, PromptShape, example_inputs
+from surgery.equivalence.compare import ErrorStats, accumulate, compare
+from surgery.equivalence.verify import PropertyFailed, check_property
+from surgery.pipeline import latency_ms
+
+from .geometry_encoder import D_MODEL, INPUT_NAMES, OUTPUT_NAMES, PromptShape, example_inputs, prompt_inputs
 
 # Values of padding slots: never seen by a valid output (masked), but kept finite and inside the
 # image so no padding slot can produce inf/NaN anywhere.
@@ -160,9 +165,6 @@ def varying_prompts(limits: PromptLimits, feat_size=(72, 72)):
     boxes (the tensors' own sizes), batch 1..max_batch, and within that each image right-padded
     to its own count (at least one valid point), random labels, points anywhere in [0, 1] with
     the exact edges, boxes inside, straddling, whole-image and tiny, unit-scale features."""
-    from hypothesis import strategies as st
-
-    from .geometry_encoder import prompt_inputs
 
     @st.composite
     def inputs(draw):
@@ -195,9 +197,6 @@ def check_against_exact_counts(padded_fn: PaddedGeometryEncoder, wrapper: torch.
     valid rows within the bounds) and (b) per image, the original run alone at exactly its valid
     counts. Returns error statistics per output (``accumulate``d over examples); a failure is
     appended to ``failures`` with hypothesis's shrunk counterexample."""
-    from surgery.equivalence.compare import ErrorStats, accumulate, compare
-    from surgery.equivalence.verify import PropertyFailed, check_property
-
     total: dict[str, ErrorStats] = {}
 
     def check(args):
@@ -229,8 +228,6 @@ def check_against_exact_counts(padded_fn: PaddedGeometryEncoder, wrapper: torch.
 
 
 def median_ms(fn: Callable, args, repeats: int = 5) -> float:
-    from surgery.pipeline import latency_ms
-
     return latency_ms(fn, args, repeats)
 
 

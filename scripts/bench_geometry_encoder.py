@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import surgery  # noqa: E402
 from surgery.atomic import write_text  # noqa: E402
 from surgery.equivalence.compare import compare  # noqa: E402
-from surgery.equivalence.report import versions  # noqa: E402
+from surgery.versions import REPORTED, installed_versions  # noqa: E402
 
 TARGET_ONE_CALL = 0.5  # shipped TVM one call <= 0.5 x the best peer
 TARGET_PROMPT_MS = 1.0  # prompt stage median
@@ -322,7 +322,7 @@ def main(argv=None) -> int:
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "ort_threads": os.cpu_count(), "tvm_threads": tvm_threads,
                     "platform": platform.platform()},
-        "versions": {**versions(), **_optional_versions()},
+        "versions": installed_versions((*REPORTED, "onnxruntime", "onnx", "onnxscript")),
         "rounds": args.rounds, "calls": args.calls, "warmup": args.warmup,
         "configs": [run_config(p, b, args.rounds, args.calls, args.warmup, log) for p, b in configs],
     }
@@ -331,18 +331,6 @@ def main(argv=None) -> int:
     write_text(out / "bench_geometry_encoder.md", markdown(report))
     log(f"report: {out / 'bench_geometry_encoder.md'} and .json")
     return 0
-
-
-def _optional_versions() -> dict:
-    from importlib import metadata
-
-    out = {}
-    for dist in ("onnxruntime", "onnx", "onnxscript"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
 
 
 if __name__ == "__main__":

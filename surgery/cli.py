@@ -11,6 +11,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
+
+from models import MODELS
+from models.geometry_encoder import CheckpointError
+from models.padded_prompts import check_compiled, limits_from_options
+
+from .catalog import catalog_markdown
+from .equivalence.report import write_model_report, write_rewrite_report
+from .equivalence.verify import verify_rewrite
+from .pipeline import operate, saved_program_spec
+from .rewrites import REGISTRY, SPEED_REWRITES
 
 
 class UsageError(Exception):
@@ -18,13 +29,7 @@ class UsageError(Exception):
 
 
 def _list(args) -> int:
-    from models import MODELS
-
-    from .rewrites import REGISTRY, SPEED_REWRITES
-
     if args.markdown:
-        from .catalog import catalog_markdown
-
         descriptions = {name: (build.__doc__ or "").strip().splitlines()[0] for name, build in MODELS.items()}
         print(catalog_markdown(descriptions, contracts=not args.brief), end="")
         return 0
@@ -43,10 +48,6 @@ def _list(args) -> int:
 
 
 def _verify(args) -> int:
-    from .equivalence.report import write_rewrite_report
-    from .equivalence.verify import verify_rewrite
-    from .rewrites import REGISTRY
-
     names = args.rewrite or list(REGISTRY)
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
@@ -96,15 +97,6 @@ def _stage_inputs(args, spec) -> tuple[str, ...] | None:
 
 
 def _apply(args) -> int:
-    from pathlib import Path
-
-    from models import MODELS
-    from models.geometry_encoder import CheckpointError
-
-    from .equivalence.report import write_model_report
-    from .pipeline import operate, saved_program_spec
-    from .rewrites import REGISTRY
-
     rewrites = args.rewrite or ["auto"]
     if len(rewrites) == 1 and rewrites[0] in ("auto", "all", "none"):
         rewrites = rewrites[0]
@@ -116,8 +108,6 @@ def _apply(args) -> int:
         raise UsageError("--examples must be >= 1 and --tvm-examples >= 0")
     limits = None
     if (args.max_points, args.max_boxes, args.max_batch) != (None, None, None):  # one module for varying counts
-        from models.padded_prompts import limits_from_options
-
         if args.target != "geometry_encoder":
             raise UsageError("--max-points/--max-boxes/--max-batch apply to geometry_encoder only")
         try:
@@ -151,8 +141,6 @@ def _apply(args) -> int:
                      stage_inputs=stage_inputs, cache_dir=args.cache)
     result.report["stages_s"] = {"build": build_s, **result.report["stages_s"]}
     if limits is not None and result.tvm is not None:
-        from models.padded_prompts import check_compiled
-
         check_compiled(result, limits, args.feat_size, args.examples if args.tvm_examples is None else args.tvm_examples, args.seed,
                        (args.points, args.boxes, args.batch), progress=lambda m: print(m, flush=True))
     md, js = write_model_report(result.report, args.reports)

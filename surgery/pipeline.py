@@ -22,14 +22,25 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import torchvision  # noqa: F401  programs holding torchvision ops need it registered before loading
+from hypothesis import strategies as st
 
 from . import op_census, rewrite_with_log
 from .atomic import atomic_path
 from .equivalence.compare import ErrorStats, accumulate, compare
+from .equivalence.verify import PropertyFailed, check_property
 from .paths import display_path
 from .rewrites import REGISTRY, RewriteError
 from .rewrites.base import decomposed
-from .tvm_backend import cache_root, host_target
+from .stages import hoist
+from .tvm_backend import (
+    cache_root,
+    compile_program,
+    host_target,
+    native_log,
+    probe,
+    speed_rewrites,
+)
 
 
 class SurgeryFailed(RuntimeError):
@@ -95,8 +106,6 @@ def choose_rewrites(mode: str | Sequence[str], progress=print) -> tuple[list[str
     if mode == "none":
         return [], {n: "--rewrite none" for n in REGISTRY}
     if mode == "auto":
-        from .tvm_backend import probe
-
         found = probe(progress=progress)
         return found.needed(), {n: ("applied: " if f.needed else "skipped: ") + f.reason for n, f in found.findings.items()}
     names = list(mode)
@@ -118,8 +127,6 @@ def _compare_outputs(spec: ModelSpec, actual, expected) -> dict[str, ErrorStats]
 
 def _check(spec: ModelSpec, reference_fn, candidate_fn, examples: int, seed: int, label: str, failures: list) -> dict:
     """Property check of ``candidate_fn`` against ``reference_fn`` on the spec's input strategy."""
-    from .equivalence.verify import PropertyFailed, check_property
-
     total: dict[str, ErrorStats] = {}
 
     def check(args):
@@ -219,9 +226,6 @@ def operate(
     staged, stage_fns = None, None
     tvm_examples = examples if tvm_examples is None else tvm_examples
     if compile_tvm:
-        from .stages import hoist
-        from .tvm_backend import compile_program, speed_rewrites
-
         start = time.perf_counter()
         current = "TVM prepare"
         try:
@@ -289,8 +293,6 @@ def operate(
                 torch.export.save(program, tmp)
             artifacts[f"{label}_program"] = str(target)
         if tvm_fn is not None:
-            from .tvm_backend import native_log
-
             first, second = spec.stage_names
             libraries = {"tvm_library": ("tvm", tvm_fn)} if stage_fns is None else {
                 f"tvm_{first}_library": (f"{first}.tvm", stage_fns[0]), f"tvm_{second}_library": (f"{second}.tvm", stage_fns[1])}
@@ -342,8 +344,6 @@ def operate(
 
 def load_program(path: str | Path) -> torch.export.ExportedProgram:
     """Load a saved ExportedProgram; a clear ValueError when the file isn't one."""
-    import torchvision  # noqa: F401  programs holding torchvision ops need it registered first
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no such file: {str(path)!r}")
@@ -373,7 +373,6 @@ def _random_like(val, generator: torch.Generator) -> torch.Tensor:
 
 def _random_inputs_like(examples) -> object:
     """Hypothesis strategy of seeds mapped to random tensors shaped like ``examples``."""
-    from hypothesis import strategies as st
 
     def sample(s: int) -> tuple:
         g = torch.Generator().manual_seed(s)

@@ -25,11 +25,15 @@ lists shapes so a caller can see it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import operator
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import fx
+
+from .tvm_backend import TvmFunction
 
 
 class StageError(ValueError):
@@ -85,11 +89,6 @@ class StagedFunction:
     @classmethod
     def load(cls, manifest_path) -> "StagedFunction":
         """The two TVM libraries ``python -m surgery apply`` wrote, from its ``.stages.json``."""
-        import json
-        from pathlib import Path
-
-        from .tvm_backend import TvmFunction
-
         path = Path(manifest_path)
         data = json.loads(path.read_text())
         return cls(TvmFunction.load(path.parent / data["stage_library"]), TvmFunction.load(path.parent / data["rest_library"]),

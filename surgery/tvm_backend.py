@@ -17,17 +17,25 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from .atomic import atomic_path, write_text
+from .equivalence.compare import compare
 from .paths import display_path
+from .rewrites import REGISTRY, SPEED_REWRITES
+from .versions import installed_versions
+
+# TVM (and surgery.schedules, which imports it) is imported inside the functions that use it:
+# it takes seconds to import, rewriting and verifying never need it, and where it is missing
+# only the functions that use it fail.
 
 PROBE_FORMAT = 3  # bump when the probe cases change, so cached verdicts are recomputed
 
@@ -53,12 +61,7 @@ def native_log(lines: list):
 def tvm_versions() -> dict[str, str]:
     """Versions of the TVM that ``import tvm`` gives (which may sit in a target directory on
     PYTHONPATH rather than in site-packages) and of its FFI."""
-    out = {}
-    for dist in ("apache-tvm", "apache-tvm-ffi"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
+    out = installed_versions(("apache-tvm", "apache-tvm-ffi"))
     try:
         import tvm
 
@@ -81,7 +84,9 @@ def _tvm():
 def converter_table() -> frozenset[str]:
     """Operator names (``"scatter.src"``) the installed TVM's exported-program importer converts."""
     _tvm()
-    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+    from tvm.relax.frontend.torch.exported_program_translator import (
+        ExportedProgramImporter,
+    )
 
     return frozenset(ExportedProgramImporter().create_convert_map())
 
@@ -171,8 +176,6 @@ def speed_rewrites(program: torch.export.ExportedProgram, split: bool = False) -
     be cut into an image stage and a prompt stage) attention is not reassociated: the stage split
     hoists the key/value projections out of the per-prompt path, and reassociating them would
     move that work back into it."""
-    from .rewrites import SPEED_REWRITES
-
     replaced = {}
     for name, cls in SPEED_REWRITES.items():
         if split and name == "attention_reassociation":
@@ -202,6 +205,8 @@ def program_fingerprint(program: torch.export.ExportedProgram) -> str:
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """Where compiled libraries and probe verdicts are kept: ``cache_dir``, else
+    ``$SURGERY_CACHE``, else ``~/.cache/surgery``."""
     return Path(cache_dir or os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery"))
 
 
@@ -286,8 +291,6 @@ class TvmFunction:
 
     def export_library(self, path: str | Path) -> None:
         if self.path is not None:  # a loaded library can't be re-exported: copy its file
-            import shutil
-
             shutil.copyfile(self.path, path)
             return
         self.executable.export_library(str(path))
@@ -328,8 +331,6 @@ def compile_program(program: torch.export.ExportedProgram, target=None, schedule
     fn = TvmFunction(executable)
     info = {"import_s": imported - start, "build_s": built - imported, "cached": False}
     if library is not None:
-        from .atomic import atomic_path, write_text
-
         try:
             with atomic_path(library, suffix=".so") as tmp, native_log(sink):
                 fn.export_library(tmp)
@@ -364,8 +365,6 @@ class TvmProbe:
 
 
 def _probe_one(name: str, rewrite, converters: frozenset[str]) -> Finding:
-    from .equivalence.compare import compare
-
     ops = [str(op).split(".", 1)[1] for op in rewrite.decompositions()]  # "scatter.src"
     missing = [op for op in ops if op not in converters]
     case = rewrite.probe_case()
@@ -392,12 +391,9 @@ def _probe_one(name: str, rewrite, converters: frozenset[str]) -> Finding:
 
 def probe(cache_dir: str | Path | None = None, progress: Callable[[str], None] = lambda m: None) -> TvmProbe:
     """Which rewrites the installed TVM needs, and why. Cached per TVM version on disk."""
-    from .rewrites import REGISTRY
-
     versions = tvm_versions()
-    cache_dir = Path(cache_dir or os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery"))
     key = f"tvm-probe-v{PROBE_FORMAT}-{versions['apache-tvm']}-{versions['apache-tvm-ffi']}-torch{torch.__version__}.json"
-    cached = cache_dir / key
+    cached = cache_root(cache_dir) / key
     if cached.is_file():
         try:
             data = json.loads(cached.read_text())
@@ -413,8 +409,6 @@ def probe(cache_dir: str | Path | None = None, progress: Callable[[str], None] =
         progress(f"probing TVM's converter for {name}")
         findings[name] = _probe_one(name, cls(), converters)
     result = TvmProbe(versions, findings, time.perf_counter() - start)
-    from .atomic import write_text
-
     try:
         write_text(cached, json.dumps({"versions": versions, "seconds": result.seconds,
                                        "findings": {k: dataclasses.asdict(v) for k, v in findings.items()}}, indent=2))

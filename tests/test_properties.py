@@ -13,8 +13,7 @@ from hypothesis import event, given, settings, strategies as st
 
 import surgery
 from surgery.equivalence import assert_equivalent
-from surgery.equivalence.strategies import strategy_for
-from surgery.rewrites import REGISTRY, resolve
+from surgery.rewrites import REGISTRY, resolve, strategy_for
 
 from helpers import graph_examples
 

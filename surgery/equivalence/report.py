@@ -5,23 +5,12 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import platform
 from pathlib import Path
 
 from ..atomic import write_text
+from ..rewrites import REGISTRY, SPEED_REWRITES
+from ..versions import installed_versions
 from .compare import FLOAT32_MAX_ABS, FLOAT64_MAX_REL
-
-
-def versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "torchvision", "apache-tvm", "apache-tvm-ffi", "sam3", "hypothesis", "numpy", "surgery"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
 
 
 def bounds_text() -> str:
@@ -45,10 +34,8 @@ def to_jsonable(obj):
 
 
 def write_rewrite_report(verifications, out_dir: str | Path = "reports", stem: str = "rewrites") -> tuple[Path, Path]:
-    from ..rewrites import REGISTRY
-
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    data = {"generated": now, "versions": versions(), "bounds": bounds_text(),
+    data = {"generated": now, "versions": installed_versions(), "bounds": bounds_text(),
             "passed": all(v.passed for v in verifications), "rewrites": to_jsonable(verifications)}
     lines = [
         "# Rewrite equivalence report",
@@ -90,10 +77,8 @@ def write_rewrite_report(verifications, out_dir: str | Path = "reports", stem: s
 
 def write_model_report(report: dict, out_dir: str | Path = "reports") -> tuple[Path, Path]:
     """``<model>.md`` and ``<model>.json`` for one ``surgery.pipeline.operate`` run."""
-    from ..rewrites import REGISTRY
-
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    data = {"generated": now, "versions": versions(), "bounds": bounds_text(), **to_jsonable(report)}
+    data = {"generated": now, "versions": installed_versions(), "bounds": bounds_text(), **to_jsonable(report)}
     name = report["model"]
     verdict = "PASSED: every equivalence check within bounds" if report["passed"] else "FAILED"
     lines = [f"# Surgery report: `{name}`", "", f"Generated {now}. Verdict: **{verdict}**.", ""]
@@ -137,8 +122,6 @@ def write_model_report(report: dict, out_dir: str | Path = "reports") -> tuple[P
     if "schedules" in tvm:
         lines.append(f"- target `{tvm['target']}`, {tvm['schedules']} schedules"
                      + (" (surgery.schedules: our CPU rules, dlight style)" if tvm["schedules"] == "ours" else " (stock TVM CPU pipeline)"))
-    from ..rewrites import SPEED_REWRITES
-
     for speed_name, replaced in tvm.get("speed_rewrites", {}).items():
         lines.append(f"- speed rewrite `{speed_name}`: {', '.join(f'{k} x{v}' for k, v in replaced.items())}; contract: "
                      f"{SPEED_REWRITES[speed_name].contract}")

@@ -13,8 +13,9 @@ import time
 import torch
 from hypothesis import HealthCheck, given, seed as hypothesis_seed, settings
 
+from .. import rewrite
+from ..rewrites import REGISTRY
 from .compare import ErrorStats, accumulate, compare
-from .strategies import strategy_for
 
 
 @dataclasses.dataclass
@@ -65,9 +66,6 @@ def check_property(strategy, check, examples: int, seed: int) -> int:
 
 
 def verify_rewrite(name: str, examples: int = 2000, graph_examples: int = 50, seed: int = 0, progress=print) -> Verification:
-    import surgery
-    from surgery.rewrites import REGISTRY
-
     rw = REGISTRY[name]()
     result = Verification(name, rw.contract, rw.settings(), examples, graph_examples, seed)
     start = time.perf_counter()
@@ -86,7 +84,7 @@ def verify_rewrite(name: str, examples: int = 2000, graph_examples: int = 50, se
 
     def run(form, n, check):
         progress(f"  {name}: {form} form, {n} examples ...")
-        check_property(strategy_for(name), check, n, seed)
+        check_property(rw.cases(), check, n, seed)
 
     def function_form(case):
         expected = case.reference()
@@ -101,7 +99,7 @@ def verify_rewrite(name: str, examples: int = 2000, graph_examples: int = 50, se
 
     def graph_form(case):
         program = torch.export.export(case.module(), case.args())
-        rewritten = surgery.rewrite(program)
+        rewritten = rewrite(program)
         if in_contract(case):
             record("graph", rewritten.module()(*case.args()), case.reference(), case.scale)
 

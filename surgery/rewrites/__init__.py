@@ -16,14 +16,31 @@ from .roi_align_separable import RoiAlignSeparable
 from .scatter import ScatterToSelect
 from .where_scalar import WhereScalarToFull
 
-# name -> class; instantiated with default settings when named by a string.
-REGISTRY: dict[str, type[Rewrite]] = {
-    cls.name: cls for cls in sorted([RoiAlignToGridSample, GridSampleToGather, ScatterToSelect, FloorDivideToFmod, FullLikeToFull, WhereScalarToFull], key=lambda c: c.order)
-}
+# The order the rewrites run in. A replacement may call another rewrite's operator, which that
+# rewrite must then still find: roi_align emits grid_sampler_2d, so it runs before grid_sample;
+# scatter emits where(match, position, -1), so it runs before where_scalar; and replacements
+# call zeros_like/full_like and where with numbers, so full_like and where_scalar run last.
+ORDER: list[type[Rewrite]] = [RoiAlignToGridSample, GridSampleToGather, ScatterToSelect, FloorDivideToFmod,
+                              FullLikeToFull, WhereScalarToFull]
 
 # Speed rewrites: TVM converts their operators correctly, so the probe never asks for them; they
-# make the compiled program faster (``surgery.tvm_backend`` applies them for the shipped build).
-SPEED_REWRITES: dict[str, type[Rewrite]] = {cls.name: cls for cls in sorted([RoiAlignSeparable, ConvAsMatmul, AttentionReassociation, LayoutRoundTrips, GatherThroughPermute, MatmulPacking], key=lambda c: c.order)}
+# make the compiled program faster (``surgery.tvm_backend`` applies them for the shipped build,
+# after the rewrites above). roi_align_separable takes the feature map back channels-last, a
+# round trip layout_round_trips then removes; gather_through_permute moves gathers before the
+# permutes left after that; matmul_packing runs last, as the others emit products it packs.
+SPEED_ORDER: list[type[Rewrite]] = [RoiAlignSeparable, ConvAsMatmul, AttentionReassociation, LayoutRoundTrips,
+                                    GatherThroughPermute, MatmulPacking]
+
+# name -> class, in ORDER; instantiated with default settings when named by a string.
+REGISTRY: dict[str, type[Rewrite]] = {cls.name: cls for cls in ORDER}
+SPEED_REWRITES: dict[str, type[Rewrite]] = {cls.name: cls for cls in SPEED_ORDER}
+# Where each rewrite runs when several are applied together: ORDER, then SPEED_ORDER (roi_align
+# before roi_align_separable: where the probe chose roi_align, nothing is left for the other).
+_POSITION = {cls.name: i for i, cls in enumerate([*ORDER, *SPEED_ORDER])}
+
+
+def _registered(name: str) -> type[Rewrite] | None:
+    return REGISTRY.get(name) or SPEED_REWRITES.get(name)
 
 
 def resolve(rewrites=None) -> list[Rewrite]:
@@ -36,15 +53,22 @@ def resolve(rewrites=None) -> list[Rewrite]:
     for item in rewrites:
         if isinstance(item, Rewrite):
             resolved[item.name] = item
-        elif isinstance(item, str) and item in REGISTRY:
-            resolved.setdefault(item, REGISTRY[item]())
-        elif isinstance(item, str) and item in SPEED_REWRITES:
-            resolved.setdefault(item, SPEED_REWRITES[item]())
+        elif isinstance(item, str) and _registered(item):
+            resolved.setdefault(item, _registered(item)())
         else:
             raise RewriteError(f"unknown rewrite {item!r}; known rewrites: {', '.join(REGISTRY)}")
-    return sorted(resolved.values(), key=lambda r: r.order)
+    return sorted(resolved.values(), key=lambda r: _POSITION[r.name])
 
 
-__all__ = ["REGISTRY", "SPEED_REWRITES", "Rewrite", "RewriteError", "RewriteResult", "op_census", "resolve",
+def strategy_for(rewrite_name: str, dtype=None):
+    """The hypothesis strategy of a rewrite's cases (``Rewrite.cases``), by its registered name."""
+    cls = _registered(rewrite_name)
+    if cls is None:
+        raise KeyError(f"no strategy for rewrite {rewrite_name!r}; known: {sorted([*REGISTRY, *SPEED_REWRITES])}")
+    return cls.cases(dtype)
+
+
+__all__ = ["ORDER", "REGISTRY", "SPEED_ORDER", "SPEED_REWRITES", "Rewrite", "RewriteError", "RewriteResult", "op_census",
+           "resolve", "strategy_for",
            "AttentionReassociation", "ConvAsMatmul", "FloorDivideToFmod", "FullLikeToFull", "GatherThroughPermute", "GridSampleToGather", "LayoutRoundTrips",
            "MatmulPacking", "RoiAlignSeparable", "RoiAlignToGridSample", "ScatterToSelect", "WhereScalarToFull"]

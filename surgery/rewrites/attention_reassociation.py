@@ -32,8 +32,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from hypothesis import strategies as st
 from torch import fx
 
+from ..equivalence.strategies import dtypes, seeded_tensor
 from .base import LAYOUT_OPS, GraphRewrite, node_value
 
 aten = torch.ops.aten
@@ -247,8 +249,10 @@ class AttentionReassociation(GraphRewrite):
     name = "attention_reassociation"
     summary = "few-query attention: key/value projections reassociated onto the queries (speed)"
     contract = CONTRACT
-    order = 60
-    purpose = "speed"
+
+    @staticmethod
+    def cases(dtype=None):
+        return attention_cases(dtype)
 
     def rewrite_graph(self, graph, program):
         return {f"aten.bmm.default ({kind})": count for kind, count in reassociate(graph).items()}
@@ -309,10 +313,6 @@ class _Attention(torch.nn.Module):
 def attention_cases(dtype=None):
     """Hypothesis strategy of ``AttentionCase``: 1-6 queries over 5-40 tokens, batch 1-3, 1-4
     heads of width 4-8, with and without key padding masks (including fully masked rows)."""
-    from hypothesis import strategies as st
-
-    from ..equivalence.strategies import dtypes, seeded_tensor
-
     @st.composite
     def cases(draw):
         dt = draw(dtypes) if dtype is None else dtype

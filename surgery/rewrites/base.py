@@ -10,6 +10,7 @@ entries, so every other operator is left as it was and the result is again an
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import functools
 from typing import Callable, ClassVar, Mapping
@@ -81,11 +82,6 @@ class Rewrite:
     name: ClassVar[str]
     summary: ClassVar[str]
     contract: ClassVar[str]
-    # Position in the canonical order: a rewrite whose replacement emits another rewrite's
-    # operator must run before it (roi_align emits grid_sampler_2d).
-    order: ClassVar[int]
-    # Rewrites whose operators this one's replacement calls (roi_align emits a grid sampler).
-    emits: ClassVar[tuple[str, ...]] = ()
 
     def targets(self) -> tuple[OpOverload, ...]:
         """Every operator this rewrite removes: its decomposition keys, plus the in-place
@@ -104,6 +100,14 @@ class Rewrite:
     probe_note: ClassVar[str] = ""
 
     def probe_case(self):
+        raise NotImplementedError
+
+    @staticmethod
+    def cases(dtype=None):
+        """Hypothesis strategy of the rewrite's test cases, defined in the rewrite's file next to
+        its replacement and contract: what ``python -m surgery verify`` and the property tests
+        draw. Each case gives ``reference()``, ``rewritten()``, ``module()``, ``args()`` and
+        ``scale``; ``dtype`` fixes the cases' dtype (default: drawn)."""
         raise NotImplementedError
 
     def settings(self) -> dict:
@@ -154,8 +158,6 @@ class GraphRewrite(Rewrite):
         raise NotImplementedError
 
     def __call__(self, program: torch.export.ExportedProgram) -> RewriteResult:
-        import copy
-
         program = copy.deepcopy(decomposed(program))
         replaced = {k: v for k, v in self.rewrite_graph(program.graph_module.graph, program).items() if v}
         if not replaced:

@@ -22,8 +22,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from hypothesis import strategies as st
 from torch import Tensor
 
+from ..equivalence.strategies import dtypes, seeded_tensor
 from .base import Rewrite, RewriteResult, decomposed, op_census
 
 aten = torch.ops.aten
@@ -58,8 +60,10 @@ class ConvAsMatmul(Rewrite):
     name = "conv_as_matmul"
     summary = "aten.convolution with a kernel covering its whole input -> addmm (speed)"
     contract = CONTRACT
-    order = 50
-    purpose = "speed"
+
+    @staticmethod
+    def cases(dtype=None):
+        return conv_cases(dtype)
 
     def decompositions(self):
         return {aten.convolution.default: _convolution}
@@ -122,10 +126,6 @@ def conv_cases(dtype=None):
     """Hypothesis strategy of ``ConvCase``: kernels covering the input (1x1 up to 7x7 maps,
     SAM3's box projection among them), with and without bias, plus convolutions the rewrite
     must leave alone (padded, grouped, kernel smaller than the input)."""
-    from hypothesis import strategies as st
-
-    from ..equivalence.strategies import dtypes, seeded_tensor
-
     @st.composite
     def cases(draw):
         dt = draw(dtypes) if dtype is None else dtype

@@ -20,8 +20,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from torch import Tensor
 
+from ..equivalence.strategies import dtypes
 from .base import Rewrite
 
 aten = torch.ops.aten
@@ -67,7 +70,10 @@ class FloorDivideToFmod(Rewrite):
     name = "floor_divide"
     summary = "float aten.floor_divide -> fmod/floor/where with PyTorch's rounding"
     contract = CONTRACT
-    order = 40
+
+    @staticmethod
+    def cases(dtype=None):
+        return floor_divide_cases(dtype)
 
     probe_note = "float tensor // int scalar (SAM3's position encoding)"
 
@@ -117,11 +123,6 @@ def floor_divide_cases(dtype=None):
     """Hypothesis strategy of ``FloorDivideCase``: float tensors against int and float scalars
     and tensors, with zeros, signed zeros, inf, NaN, exact multiples and near-multiples,
     subnormals and quotients that overflow."""
-    from hypothesis import strategies as st
-    from hypothesis.extra import numpy as hnp
-
-    from ..equivalence.strategies import dtypes
-
     specials = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1.0, -1.0, 0.1, 3.0, 1e-30, 1e30]
     values = st.one_of(st.floats(-1e6, 1e6, width=32), st.sampled_from(specials), st.integers(-50, 50).map(float),
                        st.floats(-2**-126, 2**-126, width=32))  # subnormals and tiny normals: overflowing quotients

@@ -25,8 +25,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from torch import Tensor
 
+from ..equivalence.strategies import ALL_DTYPES, seeded_tensor
 from .base import Rewrite
 
 aten = torch.ops.aten
@@ -57,7 +60,10 @@ class FullLikeToFull(Rewrite):
     name = "full_like"
     summary = "aten.zeros_like/ones_like/full_like -> aten.full with explicit shape and dtype"
     contract = CONTRACT
-    order = 50  # last: other rewrites' replacements call zeros_like/full_like
+
+    @staticmethod
+    def cases(dtype=None):
+        return full_like_cases(dtype)
 
     probe_note = "zeros_like(bool mask, dtype=float32).masked_fill(mask, -inf) (nn.MultiheadAttention's key padding mask)"
 
@@ -122,19 +128,11 @@ class _FullLikeModule(torch.nn.Module):
         return FullLikeCase(self.op, input, self.fill_value, self.dtype, values)._call(_torch_op("zeros_like" if self.op == "canonical_mask" else self.op))
 
 
-DTYPES = [torch.bool, torch.int32, torch.int64, torch.float32, torch.float64]
-
-
 def full_like_cases(dtype=None):
     """Hypothesis strategy of ``FullLikeCase``: the three operators and the key-padding-mask
     pattern; shapes of rank 0-4 with zero-sized dimensions; input and output dtypes among bool,
     int32, int64, float32, float64 (output dtype also unset); fill values 0, 1, -1, large
     integers, fractions, inf, -inf, NaN, -0.0, True/False, each where the output dtype holds it."""
-    from hypothesis import strategies as st
-    from hypothesis.extra import numpy as hnp
-
-    from ..equivalence.strategies import seeded_tensor
-
     def fits(value, dt: torch.dtype) -> bool:
         if dt == torch.bool:
             return isinstance(value, bool) or value in (0, 1)
@@ -154,8 +152,8 @@ def full_like_cases(dtype=None):
             out_dtype = draw(st.sampled_from([torch.float32, torch.float64])) if dtype is None else dtype
             mask = seeded_tensor(shape, torch.float64, seed, uniform=True) < draw(st.floats(0, 1))
             return FullLikeCase(op, mask, 0, out_dtype, values=seeded_tensor(shape, out_dtype, seed + 1))
-        in_dtype = draw(st.sampled_from(DTYPES))
-        out_dtype = draw(st.one_of(st.none(), st.sampled_from(DTYPES))) if dtype is None else dtype
+        in_dtype = draw(st.sampled_from(ALL_DTYPES))
+        out_dtype = draw(st.one_of(st.none(), st.sampled_from(ALL_DTYPES))) if dtype is None else dtype
         input = (seeded_tensor(shape, torch.float64, seed) * 10).to(in_dtype)
         target = in_dtype if out_dtype is None else out_dtype
         candidates = [0, 1, -1, 7, 2**31 + 5, 0.5, -2.25, float("inf"), float("-inf"), float("nan"), -0.0, True, False, 1e30]

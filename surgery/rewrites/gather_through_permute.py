@@ -24,18 +24,18 @@ import dataclasses
 import itertools
 
 import torch
+from hypothesis import strategies as st
 from torch import Tensor, fx
 
+from ..equivalence.strategies import dtypes, seeded_tensor
 from .base import GraphRewrite, node_value
-from .layout_round_trips import _chain, _replay
+from .layout_round_trips import _chain, replayed_index
 
 aten = torch.ops.aten
 
 CONTRACT = ("gather with the same index for every position of the other dimensions, from a tensor that "
             "is one permute of another, becomes an index_select of that other tensor and a permute of the "
             "rows selected: bit-exact; anything else is left as it is")
-
-MAX_REPLAY_ELEMENTS = 1 << 24
 
 
 def _broadcast_index(index: fx.Node, dim: int, rank: int) -> fx.Node | None:
@@ -53,19 +53,15 @@ def _broadcast_index(index: fx.Node, dim: int, rank: int) -> fx.Node | None:
 
 def _as_one_permute(source: fx.Node, chain: list[fx.Node], shape) -> list[int] | None:
     """The permutation ``p`` with ``chain(source) == permute(source, p)`` (shapes included)."""
-    val = node_value(source)
-    if val is None or not chain or val.numel() > MAX_REPLAY_ELEMENTS or not val.is_contiguous():
+    replayed = replayed_index(source, chain) if chain else None
+    if replayed is None:
         return None
-    index = torch.arange(val.numel(), dtype=torch.float64).view(tuple(val.shape))
-    try:
-        replayed = _replay(chain, index)
-    except Exception:  # noqa: BLE001 - a chain we can't replay is not ours to rewrite
+    index, result = replayed
+    if index.dim() != len(shape) or index.dim() > 6:
         return None
-    if val.dim() != len(shape) or val.dim() > 6:
-        return None
-    for perm in itertools.permutations(range(val.dim())):
+    for perm in itertools.permutations(range(index.dim())):
         candidate = index.permute(perm)
-        if tuple(candidate.shape) == tuple(shape) and torch.equal(candidate, replayed):
+        if tuple(candidate.shape) == tuple(shape) and torch.equal(candidate, result):
             return list(perm)
     return None
 
@@ -101,8 +97,10 @@ class GatherThroughPermute(GraphRewrite):
     name = "gather_through_permute"
     summary = "gather of whole rows from a permuted tensor -> index_select before the permute (speed)"
     contract = CONTRACT
-    order = 66  # after layout_round_trips, before matmul_packing
-    purpose = "speed"
+
+    @staticmethod
+    def cases(dtype=None):
+        return gather_cases(dtype)
 
     def rewrite_graph(self, graph, program):
         return {"aten.gather.default": rewrite_gathers(graph)}
@@ -160,10 +158,6 @@ def gather_cases(dtype=None):
     """Hypothesis strategy of ``GatherCase``: sources of rank 2-4 (SAM3's [HW, 1, C] among them),
     every permutation and gather dimension, 1-5 indices (repeats and the edges included), the
     index broadcast over the other dimensions or varying along them."""
-    from hypothesis import strategies as st
-
-    from ..equivalence.strategies import dtypes, seeded_tensor
-
     @st.composite
     def cases(draw):
         dt = draw(dtypes) if dtype is None else dtype

@@ -27,8 +27,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from hypothesis import strategies as st
 from torch import Tensor
 
+from ..equivalence.strategies import dtypes, seeded_tensor
 from .base import CallModule, Rewrite
 
 aten = torch.ops.aten
@@ -196,7 +198,10 @@ class GridSampleToGather(Rewrite):
     name = "grid_sample"
     summary = "aten.grid_sampler_2d -> gather/where arithmetic (no grid sampler left)"
     contract = CONTRACT
-    order = 20
+
+    @staticmethod
+    def cases(dtype=None):
+        return grid_sample_cases(dtype)
 
     probe_note = "bilinear grid_sample of a 5x7 map on a 3x4 grid ([N, H, W, 2] layout)"
 
@@ -218,10 +223,6 @@ class GridSampleToGather(Rewrite):
 def grid_sample_cases(dtype=None):
     """Hypothesis strategy of ``GridSampleCase``: maps of random sizes, grids inside and outside
     [-1, 1] (exact pixel centres, corners, half-pixels, far outside), all modes and paddings."""
-    from hypothesis import strategies as st
-
-    from ..equivalence.strategies import dtypes, seeded_tensor
-
     specials = [-1.0, 1.0, 0.0, -1.5, 1.5, 3.0, -3.0, 0.5, -0.5, 1e-7, -1 - 1e-7, 1 + 1e-7, 25.0, -40.0]
 
     @st.composite

@@ -22,8 +22,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from hypothesis import strategies as st
 from torch import Tensor, fx
 
+from ..equivalence.strategies import dtypes, seeded_tensor
 from .base import LAYOUT_OPS, GraphRewrite, node_value
 
 aten = torch.ops.aten
@@ -66,20 +68,27 @@ def _replay(chain: list[fx.Node], probe: Tensor) -> Tensor:
     return probe
 
 
-def _is_identity(source: fx.Node, chain: list[fx.Node]) -> bool:
+def replayed_index(source: fx.Node, chain: list[fx.Node]) -> tuple[Tensor, Tensor] | None:
+    """The source's element numbers (element i holds i, in the source's shape) and what the
+    chain makes of them; None for a source unknown, too large or not contiguous, or a chain
+    that can't be replayed."""
     val = node_value(source)
-    out = node_value(chain[-1])
-    if val is None or out is None or val.numel() != out.numel() or val.numel() > MAX_REPLAY_ELEMENTS:
-        return False
-    if not val.is_contiguous():
-        return False
+    if val is None or val.numel() > MAX_REPLAY_ELEMENTS or not val.is_contiguous():
+        return None
     index = torch.arange(val.numel(), dtype=torch.float64).view(tuple(val.shape))
     try:
-        replayed = _replay(chain, index)
+        return index, _replay(chain, index)
     except Exception:  # noqa: BLE001 - a chain we can't replay is not ours to rewrite
+        return None
+
+
+def _is_identity(source: fx.Node, chain: list[fx.Node]) -> bool:
+    out = node_value(chain[-1])
+    replayed = replayed_index(source, chain)
+    if out is None or replayed is None:
         return False
-    return tuple(replayed.shape) == tuple(out.shape) and torch.equal(
-        replayed.reshape(-1), torch.arange(val.numel(), dtype=torch.float64))
+    index, result = replayed
+    return tuple(result.shape) == tuple(out.shape) and torch.equal(result.reshape(-1), index.reshape(-1))
 
 
 def simplify(graph: fx.Graph) -> int:
@@ -104,8 +113,10 @@ class LayoutRoundTrips(GraphRewrite):
     name = "layout_round_trips"
     summary = "layout chains that end in their source's memory order -> one view (speed)"
     contract = CONTRACT
-    order = 65  # after roi_align_separable (which takes the map back channels-last), before packing
-    purpose = "speed"
+
+    @staticmethod
+    def cases(dtype=None):
+        return layout_cases(dtype)
 
     def rewrite_graph(self, graph, program):
         return {"layout chains": simplify(graph)}
@@ -170,10 +181,6 @@ def layout_cases(dtype=None):
     at random sizes, permutes followed by their inverses (with clones and unsqueezes between),
     and random chains of permutes, reshapes, clones and size-1 selects, most of which reorder
     elements and must be left alone."""
-    from hypothesis import strategies as st
-
-    from ..equivalence.strategies import dtypes, seeded_tensor
-
     @st.composite
     def cases(draw):
         dt = draw(dtypes) if dtype is None else dtype

@@ -34,8 +34,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from hypothesis import strategies as st
 from torch import Tensor, fx
 
+from ..equivalence.strategies import dtypes, seeded_tensor
 from ..matmul_tiling import plan_matmul
 from .base import GraphRewrite, node_value
 
@@ -135,8 +137,10 @@ class MatmulPacking(GraphRewrite):
     name = "matmul_packing"
     summary = "mm/addmm/bmm with a wide right-hand side -> column panels, one bmm over them (speed)"
     contract = CONTRACT
-    order = 70  # last: the other speed rewrites emit products this one packs
-    purpose = "speed"
+
+    @staticmethod
+    def cases(dtype=None):
+        return packing_cases(dtype)
 
     def rewrite_graph(self, graph, program):
         signature = program.graph_signature
@@ -201,10 +205,6 @@ def packing_cases(dtype=None):
     activation threshold, and right at it), 16-400 columns (one panel, several panels, and widths that are no
     multiple of a vector, which the rewrite must leave alone), with and without bias, B a
     weight (parameter) or an activation (input)."""
-    from hypothesis import strategies as st
-
-    from ..equivalence.strategies import dtypes, seeded_tensor
-
     @st.composite
     def cases(draw):
         dt = draw(dtypes) if dtype is None else dtype

@@ -26,15 +26,19 @@ bound, i.e. pools it as torchvision would with ``sampling_ratio = min(ceil(roi /
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 import torchvision  # noqa: F401  registers torchvision::roi_align (also needed to load .pt2 files)
+from hypothesis import strategies as st
 from torch import Tensor
 from torch.nn.modules.utils import _pair
+from torchvision.ops._utils import check_roi_boxes_shape, convert_boxes_to_roi_format
 
+from ..equivalence.strategies import dtypes, seeded_tensor
 from .base import CallModule, Rewrite, is_tracing
 
 CONTRACT = (
@@ -62,8 +66,6 @@ def roi_align(
     Boxes are ``Tensor[K, 5]`` (batch index, x1, y1, x2, y2) or a list of ``Tensor[L, 4]``, one per
     image. Raises ValueError for a box outside the contract (see module docstring).
     """
-    from torchvision.ops._utils import check_roi_boxes_shape, convert_boxes_to_roi_format
-
     check_roi_boxes_shape(boxes)
     rois = boxes if isinstance(boxes, Tensor) else convert_boxes_to_roi_format(list(boxes))
     PH, PW = _pair(output_size)
@@ -156,7 +158,13 @@ def sample_positions(
     return SamplePositions(y, x, used_y, used_x, grid_h, grid_w)
 
 
-def roi_align_grid_sample(
+# How a replacement pools the samples, given the map, the boxes in the map's dtype (at least one)
+# and where the C++ kernel samples: -> [K, C, PH, PW].
+Pool = Callable[[Tensor, Tensor, SamplePositions], Tensor]
+
+
+def roi_align_with(
+    pool: Pool,
     input: Tensor,  # [N, C, H, W]
     rois: Tensor,  # [K, 5]
     spatial_scale: float,
@@ -168,15 +176,23 @@ def roi_align_grid_sample(
     max_samples_per_bin: int | tuple[int, int] | None = None,
     check_contract: bool = False,
 ) -> Tensor:
-    """The replacement, in the argument order of ``torchvision::roi_align``."""
+    """A replacement in the argument order of ``torchvision::roi_align`` (after ``pool``): the
+    kernel's sample positions, pooled by ``pool``."""
+    _, C, _, _ = input.shape
+    rois = rois.to(input.dtype)
+    at = sample_positions(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
+                          max_samples_per_bin, check_contract)
+    if rois.shape[0] == 0:
+        return input.new_zeros(0, C, pooled_height, pooled_width)
+    return pool(input, rois, at)
+
+
+def grid_sample_pool(input: Tensor, rois: Tensor, at: SamplePositions) -> Tensor:
+    """Every sample of every bin from one ``grid_sample`` call, then the mean per bin."""
     N, C, H, W = input.shape
     K = rois.shape[0]
-    PH, PW = pooled_height, pooled_width
-    rois = rois.to(input.dtype)
-    at = sample_positions(input, rois, spatial_scale, PH, PW, sampling_ratio, aligned, max_samples_per_bin, check_contract)
-    if K == 0:
-        return input.new_zeros(0, C, PH, PW)
-    GH, GW = at.y.shape[2], at.x.shape[2]
+    PH, GH = at.y.shape[1:]
+    PW, GW = at.x.shape[1:]
     count = (at.grid_h * at.grid_w).clamp(min=1)  # [K]
 
     # One in [-1, 0] (or [size-1, size]) is clamped onto the edge pixel: grid_sample's own zero
@@ -202,6 +218,10 @@ def roi_align_grid_sample(
     return sums / count[:, None, None, None]  # [K, C, PH, PW]
 
 
+# The replacement, in the argument order of ``torchvision::roi_align``.
+roi_align_grid_sample = functools.partial(roi_align_with, grid_sample_pool)
+
+
 # A normalized coordinate whose four bilinear taps all lie outside any map (pixel -size-0.5).
 _OUTSIDE = -3.0
 
@@ -223,14 +243,10 @@ def _raise_outside_bound(rois: Tensor, needed_h: Tensor, needed_w: Tensor, GH: i
         )
 
 
-class RoiAlignToGridSample(Rewrite):
-    """``torchvision::roi_align`` -> grid_sample + masked mean. Run before ``grid_sample``."""
+class RoiAlignRewrite(Rewrite):
+    """Base of the rewrites of ``torchvision::roi_align``: subclasses name their ``pool``."""
 
-    name = "roi_align"
-    summary = "torchvision::roi_align -> bilinear pooling built on grid_sample"
-    contract = CONTRACT
-    order = 10
-    emits = ("grid_sample",)
+    pool: ClassVar[Pool]
 
     def __init__(self, max_samples_per_bin: int | tuple[int, int] | None = None):
         self.max_samples_per_bin = max_samples_per_bin
@@ -238,21 +254,34 @@ class RoiAlignToGridSample(Rewrite):
     def settings(self):
         return {"max_samples_per_bin": self.max_samples_per_bin}
 
+    def decompositions(self):
+        def roi_align_decomposition(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+            return roi_align_with(
+                self.pool, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
+                max_samples_per_bin=self.max_samples_per_bin,
+            )
+
+        return {torch.ops.torchvision.roi_align.default: roi_align_decomposition}
+
+
+class RoiAlignToGridSample(RoiAlignRewrite):
+    """``torchvision::roi_align`` -> grid_sample + masked mean. Run before ``grid_sample``."""
+
+    name = "roi_align"
+    summary = "torchvision::roi_align -> bilinear pooling built on grid_sample"
+    contract = CONTRACT
+    pool = staticmethod(grid_sample_pool)
+
+    @staticmethod
+    def cases(dtype=None):
+        return roi_align_cases(dtype)
+
     probe_note = "adaptive roi_align on a 7x9 map with boxes straddling its edges"
 
     def probe_case(self):
         input = torch.linspace(-1, 1, 2 * 7 * 9).reshape(1, 2, 7, 9).sin()
         boxes = torch.tensor([[0, -1.5, 0.5, 6.0, 5.0], [0, 3.2, 2.1, 10.0, 8.5], [0, 1.0, 1.0, 2.0, 1.5]])
         return RoiAlignCase(input, boxes, (3, 2), 1.0, -1, False, ())
-
-    def decompositions(self):
-        def roi_align_decomposition(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
-            return roi_align_grid_sample(
-                input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
-                max_samples_per_bin=self.max_samples_per_bin,
-            )
-
-        return {torch.ops.torchvision.roi_align.default: roi_align_decomposition}
 
 
 # ----------------------------------------------------------------------------- strategy
@@ -288,8 +317,6 @@ class RoiAlignCase:
         return (self.input, self.boxes)
 
     def rois(self) -> Tensor:
-        from torchvision.ops._utils import convert_boxes_to_roi_format
-
         return self.boxes if isinstance(self.boxes, Tensor) else convert_boxes_to_roi_format(self.boxes)
 
     def within_contract(self) -> bool:
@@ -319,10 +346,6 @@ def roi_align_cases(dtype=None):
     inside, straddling and outside the map, degenerate, tiny and inverted ones, boxes exactly at
     the contract's edge and just beyond it, several images with batch indices, spatial scales
     1, 1/2, 1/4, 1/16 and 0.3, fixed and adaptive sampling, both ``aligned``, both box formats."""
-    from hypothesis import strategies as st
-
-    from ..equivalence.strategies import dtypes, seeded_tensor
-
     @st.composite
     def box(draw, H, W, scale, PH, PW, aligned):
         """One box in image coordinates (feature-map pixels / scale)."""

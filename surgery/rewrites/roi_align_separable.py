@@ -23,13 +23,15 @@ another order (float64 within 1e-12 relative, float32 1e-5 absolute on unit-scal
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 from torch.nn.modules.utils import _pair
+from torchvision.ops._utils import check_roi_boxes_shape
 
-from .base import Rewrite
 from .roi_align import CONTRACT as ROI_ALIGN_CONTRACT
-from .roi_align import RoiAlignCase, roi_align_cases, sample_positions
+from .roi_align import RoiAlignCase, RoiAlignRewrite, SamplePositions, roi_align_cases, roi_align_with
 
 CONTRACT = ROI_ALIGN_CONTRACT + "; the same terms as the kernel summed in another order (speed rewrite)"
 
@@ -50,26 +52,11 @@ def axis_weights(pos: Tensor, used: Tensor, grid: Tensor, size: int) -> Tensor:
     return weights.sum(2) / grid.clamp(min=1)[:, None, None]  # [K, P, size]
 
 
-def roi_align_separable(
-    input: Tensor,  # [N, C, H, W]
-    rois: Tensor,  # [K, 5]
-    spatial_scale: float,
-    pooled_height: int,
-    pooled_width: int,
-    sampling_ratio: int,
-    aligned: bool,
-    *,
-    max_samples_per_bin: int | tuple[int, int] | None = None,
-    check_contract: bool = False,
-) -> Tensor:
-    """``torchvision::roi_align`` (its argument order) as ``Wy @ F @ Wx^T`` per box."""
+def separable_pool(input: Tensor, rois: Tensor, at: SamplePositions) -> Tensor:
+    """``Wy @ F @ Wx^T`` per box."""
     N, C, H, W = input.shape
     K = rois.shape[0]
-    PH, PW = pooled_height, pooled_width
-    rois = rois.to(input.dtype)
-    at = sample_positions(input, rois, spatial_scale, PH, PW, sampling_ratio, aligned, max_samples_per_bin, check_contract)
-    if K == 0:
-        return input.new_zeros(0, C, PH, PW)
+    PH, PW = at.y.shape[1], at.x.shape[1]
     wy = axis_weights(at.y, at.used_y, at.grid_h, H)  # [K, PH, H]
     wx = axis_weights(at.x, at.used_x, at.grid_w, W)  # [K, PW, W]
     if N == 1:
@@ -88,25 +75,19 @@ def roi_align_separable(
     return out.reshape(K, C, PH, PW)  # [K, C, PH, PW]
 
 
-class RoiAlignSeparable(Rewrite):
+# ``torchvision::roi_align`` (its argument order) as ``Wy @ F @ Wx^T`` per box.
+roi_align_separable = functools.partial(roi_align_with, separable_pool)
+
+
+class RoiAlignSeparable(RoiAlignRewrite):
     name = "roi_align_separable"
     summary = "torchvision::roi_align -> Wy @ F @ Wx^T per box (speed)"
     contract = CONTRACT
-    order = 45
-    purpose = "speed"
+    pool = staticmethod(separable_pool)
 
-    def __init__(self, max_samples_per_bin: int | tuple[int, int] | None = None):
-        self.max_samples_per_bin = max_samples_per_bin
-
-    def settings(self):
-        return {"max_samples_per_bin": self.max_samples_per_bin}
-
-    def decompositions(self):
-        def roi_align_decomposition(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
-            return roi_align_separable(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
-                                       max_samples_per_bin=self.max_samples_per_bin)
-
-        return {torch.ops.torchvision.roi_align.default: roi_align_decomposition}
+    @staticmethod
+    def cases(dtype=None):
+        return separable_cases(dtype)
 
 
 # ----------------------------------------------------------------------------- strategy
@@ -116,8 +97,6 @@ class SeparableCase(RoiAlignCase):
     """``roi_align``'s cases, with the separable form as the replacement."""
 
     def rewritten(self) -> Tensor:
-        from torchvision.ops._utils import check_roi_boxes_shape
-
         check_roi_boxes_shape(self.boxes)
         return roi_align_separable(self.input, self.rois().to(self.input.dtype), self.spatial_scale,
                                    *_pair(self.output_size), self.sampling_ratio, self.aligned, check_contract=True)

@@ -27,8 +27,10 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from hypothesis import strategies as st
 from torch import Tensor
 
+from ..equivalence.strategies import dtypes, seeded_tensor
 from .base import Rewrite, is_tracing
 
 aten = torch.ops.aten
@@ -127,8 +129,10 @@ class ScatterToSelect(Rewrite):
     name = "scatter"
     summary = "aten.scatter.src / aten.scatter.value -> compare/max/gather/where (no scatter left)"
     contract = CONTRACT
-    order = 30
-    emits = ("where_scalar",)  # where(match, position, -1)
+
+    @staticmethod
+    def cases(dtype=None):
+        return scatter_cases(dtype)
 
     def __init__(self, max_intermediate_elements: int = DEFAULT_MAX_INTERMEDIATE_ELEMENTS):
         self.max_intermediate_elements = max_intermediate_elements
@@ -195,10 +199,6 @@ def scatter_cases(dtype=None):
     shifted ranges, permutations and random distinct picks, partial index shapes (smaller than
     src and input), src larger than index, inf/NaN/-0.0 in src and input, scalar src, float and
     integer dtypes. Indices are duplicate-free along dim, where PyTorch's result is specified."""
-    from hypothesis import strategies as st
-
-    from ..equivalence.strategies import dtypes, seeded_tensor
-
     specials = [float("inf"), float("-inf"), float("nan"), -0.0, 0.0]
 
     @st.composite

@@ -19,8 +19,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from torch import Tensor
 
+from ..equivalence.strategies import ALL_DTYPES, seeded_tensor
 from .base import Rewrite
 
 aten = torch.ops.aten
@@ -62,7 +65,10 @@ class WhereScalarToFull(Rewrite):
     name = "where_scalar"
     summary = "aten.where with a number operand -> aten.where.self with a full tensor (no 0-d constants)"
     contract = CONTRACT
-    order = 60  # after the rewrites whose replacements call where with numbers (scatter)
+
+    @staticmethod
+    def cases(dtype=None):
+        return where_scalar_cases(dtype)
 
     probe_note = "three int64 selects with different numbers, where(m, x, -1 / 3 / 0), in one program"
 
@@ -129,12 +135,6 @@ def where_scalar_cases(dtype=None):
     (rank 0-3, sizes 0-4, either side broadcast), tensor dtypes bool, int32, int64, float32,
     float64, numbers on either or both sides: 0, 1, -1, 3, large integers, True/False, fractions,
     inf, -inf, NaN, -0.0, each only where the result dtype holds it; 1-3 selects in one program."""
-    from hypothesis import strategies as st
-    from hypothesis.extra import numpy as hnp
-
-    from ..equivalence.strategies import seeded_tensor
-
-    DTYPES = [torch.bool, torch.int32, torch.int64, torch.float32, torch.float64]
     INTS = [0, 1, -1, 3, 2**31 + 7, -(2**40)]
     FLOATS = [0.5, -2.25, float("inf"), float("-inf"), float("nan"), -0.0, 1e30]
 
@@ -143,7 +143,7 @@ def where_scalar_cases(dtype=None):
         shapes = draw(hnp.mutually_broadcastable_shapes(num_shapes=2, max_dims=3, min_side=0, max_side=4))
         seed = draw(st.integers(0, 2**31 - 1))
         condition = seeded_tensor(shapes.input_shapes[0], torch.float64, seed, uniform=True) < draw(st.floats(0, 1))
-        in_dtype = draw(st.sampled_from(DTYPES)) if dtype is None else dtype
+        in_dtype = draw(st.sampled_from(ALL_DTYPES)) if dtype is None else dtype
         input = (seeded_tensor(shapes.input_shapes[1], torch.float64, seed + 1) * 10).to(in_dtype)
         side = draw(st.sampled_from(["other", "self", "both"]))
         kind = draw(st.sampled_from(["bool", "int", "float"]))
