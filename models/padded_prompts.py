@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from hypothesis import strategies as st
@@ -40,6 +40,9 @@ from surgery.equivalence.verify import PropertyFailed, check_property
 from surgery.pipeline import latency_ms
 
 from .geometry_encoder import D_MODEL, INPUT_NAMES, OUTPUT_NAMES, PromptShape, example_inputs, prompt_inputs
+
+if TYPE_CHECKING:
+    from surgery.pipeline import Surgery
 
 # Values of padding slots: never seen by a valid output (masked), but kept finite and inside the
 # image so no padding slot can produce inf/NaN anywhere.
@@ -256,30 +259,26 @@ def limits_from_options(max_points, max_boxes, max_batch, points: int, boxes: in
     return limits
 
 
-def check_compiled(result, limits: PromptLimits, feat_size, examples: int, seed: int, latency_counts: tuple[int, int, int],
-                   progress: Callable[[str], None] = print) -> None:
+def check_compiled(result: Surgery, limits: PromptLimits, feat_size, examples: int, seed: int,
+                   latency_counts: tuple[int, int, int], progress: Callable[[str], None] = print) -> Surgery:
     """The ``apply --max-*`` stage, after ``surgery.pipeline.operate`` compiled the encoder at the
     limits: check the padded TVM module against the original at exact counts on ``examples``
-    hypothesis draws, measure its latency at ``latency_counts`` (points, boxes, batch), and record
-    both in ``result.report`` (``equivalence["padded_tvm_vs_exact_counts"]``, ``latency``,
-    ``padded``); a failure marks the result failed."""
+    hypothesis draws and measure its latency at ``latency_counts`` (points, boxes, batch).
+    Returns the ``Surgery`` with both in its report (``equivalence["padded_tvm_vs_exact_counts"]``,
+    ``latency``, ``padded``); a failure fails it."""
     start = time.perf_counter()
     wrapper = result.spec.module
     padded = PaddedGeometryEncoder(result.tvm, limits, feat_size)
-    failures = result.report["failures"]
-    before = len(failures)
+    failures: list[dict] = []
     stats = check_against_exact_counts(padded, wrapper, examples, seed, failures)
     progress(f"[padded    ] {time.perf_counter() - start:7.2f} s  {examples} examples, 1-{limits.max_points} points, "
              f"0-{limits.max_boxes} boxes, batch 1-{limits.max_batch}: " + "; ".join(f"{k}: {v}" for k, v in stats.items()))
-    result.report["equivalence"]["padded_tvm_vs_exact_counts"] = stats
     points, boxes, batch = latency_counts
     args = latency_inputs(points, boxes, batch, feat_size, seed)
-    key = f"tvm_padded_{points}p_{boxes}b_batch{batch}_ms"
-    result.report["latency"][key] = median_ms(padded, args)
+    latency = {f"tvm_padded_{points}p_{boxes}b_batch{batch}_ms": median_ms(padded, args)}
     with torch.no_grad():
-        result.report["latency"][f"eager_{points}p_{boxes}b_batch{batch}_ms"] = median_ms(wrapper, args)
-    progress("[latency   ] " + ", ".join(f"{k} {v:.1f}" for k, v in result.report["latency"].items()))
-    result.report["padded"] = {**dataclasses.asdict(limits), "examples": examples, "latency_counts": list(latency_counts)}
-    if len(failures) > before:
-        result.passed = False
-        result.report["passed"] = False
+        latency[f"eager_{points}p_{boxes}b_batch{batch}_ms"] = median_ms(wrapper, args)
+    report = dataclasses.replace(result.report.with_check("padded_tvm_vs_exact_counts", stats, failures, latency),
+                                 padded={**dataclasses.asdict(limits), "examples": examples, "latency_counts": list(latency_counts)})
+    progress("[latency   ] " + ", ".join(f"{k} {v:.1f}" for k, v in report.latency.items()))
+    return dataclasses.replace(result, report=report)

@@ -139,16 +139,16 @@ def _apply(args) -> int:
                      seed=args.seed, out_dir=out_dir, compile_tvm=not args.no_tvm,
                      progress=lambda m: print(m, flush=True), schedules=args.schedules,
                      stage_inputs=stage_inputs, cache_dir=args.cache)
-    result.report["stages_s"] = {"build": build_s, **result.report["stages_s"]}
     if limits is not None and result.tvm is not None:
-        check_compiled(result, limits, args.feat_size, args.examples if args.tvm_examples is None else args.tvm_examples, args.seed,
-                       (args.points, args.boxes, args.batch), progress=lambda m: print(m, flush=True))
-    md, js = write_model_report(result.report, args.reports)
-    for key, path in result.report["artifacts"].items():
+        result = check_compiled(result, limits, args.feat_size, args.examples if args.tvm_examples is None else args.tvm_examples,
+                                args.seed, (args.points, args.boxes, args.batch), progress=lambda m: print(m, flush=True))
+    report = result.report.with_earlier_stage("build", build_s)
+    md, js = write_model_report(report, args.reports)
+    for key, path in report.artifacts.items():
         print(f"artifact {key}: {path}")
     print(f"report: {md} and {js}")
-    if not result.passed:
-        print(f"surgery: equivalence FAILED ({len(result.report['failures'])} failure(s)); counterexample in {md}", file=sys.stderr)
+    if not report.passed:
+        print(f"surgery: equivalence FAILED ({len(report.failures)} failure(s)); counterexample in {md}", file=sys.stderr)
         return 1
     print("all equivalence checks passed")
     return 0

@@ -8,7 +8,20 @@
     result = operate(spec)                              # a Surgery: programs, callables, report
     result.rewritten_module(*spec.example_args)         # rewritten PyTorch, same results
     result.tvm(*spec.example_args)                      # the TVM-compiled function, same results
-    result.report["equivalence"]
+    result.report.equivalence                           # result.report: a surgery.equivalence.report.SurgeryReport
+
+``operate`` calls these steps in order, each a function returning a frozen result that the next
+ones take, and reports what they found; call them one by one to look at (or redo) a step::
+
+    from surgery.pipeline import compile_with_tvm, export, measure, rewrite, save, verify, verify_compiled
+
+    exported = export(spec)                             # .program, .census
+    rewritten = rewrite(exported, "all")                # .program, .module, .applied
+    verified = verify(spec, exported, rewritten, examples=10)       # .stats, .failures
+    compiled = compile_with_tvm(spec, rewritten)        # .fn (None when it failed), .info
+    checked = verify_compiled(spec, exported, rewritten, compiled, examples=10)
+    measured = measure(spec, rewritten, compiled)       # .latency, median ms
+    saved = save(spec, exported, rewritten, compiled, "out/mine")   # .artifacts
 """
 
 from __future__ import annotations
@@ -28,19 +41,13 @@ from hypothesis import strategies as st
 from . import op_census, rewrite_with_log
 from .atomic import atomic_path
 from .equivalence.compare import ErrorStats, accumulate, compare
+from .equivalence.report import SurgeryReport
 from .equivalence.verify import PropertyFailed, check_property
 from .paths import display_path
 from .rewrites import REGISTRY, RewriteError
 from .rewrites.base import decomposed
-from .stages import hoist
-from .tvm_backend import (
-    cache_root,
-    compile_program,
-    host_target,
-    native_log,
-    probe,
-    speed_rewrites,
-)
+from .stages import StagedPrograms, hoist
+from .tvm_backend import cache_root, compile_program, host_target, native_log, probe, speed_rewrites
 
 
 class SurgeryFailed(RuntimeError):
@@ -79,16 +86,19 @@ class ModelSpec:
         )
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Surgery:
     """The result: original and rewritten programs, callables, TVM function, report."""
 
     spec: ModelSpec
     original: torch.export.ExportedProgram
     rewritten: torch.export.ExportedProgram
-    tvm: object | None  # surgery.tvm_backend.TvmFunction
-    report: dict
-    passed: bool
+    tvm: object | None  # surgery.tvm_backend.TvmFunction, or a surgery.stages.StagedFunction when split
+    report: SurgeryReport
+
+    @property
+    def passed(self) -> bool:
+        return self.report.passed
 
     @property
     def rewritten_module(self) -> torch.nn.Module:
@@ -164,6 +174,247 @@ def latency_ms(fn, args, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def _stats_text(stats: dict[str, ErrorStats]) -> str:
+    return "; ".join(f"{k}: {v}" for k, v in stats.items())
+
+
+def _stage_done(name: str, start: float, progress: Callable[[str], None], detail: str = "") -> float:
+    """Seconds since ``start``, for the report's ``stages_s``, after printing the stage's line."""
+    seconds = time.perf_counter() - start
+    progress(f"[{name:10s}] {seconds:7.2f} s  {detail}".rstrip())
+    return seconds
+
+
+def _check_schedules(schedules: str) -> None:
+    if schedules not in ("ours", "default"):
+        raise ValueError(f"schedules must be 'ours' or 'default', got {schedules!r}")
+
+
+# ----------------------------------------------------------------------------- the steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Exported:
+    """What ``export`` made."""
+
+    program: torch.export.ExportedProgram
+    # What the checks compare against: the eager module where there is one, else the loaded program.
+    reference: Callable
+    census: dict[str, int]  # operator -> count
+    stages_s: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rewritten:
+    """What ``rewrite`` made of it."""
+
+    program: torch.export.ExportedProgram
+    module: torch.nn.Module  # the program, callable
+    mode: str | list[str]  # the rewrites asked for: "auto", "all", "none" or names
+    applied: dict[str, dict[str, int]]  # rewrite -> operators it replaced, with counts
+    reasons: dict[str, str]  # rewrite -> why it was applied or skipped
+    census: dict[str, int]
+    stages_s: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Verified:
+    """What ``verify`` or ``verify_compiled`` found."""
+
+    stats: dict[str, ErrorStats]  # per output, over all examples; empty when nothing was compared
+    examples: int
+    seed: int
+    failures: tuple[dict, ...]  # check, error, counterexample (shrunk by hypothesis)
+    stages_s: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    """What ``compile_with_tvm`` built, or where it failed."""
+
+    fn: object | None  # TvmFunction, or a StagedFunction of two when split; None when building failed
+    staged: StagedPrograms | None  # the split, in PyTorch, when stage inputs were given
+    info: dict  # the report's "tvm": schedules, target, speed rewrites, split, builds, error
+    log: tuple[str, ...]  # what TVM's C++ side wrote while building
+    failures: tuple[dict, ...]  # the step that failed, with TVM's message
+    stages_s: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """What ``measure`` timed."""
+
+    latency: dict[str, float]  # median ms per callable: eager, rewritten PyTorch, TVM (and its stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class Saved:
+    """What ``save`` wrote."""
+
+    artifacts: dict[str, str]  # what -> path
+    tvm_log: tuple[str, ...]  # what TVM wrote building and exporting the libraries
+
+
+def export(spec: ModelSpec, *, progress: Callable[[str], None] = print) -> Exported:
+    """The spec's module through ``torch.export`` (or its saved program, as it is)."""
+    start = time.perf_counter()
+    if spec.program is not None:
+        program, detail = spec.program, "loaded a saved ExportedProgram"
+    else:
+        with torch.no_grad():
+            program = torch.export.export(spec.module, spec.example_args)
+        detail = f"{len(program.graph.nodes)} nodes"
+    seconds = _stage_done("export", start, progress, detail)
+    reference = spec.module if spec.module is not None else program.module()
+    return Exported(program, reference, op_census(program), {"export": seconds})
+
+
+def rewrite(exported: Exported, rewrites: str | Sequence[str] = "auto", *,
+            progress: Callable[[str], None] = print) -> Rewritten:
+    """The rewrites ``choose_rewrites`` picks for ``rewrites``, applied to the exported program."""
+    start = time.perf_counter()
+    names, reasons = choose_rewrites(rewrites, progress=lambda m: progress(f"             {m}"))
+    program, log = rewrite_with_log(exported.program, names)
+    applied = {rw.name: dict(res.replaced) for rw, res in log if res.modified}
+    seconds = _stage_done("rewrite", start, progress,
+                          ", ".join(f"{k} ({sum(v.values())})" for k, v in applied.items()) or "none")
+    mode = rewrites if isinstance(rewrites, str) else list(rewrites)
+    return Rewritten(program, program.module(), mode, applied, reasons, op_census(program), {"rewrite": seconds})
+
+
+def verify(spec: ModelSpec, exported: Exported, rewritten: Rewritten, *, examples: int = 20, seed: int = 0,
+           progress: Callable[[str], None] = print) -> Verified:
+    """The original vs the rewritten program, in PyTorch, on ``examples`` hypothesis examples."""
+    start = time.perf_counter()
+    failures: list[dict] = []
+    stats = _check(spec, exported.reference, rewritten.module, examples, seed, "original vs rewritten (PyTorch)", failures)
+    seconds = _stage_done("verify", start, progress, f"{examples} examples: " + _stats_text(stats))
+    return Verified(stats, examples, seed, tuple(failures), {"verify": seconds})
+
+
+def compile_with_tvm(spec: ModelSpec, rewritten: Rewritten, *, schedules: str = "ours",
+                     stage_inputs: Sequence[str] | None = None, cache_dir: str | Path | None = None,
+                     progress: Callable[[str], None] = print) -> Compiled:
+    """The rewritten program built with TVM (see ``operate`` for the options). A failure is
+    recorded, not raised: ``fn`` is then None and ``failures`` says where and why."""
+    _check_schedules(schedules)
+    info: dict = {}
+    log: list[str] = []
+    stages_s: dict[str, float] = {}
+    fn = staged = None
+    failures: list[dict] = []
+    start, current = time.perf_counter(), "TVM prepare"
+    try:
+        for_tvm, speed = (speed_rewrites(rewritten.program, split=bool(stage_inputs)) if schedules == "ours"
+                          else (rewritten.program, {}))
+        info.update(schedules=schedules, target=str(host_target(schedules)), speed_rewrites=speed)
+        detail = f"speed rewrites: {', '.join(speed) or 'none'}"
+        if stage_inputs:
+            staged = hoist(decomposed(for_tvm), stage_inputs, spec.example_args)
+            detail += (f"; split: {staged.hoisted_nodes} nodes hoisted into the {'/'.join(stage_inputs)} stage, "
+                       f"{len(staged.frontier)} tensors ({staged.frontier_bytes() / 2**20:.1f} MiB) handed to the rest")
+            info["split"] = {"stage_inputs": list(stage_inputs), "hoisted_nodes": staged.hoisted_nodes,
+                             "rest_nodes": staged.rest_nodes, "frontier": staged.frontier}
+        stages_s[current] = _stage_done(current, start, progress, detail)
+        start, current = time.perf_counter(), "TVM build"
+        parts = {"stage": staged.stage, "rest": staged.rest} if staged else {"whole": for_tvm}
+        built, cached = {}, []
+        for part, program in parts.items():
+            built[part], info[f"{part}_build"] = compile_program(program, schedules=schedules, cache_dir=cache_root(cache_dir), log=log)
+            cached.append(info[f"{part}_build"]["cached"])
+        how = ("reused compiled libraries from the cache (" + display_path(cache_root(cache_dir) / "tvm-lib") + ")" if all(cached)
+               else f"target {host_target(schedules)}, {schedules} schedules")
+        stages_s[current] = info["build_s"] = _stage_done(current, start, progress, how)
+        fn = staged.compose(built["stage"], built["rest"]) if staged else built["whole"]
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1][:500]}"
+        stages_s[current] = _stage_done(current, start, progress, f"FAILED: {message}")
+        info["error"] = message
+        failures.append({"check": current, "error": message})
+    return Compiled(fn, staged, info, tuple(log), tuple(failures), stages_s)
+
+
+def verify_compiled(spec: ModelSpec, exported: Exported, rewritten: Rewritten, compiled: Compiled, *,
+                    examples: int = 20, split_examples: int = 5, seed: int = 0,
+                    progress: Callable[[str], None] = print) -> Verified:
+    """The split in PyTorch vs the rewritten program on ``split_examples`` examples (it must
+    reproduce it bit for bit), then the original vs TVM on ``examples``: what was compiled."""
+    failures: list[dict] = []
+    if compiled.staged is not None:
+        composed = compiled.staged.compose(compiled.staged.stage.module(), compiled.staged.rest.module())
+        _check(spec, rewritten.module, composed, split_examples, seed, "rewritten vs split (PyTorch)", failures)
+    if compiled.fn is None:
+        return Verified({}, 0, seed, tuple(failures), {})
+    start = time.perf_counter()
+    stats = _check(spec, exported.reference, compiled.fn, examples, seed, "original vs TVM", failures)
+    seconds = _stage_done("TVM run", start, progress, f"{examples} examples: " + _stats_text(stats))
+    return Verified(stats, examples, seed, tuple(failures), {"TVM run": seconds})
+
+
+def measure(spec: ModelSpec, rewritten: Rewritten, compiled: Compiled | None = None, *, repeats: int = 5,
+            progress: Callable[[str], None] = print) -> Measured:
+    """Median latencies on the spec's example inputs: eager, rewritten PyTorch, TVM and, when
+    split, each TVM stage alone."""
+    latency = {}
+    with torch.no_grad():
+        if spec.module is not None:
+            latency["eager_ms"] = latency_ms(spec.module, spec.example_args, repeats)
+        latency["rewritten_pytorch_ms"] = latency_ms(rewritten.module, spec.example_args, repeats)
+    if compiled is not None and compiled.fn is not None:
+        latency["tvm_ms"] = latency_ms(compiled.fn, spec.example_args, repeats)
+        if compiled.staged is not None:
+            stage_args, rest_args = compiled.staged.split_args(spec.example_args)
+            frontier = tuple(compiled.fn.stage_fn(*stage_args))
+            latency["tvm_stage_ms"] = latency_ms(compiled.fn.stage_fn, stage_args, repeats)
+            latency["tvm_rest_ms"] = latency_ms(compiled.fn.rest_fn, frontier + tuple(rest_args), repeats)
+    progress("[latency   ] " + ", ".join(f"{k} {v:.1f}" for k, v in latency.items()))
+    return Measured(latency)
+
+
+def save(spec: ModelSpec, exported: Exported, rewritten: Rewritten, compiled: Compiled | None, out_dir: str | Path) -> Saved:
+    """Into ``out_dir``: both programs (``.pt2``), the TVM libraries (``.so``; with
+    ``.stages.json`` saying how to call two: ``surgery.stages.StagedFunction.load``) and TVM's log."""
+    out_dir = Path(out_dir)
+    artifacts = {}
+    for label, program in (("original", exported.program), ("rewritten", rewritten.program)):
+        target = out_dir / f"{spec.name}.{label}.pt2"
+        with atomic_path(target, suffix=".pt2") as tmp:
+            torch.export.save(program, tmp)
+        artifacts[f"{label}_program"] = str(target)
+    log = list(compiled.log) if compiled is not None else []
+    if compiled is not None and compiled.fn is not None:
+        artifacts.update(_save_libraries(spec, compiled, out_dir, log))
+    if log:
+        target = out_dir / f"{spec.name}.tvm.log"
+        with atomic_path(target) as tmp:
+            tmp.write_text("\n".join(log) + "\n")
+        artifacts["tvm_log"] = str(target)
+    return Saved(artifacts, tuple(log))
+
+
+def _save_libraries(spec: ModelSpec, compiled: Compiled, out_dir: Path, log: list[str]) -> dict[str, str]:
+    """The compiled libraries, named after the spec's stages when split; what TVM writes goes to ``log``."""
+    first, second = spec.stage_names
+    libraries = {"tvm_library": ("tvm", compiled.fn)} if compiled.staged is None else {
+        f"tvm_{first}_library": (f"{first}.tvm", compiled.fn.stage_fn), f"tvm_{second}_library": (f"{second}.tvm", compiled.fn.rest_fn)}
+    artifacts = {}
+    for key, (suffix, fn) in libraries.items():
+        target = out_dir / f"{spec.name}.{suffix}.so"
+        with atomic_path(target, suffix=".so") as tmp, native_log(log):
+            fn.export_library(tmp)
+        artifacts[key] = str(target)
+    if compiled.staged is not None:
+        target = out_dir / f"{spec.name}.stages.json"
+        manifest = compiled.fn.manifest(Path(artifacts[f"tvm_{first}_library"]).name, Path(artifacts[f"tvm_{second}_library"]).name)
+        with atomic_path(target) as tmp:
+            tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        artifacts["tvm_stages"] = str(target)
+    return artifacts
+
+
+# ----------------------------------------------------------------------------- all of them
+
+
 def operate(
     spec: ModelSpec,
     *,
@@ -180,7 +431,7 @@ def operate(
     stage_inputs: Sequence[str] | None = None,
     cache_dir: str | Path | None = None,
 ) -> Surgery:
-    """Run the whole surgery on one model. See the module docstring.
+    """Run the whole surgery on one model: the steps in order. See the module docstring.
 
     ``schedules``: ``"ours"`` (speed rewrites + ``surgery.schedules``, the shipped build) or
     ``"default"`` (stock TVM's CPU pipeline). ``stage_inputs``: names of inputs whose dependent
@@ -188,158 +439,67 @@ def operate(
     features of a prompt encoder; ``None`` compiles one graph. ``cache_dir``: where compiled
     libraries are kept and reused (``None``: ``$SURGERY_CACHE`` or ``~/.cache/surgery``).
     """
-    if schedules not in ("ours", "default"):
-        raise ValueError(f"schedules must be 'ours' or 'default', got {schedules!r}")
-    stages: dict[str, float] = {}
-
-    def stage(name: str, start: float, detail: str = "") -> None:
-        stages[name] = time.perf_counter() - start
-        progress(f"[{name:10s}] {stages[name]:7.2f} s  {detail}".rstrip())
-
-    start = time.perf_counter()
-    if spec.program is not None:
-        original = spec.program
-        stage("export", start, "loaded a saved ExportedProgram")
-    else:
-        with torch.no_grad():
-            original = torch.export.export(spec.module, spec.example_args)
-        stage("export", start, f"{len(original.graph.nodes)} nodes")
-    census_before = op_census(original)
-
-    start = time.perf_counter()
-    names, reasons = choose_rewrites(rewrites, progress=lambda m: progress(f"             {m}"))
-    rewritten, log = rewrite_with_log(original, names)
-    census_after = op_census(rewritten)
-    applied = {rw.name: dict(res.replaced) for rw, res in log if res.modified}
-    stage("rewrite", start, f"{', '.join(f'{k} ({sum(v.values())})' for k, v in applied.items()) or 'none'}")
-
-    # Verify: the original (the eager module where there is one, else the loaded program) vs the
-    # rewritten program, on `examples` hypothesis examples.
-    start = time.perf_counter()
-    rewritten_fn = rewritten.module()
-    original_fn = spec.module if spec.module is not None else original.module()
-    failures: list[dict] = []
-    rewritten_stats = _check(spec, original_fn, rewritten_fn, examples, seed, "original vs rewritten (PyTorch)", failures)
-    stage("verify", start, f"{examples} examples: " + "; ".join(f"{k}: {v}" for k, v in rewritten_stats.items()))
-
-    tvm_fn, tvm_info, tvm_stats, tvm_log = None, {}, {}, []
-    staged, stage_fns = None, None
-    tvm_examples = examples if tvm_examples is None else tvm_examples
+    _check_schedules(schedules)
+    exported = export(spec, progress=progress)
+    rewritten = rewrite(exported, rewrites, progress=progress)
+    verified = verify(spec, exported, rewritten, examples=examples, seed=seed, progress=progress)
+    compiled = checked = None
     if compile_tvm:
-        start = time.perf_counter()
-        current = "TVM prepare"
-        try:
-            for_tvm, speed = (speed_rewrites(rewritten, split=bool(stage_inputs)) if schedules == "ours" else (rewritten, {}))
-            tvm_info.update(schedules=schedules, target=str(host_target(schedules)), speed_rewrites=speed)
-            detail = f"speed rewrites: {', '.join(speed) or 'none'}"
-            if stage_inputs:
-                staged = hoist(decomposed(for_tvm), stage_inputs, spec.example_args)
-                detail += (f"; split: {staged.hoisted_nodes} nodes hoisted into the {'/'.join(stage_inputs)} stage, "
-                           f"{len(staged.frontier)} tensors ({staged.frontier_bytes() / 2**20:.1f} MiB) handed to the rest")
-                tvm_info["split"] = {"stage_inputs": list(stage_inputs), "hoisted_nodes": staged.hoisted_nodes,
-                                     "rest_nodes": staged.rest_nodes, "frontier": staged.frontier}
-            stage(current, start, detail)
-            start, current = time.perf_counter(), "TVM build"
-            parts = {"stage": staged.stage, "rest": staged.rest} if staged else {"whole": for_tvm}
-            compiled, cached = {}, []
-            for part, program in parts.items():
-                compiled[part], info = compile_program(program, schedules=schedules, cache_dir=cache_root(cache_dir), log=tvm_log)
-                tvm_info[f"{part}_build"] = info
-                cached.append(info["cached"])
-            tvm_info["build_s"] = stages.setdefault("TVM build", time.perf_counter() - start)
-            how = ("reused compiled libraries from the cache (" + display_path(cache_root(cache_dir) / "tvm-lib") + ")" if all(cached)
-                   else f"target {host_target(schedules)}, {schedules} schedules")
-            stage(current, start, how)
-            if staged:
-                stage_fns = (compiled["stage"], compiled["rest"])
-                tvm_fn = staged.compose(*stage_fns)
-            else:
-                tvm_fn = compiled["whole"]
-        except Exception as exc:
-            message = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1][:500]}"
-            stage(current, start, f"FAILED: {message}")
-            tvm_info["error"] = message
-            failures.append({"check": current, "error": message})
-        if staged is not None:
-            # The split itself, in PyTorch: must reproduce the rewritten program bit for bit.
-            composed = staged.compose(staged.stage.module(), staged.rest.module())
-            _check(spec, rewritten_fn, composed, min(examples, 5), seed, "rewritten vs split (PyTorch)", failures)
-        if tvm_fn is not None:
-            start = time.perf_counter()
-            tvm_stats = _check(spec, original_fn, tvm_fn, tvm_examples, seed, "original vs TVM", failures)
-            stage("TVM run", start, f"{tvm_examples} examples: " + "; ".join(f"{k}: {v}" for k, v in tvm_stats.items()))
+        compiled = compile_with_tvm(spec, rewritten, schedules=schedules, stage_inputs=stage_inputs,
+                                    cache_dir=cache_dir, progress=progress)
+        checked = verify_compiled(spec, exported, rewritten, compiled, examples=examples if tvm_examples is None else tvm_examples,
+                                  split_examples=min(examples, 5), seed=seed, progress=progress)
+    measured = measure(spec, rewritten, compiled, repeats=latency_repeats, progress=progress) if latency_repeats > 0 else None
+    saved = save(spec, exported, rewritten, compiled, out_dir) if out_dir is not None else None
+    _tell_tvm_log(compiled, saved, progress)
+    report = _report(spec, exported, rewritten, verified, compiled, checked, measured, saved)
+    if raise_on_failure and not report.passed:
+        raise SurgeryFailed(f"{spec.name}: equivalence failed: {list(report.failures[:1])}")
+    return Surgery(spec, exported.program, rewritten.program, compiled.fn if compiled is not None else None, report)
 
-    latency = {}
-    if latency_repeats > 0:
-        with torch.no_grad():
-            if spec.module is not None:
-                latency["eager_ms"] = latency_ms(spec.module, spec.example_args, latency_repeats)
-            latency["rewritten_pytorch_ms"] = latency_ms(rewritten_fn, spec.example_args, latency_repeats)
-        if tvm_fn is not None:
-            latency["tvm_ms"] = latency_ms(tvm_fn, spec.example_args, latency_repeats)
-        if stage_fns is not None:
-            stage_args, rest_args = staged.split_args(spec.example_args)
-            frontier = tuple(stage_fns[0](*stage_args))
-            latency["tvm_stage_ms"] = latency_ms(stage_fns[0], stage_args, latency_repeats)
-            latency["tvm_rest_ms"] = latency_ms(stage_fns[1], frontier + tuple(rest_args), latency_repeats)
-        progress("[latency   ] " + ", ".join(f"{k} {v:.1f}" for k, v in latency.items()))
 
-    artifacts = {}
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        for label, program in (("original", original), ("rewritten", rewritten)):
-            target = out_dir / f"{spec.name}.{label}.pt2"
-            with atomic_path(target, suffix=".pt2") as tmp:
-                torch.export.save(program, tmp)
-            artifacts[f"{label}_program"] = str(target)
-        if tvm_fn is not None:
-            first, second = spec.stage_names
-            libraries = {"tvm_library": ("tvm", tvm_fn)} if stage_fns is None else {
-                f"tvm_{first}_library": (f"{first}.tvm", stage_fns[0]), f"tvm_{second}_library": (f"{second}.tvm", stage_fns[1])}
-            for key, (suffix, fn) in libraries.items():
-                target = out_dir / f"{spec.name}.{suffix}.so"
-                with atomic_path(target, suffix=".so") as tmp, native_log(tvm_log):
-                    fn.export_library(tmp)
-                artifacts[key] = str(target)
-            if stage_fns is not None:  # how to call the two: surgery.stages.StagedFunction.load(path)
-                target = out_dir / f"{spec.name}.stages.json"
-                manifest = tvm_fn.manifest(Path(artifacts[f"tvm_{first}_library"]).name, Path(artifacts[f"tvm_{second}_library"]).name)
-                with atomic_path(target) as tmp:
-                    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-                artifacts["tvm_stages"] = str(target)
-        if tvm_log:
-            target = out_dir / f"{spec.name}.tvm.log"
-            with atomic_path(target) as tmp:
-                tmp.write_text("\n".join(tvm_log) + "\n")
-            artifacts["tvm_log"] = str(target)
+def _tvm_log(compiled: Compiled | None, saved: Saved | None) -> tuple[str, ...]:
+    """All TVM wrote: building, and exporting the libraries when they were saved."""
+    if saved is not None:
+        return saved.tvm_log
+    return compiled.log if compiled is not None else ()
+
+
+def _tell_tvm_log(compiled: Compiled | None, saved: Saved | None, progress: Callable[[str], None]) -> None:
+    """One line for the hundreds TVM writes, saying where they are kept."""
+    lines = _tvm_log(compiled, saved)
+    if lines:
+        kept = saved.artifacts.get("tvm_log") if saved is not None else None
+        progress(f"TVM wrote {len(lines)} log lines (mostly warnings)" + (f"; kept in {kept}" if kept else ""))
+
+
+def _report(spec: ModelSpec, exported: Exported, rewritten: Rewritten, verified: Verified, compiled: Compiled | None,
+            checked: Verified | None, measured: Measured | None, saved: Saved | None) -> SurgeryReport:
+    """What the steps found (``None``: the step did not run), as the report."""
+    timed = [step for step in (exported, rewritten, verified, compiled, checked) if step is not None]
+    failures = tuple(f for step in (verified, compiled, checked) if step is not None for f in step.failures)
+    tvm = dict(compiled.info) if compiled is not None else {}
+    tvm_log = _tvm_log(compiled, saved)
     if tvm_log:
-        tvm_info["log_lines"] = len(tvm_log)
-        progress(f"TVM wrote {len(tvm_log)} log lines (mostly warnings)" + (f"; kept in {artifacts['tvm_log']}" if "tvm_log" in artifacts else ""))
-
-    passed = not failures and (tvm_fn is not None or not compile_tvm)
-    report = {
-        "model": spec.name,
-        "description": spec.description,
-        "passed": passed,
-        "rewrites": {"mode": rewrites if isinstance(rewrites, str) else list(rewrites), "applied": applied,
-                     "reasons": reasons,
-                     "contracts": {n: REGISTRY[n].contract for n in applied}},
-        "census_before": dict(sorted(census_before.items())),
-        "census_after": dict(sorted(census_after.items())),
-        "examples": examples,
-        "tvm_examples": tvm_examples if tvm_fn is not None else 0,
-        "seed": seed,
-        "equivalence": {"original_vs_rewritten": rewritten_stats, "original_vs_tvm": tvm_stats},
-        "failures": failures,
-        "tvm": tvm_info,
-        "latency": latency,
-        "stages_s": stages,
-        "artifacts": artifacts,
-    }
-    result = Surgery(spec, original, rewritten, tvm_fn, report, passed)
-    if raise_on_failure and not passed:
-        raise SurgeryFailed(f"{spec.name}: equivalence failed: {failures[:1]}")
-    return result
+        tvm["log_lines"] = len(tvm_log)
+    return SurgeryReport(
+        model=spec.name,
+        description=spec.description,
+        passed=not failures and (compiled is None or compiled.fn is not None),
+        rewrites={"mode": rewritten.mode, "applied": rewritten.applied, "reasons": rewritten.reasons,
+                  "contracts": {n: REGISTRY[n].contract for n in rewritten.applied}},
+        census_before=dict(sorted(exported.census.items())),
+        census_after=dict(sorted(rewritten.census.items())),
+        examples=verified.examples,
+        tvm_examples=checked.examples if checked is not None else 0,
+        seed=verified.seed,
+        equivalence={"original_vs_rewritten": verified.stats, "original_vs_tvm": checked.stats if checked is not None else {}},
+        failures=failures,
+        tvm=tvm,
+        latency=measured.latency if measured is not None else {},
+        stages_s={name: s for step in timed for name, s in step.stages_s.items()},
+        artifacts=saved.artifacts if saved is not None else {},
+    )
 
 
 def load_program(path: str | Path) -> torch.export.ExportedProgram:
@@ -373,7 +533,6 @@ def _random_like(val, generator: torch.Generator) -> torch.Tensor:
 
 def _random_inputs_like(examples) -> object:
     """Hypothesis strategy of seeds mapped to random tensors shaped like ``examples``."""
-
     def sample(s: int) -> tuple:
         g = torch.Generator().manual_seed(s)
         return tuple(_random_like(v, g) for v in examples)

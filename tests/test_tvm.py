@@ -144,9 +144,9 @@ def test_notebook_flow_on_your_own_module(tmp_path):
     args = (torch.randn(1, 3, 8, 8), torch.rand(1, 4, 1, 2), torch.tensor([[0.1, 0.2, 0.6, 0.9], [0.0, 0.0, 1.0, 1.0]]))
     spec = ModelSpec.from_module("prompted", _Prompted(), args)
     result = operate(spec, rewrites="all", examples=10, out_dir=tmp_path, progress=lambda m: None)
-    assert result.passed, result.report["failures"]
+    assert result.passed, result.report.failures
     # the three operators, plus what the scatter rewrite's replacement needs on older TVMs
-    assert set(result.report["rewrites"]["applied"]) - {"full_like", "where_scalar"} == {"roi_align", "grid_sample", "scatter"}
+    assert set(result.report.rewrites["applied"]) - {"full_like", "where_scalar"} == {"roi_align", "grid_sample", "scatter"}
     assert_equivalent(result.tvm(*args)[0], _Prompted()(*args))
     assert_equivalent(result.rewritten_module(*args), _Prompted()(*args))
     assert (tmp_path / "prompted.tvm.so").is_file() and (tmp_path / "prompted.rewritten.pt2").is_file()

@@ -6,11 +6,12 @@ import dataclasses
 import datetime
 import json
 from pathlib import Path
+from typing import Sequence
 
 from ..atomic import write_text
 from ..rewrites import REGISTRY, SPEED_REWRITES
 from ..versions import installed_versions
-from .compare import FLOAT32_MAX_ABS, FLOAT64_MAX_REL
+from .compare import FLOAT32_MAX_ABS, FLOAT64_MAX_REL, ErrorStats
 
 
 def bounds_text() -> str:
@@ -31,6 +32,46 @@ def to_jsonable(obj):
     if isinstance(obj, float) and obj in (float("inf"), float("-inf")):
         return str(obj)
     return obj
+
+
+@dataclasses.dataclass(frozen=True)
+class SurgeryReport:
+    """What one ``surgery.pipeline.operate`` run found; ``write_model_report`` writes it down.
+    Checks run afterwards on what it compiled add themselves with ``with_check``."""
+
+    model: str
+    description: dict  # the model, its shapes and weights, as its ModelSpec says
+    passed: bool
+    rewrites: dict  # mode, applied (rewrite -> replaced operators), reasons (rewrite -> why), contracts
+    census_before: dict[str, int]  # operator -> count, sorted
+    census_after: dict[str, int]
+    examples: int  # hypothesis examples, original vs rewritten PyTorch
+    tvm_examples: int  # original vs TVM; 0 when nothing was compiled
+    seed: int
+    equivalence: dict[str, dict[str, ErrorStats]]  # check -> output -> error statistics
+    failures: tuple[dict, ...]  # check, error and, for property checks, the shrunk counterexample
+    tvm: dict  # schedules, target, speed_rewrites, split, <part>_build, build_s, error, log_lines
+    latency: dict[str, float]  # median milliseconds per callable
+    stages_s: dict[str, float]  # seconds per stage, in the order they ran
+    artifacts: dict[str, str]  # what -> path
+    padded: dict | None = None  # apply --max-*: the limits, examples and latency counts of the padded check
+
+    def with_earlier_stage(self, name: str, seconds: float) -> SurgeryReport:
+        """This report with a stage that ran before ``operate`` (the command's model build) timed first."""
+        return dataclasses.replace(self, stages_s={name: seconds, **self.stages_s})
+
+    def with_check(self, name: str, stats: dict[str, ErrorStats], failures: Sequence[dict],
+                   latency: dict[str, float]) -> SurgeryReport:
+        """This report with one more equivalence check, its latencies, and its failures, which fail it."""
+        return dataclasses.replace(self, passed=self.passed and not failures, equivalence={**self.equivalence, name: stats},
+                                   failures=(*self.failures, *failures), latency={**self.latency, **latency})
+
+    def to_json(self) -> dict:
+        """The report as JSON-ready data (``padded`` only where there was a padded check)."""
+        data = to_jsonable(self)
+        if self.padded is None:
+            del data["padded"]
+        return data
 
 
 def write_rewrite_report(verifications, out_dir: str | Path = "reports", stem: str = "rewrites") -> tuple[Path, Path]:
@@ -75,50 +116,50 @@ def write_rewrite_report(verifications, out_dir: str | Path = "reports", stem: s
     return md, js
 
 
-def write_model_report(report: dict, out_dir: str | Path = "reports") -> tuple[Path, Path]:
+def write_model_report(report: SurgeryReport, out_dir: str | Path = "reports") -> tuple[Path, Path]:
     """``<model>.md`` and ``<model>.json`` for one ``surgery.pipeline.operate`` run."""
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    data = {"generated": now, "versions": installed_versions(), "bounds": bounds_text(), **to_jsonable(report)}
-    name = report["model"]
-    verdict = "PASSED: every equivalence check within bounds" if report["passed"] else "FAILED"
+    data = {"generated": now, "versions": installed_versions(), "bounds": bounds_text(), **report.to_json()}
+    name = report.model
+    verdict = "PASSED: every equivalence check within bounds" if report.passed else "FAILED"
     lines = [f"# Surgery report: `{name}`", "", f"Generated {now}. Verdict: **{verdict}**.", ""]
-    lines += ["## Model", ""] + [f"- {k}: {v}" for k, v in report["description"].items()] + [""]
+    lines += ["## Model", ""] + [f"- {k}: {v}" for k, v in report.description.items()] + [""]
     lines += ["Versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()), ""]
-    lines += ["## Rewrites", "", f"Mode: `{report['rewrites']['mode']}`.", "",
+    lines += ["## Rewrites", "", f"Mode: `{report.rewrites['mode']}`.", "",
               "| rewrite | decision and why | replaced |", "|---|---|---|"]
     for rw in REGISTRY:
-        replaced = report["rewrites"]["applied"].get(rw)
-        lines.append(f"| `{rw}` | {report['rewrites']['reasons'].get(rw, '')} | "
+        replaced = report.rewrites["applied"].get(rw)
+        lines.append(f"| `{rw}` | {report.rewrites['reasons'].get(rw, '')} | "
                      f"{', '.join(f'{k} x{v}' for k, v in replaced.items()) if replaced else '-'} |")
     lines += ["", "Contracts of the rewrites applied:", ""]
-    lines += [f"- `{n}`: {c}" for n, c in report["rewrites"]["contracts"].items()] or ["- (none applied)"]
+    lines += [f"- `{n}`: {c}" for n, c in report.rewrites["contracts"].items()] or ["- (none applied)"]
     lines += ["", "## Operator census", "", "| operator | before | after |", "|---|---:|---:|"]
-    before, after = report["census_before"], report["census_after"]
+    before, after = report.census_before, report.census_after
     for op in sorted(set(before) | set(after)):
         if before.get(op, 0) != after.get(op, 0):
             lines.append(f"| `{op}` | {before.get(op, 0)} | {after.get(op, 0)} |")
     lines += ["", f"Operators whose count did not change are omitted ({len(set(before) & set(after))} in both; "
               f"the JSON report has the full census).", ""]
     lines += ["## Equivalence", "", f"Bounds: {data['bounds']}", "",
-              f"Hypothesis examples: {report['examples']} (original vs rewritten PyTorch), "
-              f"{report['tvm_examples']} (original vs TVM), seed {report['seed']}.", "",
+              f"Hypothesis examples: {report.examples} (original vs rewritten PyTorch), "
+              f"{report.tvm_examples} (original vs TVM), seed {report.seed}.", "",
               "| check | output | max abs | max rel | max ULP | non-finite mismatches | bound | within |",
               "|---|---|---:|---:|---:|---:|---|---|"]
-    for check, stats in report["equivalence"].items():
+    for check, stats in report.equivalence.items():
         for output, s in stats.items():
             lines.append(f"| {check.replace('_', ' ')} | {output} | {s.max_abs:.3g} | {s.max_rel:.3g} | {s.max_ulp} | "
                          f"{s.nonfinite_mismatches} | {s.bound()} | {'yes' if s.within_bounds() else 'NO'} |")
-    if report["failures"]:
+    if report.failures:
         lines += ["", "### Failures", ""]
-        for f in report["failures"]:
+        for f in report.failures:
             lines += [f"- {f['check']}: `{f.get('error', '')}`"]
             if f.get("counterexample"):
                 lines += ["", "  Counterexample (shrunk by hypothesis):", "", "```json",
                           json.dumps(to_jsonable(f["counterexample"]), indent=2), "```", ""]
     lines += ["", "## TVM and timings", ""]
-    if report["tvm"].get("error"):
-        lines.append(f"- TVM failed: `{report['tvm']['error']}`")
-    tvm = report["tvm"]
+    tvm = report.tvm
+    if tvm.get("error"):
+        lines.append(f"- TVM failed: `{tvm['error']}`")
     if "schedules" in tvm:
         lines.append(f"- target `{tvm['target']}`, {tvm['schedules']} schedules"
                      + (" (surgery.schedules: our CPU rules, dlight style)" if tvm["schedules"] == "ours" else " (stock TVM CPU pipeline)"))
@@ -137,10 +178,10 @@ def write_model_report(report: dict, out_dir: str | Path = "reports") -> tuple[P
             how = ("reused from the cache" + (f" (built in {info['built']['import_s'] + info['built']['build_s']:.1f} s)" if info.get("built") else "")
                    if info["cached"] else f"import {info['import_s']:.1f} s + build {info['build_s']:.1f} s")
             lines.append(f"- TVM library ({part}): {how}")
-    for k, v in report["latency"].items():
+    for k, v in report.latency.items():
         lines.append(f"- latency {k.replace('_ms', '')}: {v:.2f} ms (median)")
-    lines += ["- stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in report["stages_s"].items())]
-    for k, v in report["artifacts"].items():
+    lines += ["- stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.stages_s.items())]
+    for k, v in report.artifacts.items():
         lines.append(f"- artifact {k}: `{v}`")
     out_dir = Path(out_dir)
     md = write_text(out_dir / f"{name}.md", "\n".join(lines) + "\n")
