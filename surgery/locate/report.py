@@ -33,7 +33,7 @@ def _culprit_lines(number: int, c: Culprit) -> list[str]:
     lines = [f"### {number}. `{c.node.name}`: {c.node.operator()} ({c.stage})", "",
              f"- Call: `{c.node.call}` -> `{c.node.output}`",
              f"- Where: {c.node.where()}",
-             f"- TVM: {c.error}",
+             f"- TVM{' (the operator on the inputs TVM computed for it)' if c.stage == 'numbers' else ''}: {c.error}",
              f"- Found: {c.how}"]
     if c.alike:
         shown = "; ".join(f"`{a.name}` ({a.source or 'no source'})" for a in c.alike[:10])
@@ -45,13 +45,11 @@ def _culprit_lines(number: int, c: Culprit) -> list[str]:
                   "|---|---|---|---:|---:|---:|---|"]
         lines += [f"| `{row['node']}` | {row['op']} | {row['role']} | {_judgement_cells(row['judgement'])} |" for row in c.path]
         lines.append("")
-    if c.judgements:
-        lines.append("- The operator on the inputs TVM gave it: " + "; ".join(str(j) for j in c.judgements))
     r = c.reproducer
     if r:
         verdict = ("" if "reproduces" not in r else
                    f"; its script {'reproduces the failure' if r['reproduces'] else 'does NOT reproduce the failure'} "
-                   f"with stock TVM (exit {r['exit']}): `{r['output'].splitlines()[-1] if r['output'] else ''}`")
+                   f"with stock TVM (exit {r['exit']}): `{'; '.join(r['output'].splitlines())}`")
         lines.append(f"- Reproducer ({r['scope']}, {r['operators']} operator(s)): `{r['dir']}` "
                      f"(`program.pt2`, `inputs.pt`, `reproduce.py`: `python {r['script']}`){verdict}")
     else:
@@ -70,7 +68,7 @@ def write_locate_report(location: Location, out_dir: str | Path = "reports") -> 
     applied = location.rewrites["applied"]
     lines += [f"- rewrites (`{location.rewrites['mode']}`): "
               + (", ".join(f"{k} ({', '.join(f'{op} x{n}' for op, n in v.items())})" for k, v in applied.items()) or "none applied"),
-              f"- TVM: {location.schedules} schedules; {location.operators} operators in the core-ATen program TVM imports",
+              f"- TVM: {location.schedules} schedules; {location.operators} operators in the program TVM imports",
               f"- TVM on the whole program: {location.whole_failure or 'imports, builds, runs, and every output is within tolerance'}",
               ""]
     lines += ["## How errors were judged", "", JUDGE_EXPLAINED, "", f"Rule: {location.judge}.", ""]
