@@ -97,6 +97,21 @@ def convert_program(program: torch.export.ExportedProgram):
     return from_exported_program(program, keep_params_as_input=False)
 
 
+def output_types(mod) -> list[tuple[tuple[int, ...] | None, str]]:
+    """(shape, dtype) of each tensor an imported module's ``main`` returns, as TVM's importer
+    inferred them (shape None where not static): what the converters claim they compute."""
+    main = mod["main"]
+    returned = getattr(main, "ret_ty", None) or getattr(main, "ret_struct_info", None)  # 0.27 / older
+    types = []
+    for field in list(returned.fields) if hasattr(returned, "fields") else [returned]:
+        try:
+            shape = tuple(int(v) for v in field.shape.values)
+        except (AttributeError, TypeError, ValueError):
+            shape = None
+        types.append((shape, str(getattr(field, "dtype", ""))))
+    return types
+
+
 def fold_constants(mod):
     """Input-independent subgraphs of an imported module computed and replaced by constants."""
     _, relax, _ = _tvm()

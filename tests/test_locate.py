@@ -43,6 +43,12 @@ class FloorDivision(torch.nn.Module):
         return y // 2 + (y + 1) // 2  # the faults: two alike
 
 
+class GridThenPermute(torch.nn.Module):
+    def forward(self, features, grid):
+        sampled = torch.nn.functional.grid_sample(features, grid, align_corners=False)  # wrong shape in TVM
+        return sampled.squeeze(-1).permute(2, 0, 1)  # where TVM's import fails
+
+
 class Attention(torch.nn.Module):
     """Matmuls, softmax, layer norm, masks: rounding differs from eager everywhere, nothing is wrong."""
 
@@ -74,6 +80,7 @@ PROGRAMS = {
     "bools": (BoolProduct, lambda: (torch.linspace(-1, 2, 24).reshape(4, 6),)),
     "floordiv": (FloorDivision, lambda: (torch.linspace(-3, 3, 20).reshape(4, 5),)),
     "attention": (Attention, attention_args),
+    "grid_permute": (GridThenPermute, lambda: (torch.rand(1, 2, 5, 7), torch.rand(1, 3, 1, 2) * 2 - 1)),
 }
 
 
@@ -129,6 +136,15 @@ def test_import_failure_names_every_floor_division(located):
     assert [a.op for a in culprit.alike] == ["aten.floor_divide.default"]  # the second `// 2`, same signature
     assert "y // 2" in culprit.node.source and "float32[4, 5]" in culprit.node.call
     assert culprit.rewrites == ["floor_divide"]
+
+
+@pytest.mark.tvm
+def test_import_failure_downstream_names_the_converter_that_made_the_wrong_shape(located):
+    found = located("grid_permute")  # SAM3's point sampling: grid_sample -> squeeze -> permute
+    assert found.verdict == "import failure" and "PermuteDims" in found.whole_failure
+    assert [c.node.op for c in found.culprits] == ["aten.grid_sampler.default"]
+    assert "converter makes output 0 float32[1, 2, 1, 2], PyTorch computes float32[1, 2, 3, 1]" in found.culprits[0].error
+    assert "arises downstream of it" in found.culprits[0].how
 
 
 @pytest.mark.tvm

@@ -153,7 +153,7 @@ def locate(
     stages.done("rewrite", ", ".join(f"{k} ({sum(v.values())})" for k, v in applied.items()) or "none")
     graph = ProgramGraph(program)
     args = tuple(spec.example_args)
-    stages.done("prepare", f"{len(graph.units)} operators in core ATen")
+    stages.done("prepare", f"{len(graph.units)} operators in the program TVM imports")
 
     tvm_log: list[str] = []
     tvm = Tvm(schedules, tvm_log)
@@ -171,7 +171,7 @@ def locate(
         if failure.step == "import":
             suspects = search.import_failures(failure.message)
         elif failure.step in ("build", "run"):
-            suspects = search.build_failures()
+            suspects = search.build_failures(failure.message)
         else:
             suspects = search.wrong_numbers(args)
     stages.done("search", f"{len(suspects)} culprit(s): " + ", ".join(f"{s.unit.name} ({s.unit.target})" for s in suspects))

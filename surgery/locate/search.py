@@ -4,8 +4,10 @@
   constants kept) and imported or built on its own. Operators alike (same operator, argument
   types and constants, see ``graph.signature``) are tried once; the rest are tried side by side
   in one program, halved while a program fails (group testing: a few dozen TVM runs for a
-  model of a thousand operators, not a thousand). When no operator fails alone but the whole
-  does, the shortest failing prefix of the graph (bisection) names the operator that breaks it.
+  model of a thousand operators, not a thousand). An import also fails where the converter
+  types an output otherwise than PyTorch (a wrong shape breaks some later converter). When
+  none of the operators found fails the way the whole program does, the shortest failing prefix
+  of the graph (bisection) names the operator where the whole program's error arises.
 - Wrong numbers: one build with every intermediate tensor marked as an output, run on the
   example inputs. Each operator is judged on the inputs TVM computed for it: its TVM output
   against the same operator in float64 on those inputs, with eager float32's error on them as
@@ -35,6 +37,7 @@ from ..equivalence.judge import (
     judge_outputs,
     largest_magnitude,
 )
+from ..rewrites.base import node_value
 from ..tvm_backend import (
     TvmFunction,
     build,
@@ -42,6 +45,7 @@ from ..tvm_backend import (
     error_line,
     fold_constants,
     native_log,
+    output_types,
 )
 from .graph import ProgramGraph, Ref, Subprogram, signature
 
@@ -76,12 +80,16 @@ class Tvm:
     def __init__(self, schedules: str, log: list):
         self.schedules, self.log = schedules, log
 
-    def attempt(self, program: torch.export.ExportedProgram, inputs=(), until: str = "run"):
-        """(outputs or None, Failure or None), stopping after step ``until``."""
+    def attempt(self, program: torch.export.ExportedProgram, inputs=(), until: str = "run", check_types: bool = False):
+        """(outputs or None, Failure or None), stopping after step ``until``. With
+        ``check_types``, an import whose outputs TVM types otherwise than PyTorch fails."""
         step = "import"
         try:
             with native_log(self.log):
                 mod = convert_program(program)
+                wrong_type = check_types and _wrong_output_type(program, mod)
+                if wrong_type:
+                    return None, Failure("import", wrong_type)
                 if until == "import":
                     return None, None
                 step = "build"
@@ -92,6 +100,27 @@ class Tvm:
             return fn(*inputs), None
         except Exception as exc:  # noqa: BLE001 - any TVM error is what we are looking for
             return None, Failure(step, error_line(exc))
+
+
+def _wrong_output_type(program: torch.export.ExportedProgram, mod) -> str | None:
+    """Where the imported module claims an output shape or dtype other than PyTorch's: a
+    converter that computes something else (caught before building anything)."""
+    output = next(n for n in program.graph.nodes if n.op == "output")
+    expected = [node_value(n) for n in output.args[0]]
+    for position, ((shape, dtype), value) in enumerate(zip(output_types(mod), expected)):
+        if not isinstance(value, torch.Tensor):
+            continue
+        torch_dtype = str(value.dtype).replace("torch.", "")
+        if (shape is not None and shape != tuple(value.shape)) or dtype != torch_dtype:
+            return (f"TVM's converter makes output {position} {dtype}{list(shape) if shape is not None else '[?]'}, "
+                    f"PyTorch computes {torch_dtype}{list(value.shape)}")
+    return None
+
+
+def _gist(message: str) -> str:
+    """An error's kind and first words, without the names and numbers that differ from one
+    program to another ("TypeError: Binary operators must have the same")."""
+    return " ".join(re.sub(r"[\w.]*\d[\w.]*", "#", message).split()[:7])
 
 
 def unsupported_types(message: str) -> set[str]:
@@ -118,19 +147,20 @@ class Search:
 
     def fails(self, sub: Subprogram, steps: tuple[str, ...]) -> Failure | None:
         """How ``sub`` fails within ``steps`` (numbers judged when "numbers" is among them)."""
-        until = "import" if steps == ("import",) else "run"
-        outputs, failure = self.tvm.attempt(sub.program, sub.inputs, until)
+        importing = steps == ("import",)
+        outputs, failure = self.tvm.attempt(sub.program, sub.inputs, "import" if importing else "run", check_types=importing)
         if failure is not None:
             return failure if failure.step in steps else None
         return numbers_failure(judge_outputs(sub.program.module(), sub.inputs, outputs)) if "numbers" in steps else None
 
     def cut(self, units, outputs, isolated=False) -> Subprogram | None:
-        """``graph.cut``, or None where torch.export cannot re-export the piece."""
+        """``graph.cut``, or None where torch.export cannot re-export the piece (a group of
+        operators side by side sometimes trips its shape guards; each alone does not)."""
         try:
             return self.graph.cut(units, outputs, self.values, isolated)
         except Exception as exc:  # noqa: BLE001
-            self.progress(f"  cannot cut out {', '.join(u.name for u in units[:3])}{' ...' if len(units) > 3 else ''}: "
-                          f"{error_line(exc, 200)}")
+            if len(units) == 1:
+                self.progress(f"  cannot cut out {units[0].name}: {error_line(exc, 200)}")
             return None
 
     def isolated_failures(self, units: list[fx.Node], steps: tuple[str, ...]) -> list[Suspect]:
@@ -226,18 +256,27 @@ class Search:
                 suspects.append(self.reduce(suspect, ("import",)))
         rest = [u for u in self.graph.units if getattr(u.target, "__name__", "") not in rejected]
         suspects += self.isolated_failures(rest, ("import",))
-        if not suspects:
-            bisected = self.bisect(("import",))
-            suspects = [bisected] if bisected else []
-        return sorted(suspects, key=lambda s: self.graph.position[s.unit])
+        return self.explained(message, suspects, ("import",))
 
-    def build_failures(self) -> list[Suspect]:
+    def build_failures(self, message: str) -> list[Suspect]:
         """Operators whose lowering breaks TVM's build (or whose compiled code fails to run)."""
-        suspects = self.isolated_failures(self.graph.units, ("import", "build", "run"))
-        if suspects:
-            return suspects
-        bisected = self.bisect(("import", "build", "run"))
-        return [bisected] if bisected else []
+        return self.explained(message, self.isolated_failures(self.graph.units, ("import", "build", "run")),
+                              ("import", "build", "run"))
+
+    def explained(self, message: str, suspects: list[Suspect], steps: tuple[str, ...]) -> list[Suspect]:
+        """The suspects, and when none of them fails the way the whole program does (the error
+        TVM gave the user), the operator that makes the shortest prefix fail (by bisection)."""
+        if not any(_gist(s.failure.message) == _gist(message) for s in suspects):
+            bisected = self.bisect(steps)
+            found = {s.unit: s for s in suspects}
+            if bisected is not None and bisected.unit in found:
+                found[bisected.unit].how += f"; the whole program's error ({message[:120]}) arises downstream of it"
+            elif bisected is not None:
+                inside = [s.unit.name for s in suspects if bisected.reproducer and s.unit in bisected.reproducer.units]
+                if inside:
+                    bisected.how += f"; its reproducer holds {', '.join(inside)}, wrong alone (see there)"
+                suspects.append(bisected)
+        return sorted(suspects, key=lambda s: self.graph.position[s.unit])
 
     def wrong_numbers(self, inputs: tuple) -> list[Suspect]:
         """The first operator TVM computes wrongly from its inputs (see the module docstring)."""
