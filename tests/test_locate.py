@@ -20,6 +20,7 @@ from surgery.cli import main
 from surgery.equivalence.judge import evaluate_graph, judge
 from surgery.locate import NOTHING, locate
 from surgery.locate.reproducer import keep_as_probe
+from surgery.locate import search
 from surgery.locate.search import Failure, Search
 from surgery.pipeline import ModelSpec
 
@@ -145,6 +146,16 @@ def test_import_failure_downstream_names_the_converter_that_made_the_wrong_shape
     assert [c.node.op for c in found.culprits] == ["aten.grid_sampler.default"]
     assert "converter makes output 0 float32[1, 2, 1, 2], PyTorch computes float32[1, 2, 3, 1]" in found.culprits[0].error
     assert "arises downstream of it" in found.culprits[0].how
+
+
+@pytest.mark.tvm
+def test_wrong_numbers_by_bisection_when_marking_every_tensor_is_too_big(tmp_path, monkeypatch):
+    monkeypatch.setattr(search, "MARK_ALL_BYTES", 0)
+    found = locate(spec("grid"), rewrites="none", out_dir=tmp_path, cache_dir=tmp_path, progress=lambda m: None,
+                   run_reproducers=False)
+    assert [c.node.op for c in found.culprits] == ["aten.grid_sampler.default"]
+    assert "the first 3 operators fail, the first 2 do not" in found.culprits[0].how
+    assert found.culprits[0].reproducer["scope"] == "the operator alone"
 
 
 @pytest.mark.tvm
