@@ -181,15 +181,17 @@ def test_reproducer_script_reproduces(located, name):
 
 @pytest.mark.tvm
 @pytest.mark.slow
-def test_cli_exit_codes(tmp_path, capsys):
+def test_cli_exit_codes(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SURGERY_PROBES", str(tmp_path / "probes"))
     saved = tmp_path / "grid.pt2"
     module, args = PROGRAMS["grid"]
     torch.export.save(torch.export.export(module(), args()), saved)
     common = ["--out", str(tmp_path / "out"), "--reports", str(tmp_path / "reports"), "--cache", str(tmp_path / "cache")]
     assert main(["locate", str(saved), "--rewrite", "grid_sample", *common]) == 0
-    assert main(["locate", str(saved), "--rewrite", "none", *common]) == 1
+    assert main(["locate", str(saved), "--rewrite", "none", "--save-probe", "grid_sample", *common]) == 1
     out = capsys.readouterr().out
     assert "culprit (numbers): grid_sampler" in out and "reproduces with stock TVM" in out
+    assert [(c.name, c.rewrite) for c in probes.user_cases()] == [("grid_grid_sampler", "grid_sample")]
     report = json.loads((tmp_path / "reports" / "locate_grid.json").read_text())
     assert report["verdict"] == "wrong numbers" and report["culprits"][0]["reproducer"]["reproduces"]
     assert "aten.grid_sampler" in (tmp_path / "reports" / "locate_grid.md").read_text()
