@@ -162,32 +162,39 @@ def locate(
                         schedules, len(graph.units), rule_text(), stages.seconds, {})
     failure = _run_whole(graph, args, tvm, schedules, cache_dir, tvm_log, spec, location)
     stages.done("TVM", failure.message if failure else "whole program: every output within the judge's tolerance")
-    if failure is None:
-        return location
-    location.verdict = VERDICTS[failure.step]
-    values = _values(graph, args)
-    search = Search(graph, values, tvm, progress)
-    with native_log(tvm_log):  # TVM's C++ warnings, some printed as its objects are freed
-        if failure.step == "import":
-            suspects = search.import_failures(failure.message)
-        elif failure.step in ("build", "run"):
-            suspects = search.build_failures(failure.message)
-        else:
-            suspects = search.wrong_numbers(args)
-    stages.done("search", f"{len(suspects)} culprit(s): " + ", ".join(f"{s.unit.name} ({s.unit.target})" for s in suspects))
-    location.culprits = [_culprit(s, search, reasons, spec, schedules, out_dir) for s in suspects[:MAX_REPRODUCERS]]
-    if out_dir is not None and run_reproducers:
-        for culprit in location.culprits:
-            if culprit.reproducer:
-                culprit.reproducer.update(reproducer.run_script(culprit.reproducer["script"]))
-                progress(f"  {culprit.reproducer['script']}: "
-                         f"{'reproduces' if culprit.reproducer['reproduces'] else 'does NOT reproduce'} with stock TVM (llvm)")
-        stages.done("reproduce", f"{sum(1 for c in location.culprits if c.reproducer)} reproducer(s) written and run")
+    if failure is not None:
+        location.verdict = VERDICTS[failure.step]
+        search = Search(graph, _values(graph, args), tvm, progress)
+        with native_log(tvm_log):  # TVM's C++ warnings, some printed as its objects are freed
+            suspects = _suspects(search, failure, args)
+        stages.done("search", f"{len(suspects)} culprit(s): " + ", ".join(f"{s.unit.name} ({s.unit.target})" for s in suspects))
+        location.culprits = [_culprit(s, search, reasons, spec, schedules, out_dir) for s in suspects[:MAX_REPRODUCERS]]
+        if out_dir is not None and run_reproducers:
+            _run_reproducers(location.culprits, progress)
+            stages.done("reproduce", f"{sum(1 for c in location.culprits if c.reproducer)} reproducer(s) written and run")
     if out_dir is not None and tvm_log:
         from ..atomic import write_text
 
         location.artifacts["tvm_log"] = str(write_text(Path(out_dir) / "tvm.log", "\n".join(tvm_log) + "\n"))
     return location
+
+
+def _suspects(search: Search, failure: Failure, args: tuple) -> list[Suspect]:
+    """The search that fits how the whole program failed."""
+    if failure.step == "import":
+        return search.import_failures(failure.message)
+    if failure.step in ("build", "run"):
+        return search.build_failures(failure.message)
+    return search.wrong_numbers(args)
+
+
+def _run_reproducers(culprits: list[Culprit], progress: Callable[[str], None]) -> None:
+    """Run each reproducer's script in a fresh interpreter: does stock TVM fail on it?"""
+    for culprit in culprits:
+        if culprit.reproducer:
+            culprit.reproducer.update(reproducer.run_script(culprit.reproducer["script"]))
+            progress(f"  {culprit.reproducer['script']}: "
+                     f"{'reproduces' if culprit.reproducer['reproduces'] else 'does NOT reproduce'} with stock TVM (llvm)")
 
 
 def _run_whole(graph: ProgramGraph, args: tuple, tvm: Tvm, schedules: str, cache_dir, tvm_log: list, spec: ModelSpec,
