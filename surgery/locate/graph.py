@@ -90,9 +90,9 @@ class NodeInfo:
     @classmethod
     def of(cls, node: fx.Node) -> NodeInfo:
         args = [_describe_arg(a) for a in node.args] + [f"{k}={_describe_arg(v)}" for k, v in node.kwargs.items()]
-        original = node.meta.get("original_aten")
+        original = str(node.meta.get("original_aten") or node.target)
         return cls(node.name, str(node.target), f"{node.target}({', '.join(args)})", _describe_value(node_value(node)),
-                   source_line(node), module_path(node), str(original) if original not in (None, node.target) else None)
+                   source_line(node), module_path(node), original if original != str(node.target) else None)
 
     def operator(self) -> str:
         return self.op + (f" (decomposed from {self.decomposed_from})" if self.decomposed_from else "")

@@ -101,7 +101,8 @@ def save(directory: Path, sub: Subprogram, info: NodeInfo, failure: str, scope: 
         torch.export.save(sub.program, tmp)
     with atomic_path(inputs_path, suffix=".pt") as tmp:
         torch.save(tuple(t.detach().clone() for t in sub.inputs), tmp)
-    title = f"{info.op} ({scope}) {failure.split(':', 1)[0]}"
+    step = failure.split(":", 1)[0]
+    title = f"{info.op} ({scope}): {'wrong numbers' if step == 'numbers' else step + ' fails'}"
     write_text(script_path, script_text(title, info, failure, uses_torchvision, tolerance))
     case = {"format": CASE_FORMAT, "operator": info.op, "node": vars(info), "failure": failure, "scope": scope,
             "operators": [u.name for u in sub.units], "tolerance": tolerance, **context}
