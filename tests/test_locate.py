@@ -10,6 +10,7 @@ must be named, node for node, every time; a program TVM gets right must pass.
 import json
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -18,9 +19,8 @@ import torch
 from surgery import probes, tvm_backend
 from surgery.cli import main
 from surgery.equivalence.judge import evaluate_graph, judge
-from surgery.locate import NOTHING, locate
+from surgery.locate import NOTHING, locate, search
 from surgery.locate.reproducer import keep_as_probe
-from surgery.locate import search
 from surgery.locate.search import Failure, Search
 from surgery.pipeline import ModelSpec
 
@@ -170,12 +170,12 @@ def test_a_program_tvm_gets_right_passes(located):
 @pytest.mark.parametrize("name", ["grid", "bools", "floordiv"])
 def test_reproducer_script_reproduces(located, name):
     reproducer = located(name).culprits[0].reproducer
-    script = open(reproducer["script"]).read()
+    script = Path(reproducer["script"]).read_text()
     assert "surgery" not in script.replace("python -m surgery locate", "")  # torch and TVM only
     done = subprocess.run([sys.executable, reproducer["script"]], capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 1, done.stdout + done.stderr
     assert ("WRONG" if name == "grid" else "TVM fails") in done.stdout
-    case = json.loads(open(reproducer["case"]).read())
+    case = json.loads(Path(reproducer["case"]).read_text())
     assert case["node"]["name"] == located(name).culprits[0].node.name
 
 

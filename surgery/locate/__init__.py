@@ -41,7 +41,7 @@ from .search import Failure, Search, Suspect, Tvm
 
 NOTHING = "nothing diverges"
 VERDICTS = {"import": "import failure", "build": "build failure", "run": "run failure", "numbers": "wrong numbers"}
-MAX_REPRODUCERS = 10
+MAX_CULPRITS = 10  # reported, each with its reproducer (import failures can name many)
 
 
 @dataclasses.dataclass
@@ -101,6 +101,7 @@ def rewrites_replacing(node: torch.fx.Node) -> list[str]:
 
 
 def next_step(culprit_op: str, rewrites: list[str], reasons: dict[str, str], reproducer_dir: str | None) -> str:
+    """What the user can do about a culprit: the rewrite that replaces it, or an upstream report."""
     if not rewrites:
         where = f" ({reproducer_dir}/reproduce.py)" if reproducer_dir else ""
         return (f"no registered rewrite replaces {culprit_op}: report it upstream with the reproducer{where}, "
@@ -116,6 +117,7 @@ def next_step(culprit_op: str, rewrites: list[str], reasons: dict[str, str], rep
 
 
 def exported(spec: ModelSpec) -> torch.export.ExportedProgram:
+    """The spec's program: as saved, or exported from its module."""
     if spec.program is not None:
         return spec.program
     with torch.no_grad():
@@ -168,7 +170,7 @@ def locate(
         with native_log(tvm_log):  # TVM's C++ warnings, some printed as its objects are freed
             suspects = _suspects(search, failure, args)
         stages.done("search", f"{len(suspects)} culprit(s): " + ", ".join(f"{s.unit.name} ({s.unit.target})" for s in suspects))
-        location.culprits = [_culprit(s, search, reasons, spec, schedules, out_dir) for s in suspects[:MAX_REPRODUCERS]]
+        location.culprits = [_culprit(s, search, reasons, spec, schedules, out_dir) for s in suspects[:MAX_CULPRITS]]
         if out_dir is not None and run_reproducers:
             _run_reproducers(location.culprits, progress)
             stages.done("reproduce", f"{sum(1 for c in location.culprits if c.reproducer)} reproducer(s) written and run")

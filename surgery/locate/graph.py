@@ -113,7 +113,6 @@ class Subprogram:
 
     program: torch.export.ExportedProgram
     inputs: tuple[torch.Tensor, ...]  # PyTorch's values for its placeholders
-    fed: list[Ref]  # what each input is, in the whole program
     outputs: list[Ref]  # what each output is
     units: list[fx.Node]  # the operators it computes
 
@@ -139,8 +138,6 @@ class ProgramGraph:
         self.units = [n for n in self.graph.nodes if n.op == "call_function" and n.target is not operator.getitem
                       and not is_assertion(n) and _tensor_elements(node_value(n))]
         self.position = {u: i for i, u in enumerate(self.units)}
-        output = next(n for n in self.graph.nodes if n.op == "output")
-        self.output_refs = [self.ref_of(n) for n in output.args[0]]
 
     def refs(self, unit: fx.Node) -> list[Ref]:
         return [(unit, i) for i in _tensor_elements(node_value(unit))]
@@ -232,7 +229,7 @@ class ProgramGraph:
         graph.lint()
         inputs = tuple(self.value(ref, values) for ref in fed)
         program = torch.export.export(fx.GraphModule(self.module, graph), inputs)
-        return Subprogram(program, inputs, fed, list(outputs), list(units))
+        return Subprogram(program, inputs, list(outputs), list(units))
 
 
 def value_at(ref: Ref, value_of: Callable[[fx.Node], object]):

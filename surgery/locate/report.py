@@ -68,8 +68,7 @@ def write_locate_report(location: Location, out_dir: str | Path = "reports") -> 
     applied = location.rewrites["applied"]
     lines += [f"- rewrites (`{location.rewrites['mode']}`): "
               + (", ".join(f"{k} ({', '.join(f'{op} x{n}' for op, n in v.items())})" for k, v in applied.items()) or "none applied"),
-              f"- TVM: {location.schedules} schedules; {location.operators} operators in the program TVM imports; "
-              "run on the model's example inputs",
+              f"- TVM: {location.schedules} schedules; {location.operators} operators in the program TVM imports; run on the model's example inputs",
               f"- TVM on the whole program: {location.whole_failure or 'imports, builds, runs, and every output is within tolerance'}",
               ""]
     lines += ["## How errors were judged", "", JUDGE_EXPLAINED, "", f"Rule: {location.judge}.", ""]
