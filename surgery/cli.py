@@ -4,6 +4,8 @@
     python -m surgery apply PATH.pt2           # the same for a saved ExportedProgram
     python -m surgery list                     # models and rewrites, with their contracts
     python -m surgery verify [--rewrite NAME]  # property-check rewrites, write reports/rewrites.*
+    python -m surgery locate MODEL|PATH.pt2    # where TVM goes wrong: culprit operators, reproducers
+    python -m surgery probe add REPRO --rewrite NAME   # make --rewrite auto check a reproducer from now on
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ from models.padded_prompts import check_compiled, limits_from_options
 from .catalog import catalog_markdown
 from .equivalence.report import write_model_report, write_rewrite_report
 from .equivalence.verify import verify_rewrite
+from .locate import locate
+from .locate.report import write_locate_report
+from .locate.reproducer import keep_as_probe
 from .pipeline import operate, saved_program_spec
+from .probes import ProbeCaseError, probes_dir, remove_case, user_cases
 from .rewrites import REGISTRY, SPEED_REWRITES
 
 
@@ -33,6 +39,8 @@ def _list(args) -> int:
         descriptions = {name: (build.__doc__ or "").strip().splitlines()[0] for name, build in MODELS.items()}
         print(catalog_markdown(descriptions, contracts=not args.brief), end="")
         return 0
+    from .rewrites import REGISTRY
+
     print("models (python -m surgery apply NAME, or apply PATH.pt2 for a saved ExportedProgram):")
     for name, build in MODELS.items():
         print(f"  {name:16s} {(build.__doc__ or '').strip().splitlines()[0]}")
@@ -96,16 +104,22 @@ def _stage_inputs(args, spec) -> tuple[str, ...] | None:
     return names
 
 
-def _apply(args) -> int:
+def _rewrite_mode(args):
+    """--rewrite: "auto" (the default), "all", "none", or a list of rewrite names."""
     rewrites = args.rewrite or ["auto"]
     if len(rewrites) == 1 and rewrites[0] in ("auto", "all", "none"):
-        rewrites = rewrites[0]
-    else:
-        unknown = [r for r in rewrites if r not in REGISTRY]
-        if unknown:
-            raise UsageError(f"unknown rewrite {unknown[0]!r}; known: auto, all, none, {', '.join(REGISTRY)}")
-    if args.examples < 1 or (args.tvm_examples is not None and args.tvm_examples < 0):
-        raise UsageError("--examples must be >= 1 and --tvm-examples >= 0")
+        return rewrites[0]
+    unknown = [r for r in rewrites if r not in REGISTRY]
+    if unknown:
+        raise UsageError(f"unknown rewrite {unknown[0]!r}; known: auto, all, none, {', '.join(REGISTRY)}")
+    return rewrites
+
+
+def _model_spec(args):
+    """The ModelSpec the model options name (a model, or a saved .pt2), the padded-prompt limits
+    when --max-* are given, and the seconds building it took."""
+    from models import MODELS
+
     limits = None
     if (args.max_points, args.max_boxes, args.max_batch) != (None, None, None):  # one module for varying counts
         if args.target != "geometry_encoder":
@@ -133,6 +147,14 @@ def _apply(args) -> int:
         raise UsageError(f"unknown model {args.target!r}; known models: {', '.join(MODELS)} (or a path to a .pt2 file)")
     build_s = time.perf_counter() - start
     print(f"[build     ] {build_s:7.2f} s  {spec.description.get('model')}, weights: {spec.description.get('weights')}", flush=True)
+    return spec, limits, build_s
+
+
+def _apply(args) -> int:
+    rewrites = _rewrite_mode(args)
+    if args.examples < 1 or (args.tvm_examples is not None and args.tvm_examples < 0):
+        raise UsageError("--examples must be >= 1 and --tvm-examples >= 0")
+    spec, limits, build_s = _model_spec(args)
     stage_inputs = _stage_inputs(args, spec)
     out_dir = Path(args.out) if args.out else Path("out") / spec.name
     result = operate(spec, rewrites=rewrites, examples=args.examples, tvm_examples=args.tvm_examples,
@@ -154,6 +176,77 @@ def _apply(args) -> int:
     return 0
 
 
+def _locate(args) -> int:
+    from .rewrites import REGISTRY
+
+    rewrites = _rewrite_mode(args)
+    if args.save_probe is not None and args.save_probe not in REGISTRY:
+        raise UsageError(f"--save-probe: unknown rewrite {args.save_probe!r}; known: {', '.join(REGISTRY)}")
+    spec, _, build_s = _model_spec(args)
+    out_dir = Path(args.out) if args.out else Path("out") / "locate" / spec.name
+    location = locate(spec, rewrites=rewrites, schedules=args.schedules, out_dir=out_dir, cache_dir=args.cache,
+                      progress=lambda m: print(m, flush=True))
+    location.stages_s = {"build": build_s, **location.stages_s}
+    md, js = write_locate_report(location, args.reports)
+    for culprit in location.culprits:
+        print(f"culprit ({culprit.stage}): {culprit.node.name} = {culprit.node.call}\n  at {culprit.node.where()}\n"
+              f"  TVM: {culprit.error}" + (f"\n  reproducer: {culprit.reproducer['script']}" if culprit.reproducer else "")
+              + f"\n  next step: {culprit.next_step}")
+    print(f"report: {md} and {js}")
+    if args.save_probe is not None:
+        _save_probe(location, args.save_probe)
+    if location.diverges:
+        print(f"surgery: locate: {location.verdict} ({len(location.culprits)} culprit(s)); details in {md}", file=sys.stderr)
+        return 1
+    print("nothing diverges: TVM imports, builds and runs the program, every output within the judge's tolerance")
+    return 0
+
+
+def _save_probe(location, rewrite: str) -> None:
+    """--save-probe: the first reproducer of an operator ``rewrite`` replaces (else the first)."""
+    from .probes import ProbeCaseError
+
+    with_reproducer = [c for c in location.culprits if c.reproducer]
+    if not with_reproducer:
+        print("--save-probe: no reproducer to keep", file=sys.stderr)
+        return
+    chosen = next((c for c in with_reproducer if rewrite in c.rewrites), with_reproducer[0])
+    name = f"{location.model}_{chosen.node.name}"
+    try:
+        case = keep_as_probe(chosen.reproducer["dir"], rewrite, name)
+    except ProbeCaseError as exc:
+        print(f"--save-probe: not kept: {exc}", file=sys.stderr)
+        return
+    print(f"probe case {case.name} kept in {case.directory}: --rewrite auto applies {rewrite} while TVM fails it")
+
+
+def _probe_add(args) -> int:
+    from .probes import ProbeCaseError
+
+    try:
+        case = keep_as_probe(args.reproducer, args.rewrite, args.name)
+    except ProbeCaseError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"probe case {case.name} kept in {case.directory}: --rewrite auto applies {case.rewrite} while TVM fails it")
+    return 0
+
+
+def _probe_list(args) -> int:
+    cases = user_cases()
+    print(f"probe cases in {probes_dir()} (set $SURGERY_PROBES to keep them elsewhere): {len(cases) or 'none'}")
+    for case in cases:
+        print(f"  {case.name:24s} {case.rewrite:14s} {case.operator}: {case.failure[:100]}")
+    return 0
+
+
+def _probe_remove(args) -> int:
+    try:
+        print(f"removed {remove_case(args.name)}")
+    except ProbeCaseError as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m surgery", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,30 +263,63 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(run=_verify)
 
     apply = sub.add_parser("apply", help="export, rewrite, verify, compile with TVM, run, report")
-    apply.add_argument("target", help="a model name (see 'list') or the path of a saved ExportedProgram (.pt2)")
-    apply.add_argument("--checkpoint", help="SAM3 checkpoint or bare encoder state_dict (default: seeded random weights)")
-    apply.add_argument("--points", type=int, default=3, help="number of points (static, right-padded by masks)")
-    apply.add_argument("--boxes", type=int, default=2, help="number of boxes")
-    apply.add_argument("--batch", type=int, default=1)
-    apply.add_argument("--feat-size", type=_feat_size, default=(72, 72), help="image feature map, N or HxW (SAM3 at 1008 px: 72)")
-    apply.add_argument("--rewrite", action="append", help="auto (probe TVM; default), all, none, or rewrite names (repeatable)")
+    _add_model_arguments(apply)
+    _add_tvm_arguments(apply, schedules="ours")
     apply.add_argument("--examples", type=int, default=20, help="hypothesis examples for original vs rewritten")
     apply.add_argument("--tvm-examples", type=int, default=None, help="hypothesis examples for original vs TVM (default: --examples)")
-    apply.add_argument("--seed", type=int, default=0, help="weights, example inputs and hypothesis seed")
     apply.add_argument("--out", help="artifact directory (default: out/<model>)")
     apply.add_argument("--reports", default="reports", help="directory for <model>.md / <model>.json")
     apply.add_argument("--no-tvm", action="store_true", help="stop after the PyTorch verification")
-    apply.add_argument("--schedules", choices=["ours", "default"], default="ours",
-                       help="ours: speed rewrites + surgery.schedules for this CPU (shipped); default: stock TVM's CPU pipeline")
     apply.add_argument("--split", metavar="INPUTS", help="hoist what depends only on these inputs (comma-separated) into "
                        "a stage compiled apart (default: the model's choice; geometry_encoder: img_feats,img_pos)")
     apply.add_argument("--no-split", action="store_true", help="compile one graph")
-    apply.add_argument("--cache", metavar="DIR", help="compiled-library cache (default: $SURGERY_CACHE or ~/.cache/surgery)")
-    for name, default in (("points", 16), ("boxes", 8), ("batch", 4)):
-        apply.add_argument(f"--max-{name}", type=int, help=f"compile one module serving up to this many {name} (default {default} "
-                           "once any --max-* is given); shorter prompts are right-padded with SAM3's masks")
     apply.set_defaults(run=_apply)
+
+    locate = sub.add_parser("locate", help="find where TVM goes wrong (import, build, numbers): culprit operators, "
+                            "their source lines, minimal reproducers, report")
+    _add_model_arguments(locate)
+    _add_tvm_arguments(locate, schedules="default")
+    locate.add_argument("--out", help="artifact directory: reproducers, TVM's log (default: out/locate/<model>)")
+    locate.add_argument("--reports", default="reports", help="directory for locate_<model>.md / locate_<model>.json")
+    locate.add_argument("--save-probe", metavar="REWRITE", help="keep the reproducer found as a user probe case fixed by "
+                        "REWRITE, so that --rewrite auto applies REWRITE while TVM fails it (see 'probe add')")
+    locate.set_defaults(run=_locate)
+
+    probe = sub.add_parser("probe", help="user probe cases: reproducers that make --rewrite auto apply a rewrite")
+    actions = probe.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="keep a reproducer directory (from locate) as a probe case fixed by a rewrite")
+    add.add_argument("reproducer", help="a reproducer directory written by locate (program.pt2, inputs.pt, case.json)")
+    add.add_argument("--rewrite", required=True, help="the rewrite that fixes it")
+    add.add_argument("--name", help="the case's name (default: the directory's)")
+    add.set_defaults(run=_probe_add)
+    actions.add_parser("list", help="the probe cases and where they are kept").set_defaults(run=_probe_list)
+    remove = actions.add_parser("remove", help="forget a probe case")
+    remove.add_argument("name")
+    remove.set_defaults(run=_probe_remove)
     return parser
+
+
+def _add_model_arguments(parser) -> None:
+    """What to operate on and with which inputs: shared by apply and locate."""
+    parser.add_argument("target", help="a model name (see 'list') or the path of a saved ExportedProgram (.pt2)")
+    parser.add_argument("--checkpoint", help="SAM3 checkpoint or bare encoder state_dict (default: seeded random weights)")
+    parser.add_argument("--points", type=int, default=3, help="number of points (static, right-padded by masks)")
+    parser.add_argument("--boxes", type=int, default=2, help="number of boxes")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--feat-size", type=_feat_size, default=(72, 72), help="image feature map, N or HxW (SAM3 at 1008 px: 72)")
+    parser.add_argument("--seed", type=int, default=0, help="weights, example inputs and hypothesis seed")
+    for name, default in (("points", 16), ("boxes", 8), ("batch", 4)):
+        parser.add_argument(f"--max-{name}", type=int, help=f"compile one module serving up to this many {name} (default {default} "
+                            "once any --max-* is given); shorter prompts are right-padded with SAM3's masks")
+
+
+def _add_tvm_arguments(parser, schedules: str) -> None:
+    """Which rewrites, which TVM build, which cache: shared by apply and locate."""
+    parser.add_argument("--rewrite", action="append", help="auto (probe TVM; default), all, none, or rewrite names (repeatable)")
+    parser.add_argument("--schedules", choices=["ours", "default"], default=schedules,
+                        help="ours: speed rewrites + surgery.schedules for this CPU (shipped); default: stock TVM's CPU pipeline "
+                        f"(default: {schedules})")
+    parser.add_argument("--cache", metavar="DIR", help="compiled-library cache (default: $SURGERY_CACHE or ~/.cache/surgery)")
 
 
 def main(argv=None) -> int:

@@ -26,10 +26,13 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torchvision  # noqa: F401  programs holding torchvision ops need it registered before loading
 
 from .atomic import atomic_path, write_text
 from .equivalence.compare import compare
+from .equivalence.judge import judge_outputs
 from .paths import display_path
+from .probes import digest, user_cases
 from .rewrites import REGISTRY, SPEED_REWRITES
 from .versions import installed_versions
 
@@ -81,6 +84,13 @@ def _tvm():
     return tvm, relax, from_exported_program
 
 
+def error_line(exc: BaseException, limit: int = 500) -> str:
+    """An exception in one line: its type and the last line of its message (TVM's errors end
+    with the check that failed, after a C++ backtrace)."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {(lines or [''])[-1].strip()[:limit]}"
+
+
 def converter_table() -> frozenset[str]:
     """Operator names (``"scatter.src"``) the installed TVM's exported-program importer converts."""
     _tvm()
@@ -91,11 +101,36 @@ def converter_table() -> frozenset[str]:
     return frozenset(ExportedProgramImporter().create_convert_map())
 
 
+def convert_program(program: torch.export.ExportedProgram):
+    """ExportedProgram -> relax IRModule, as TVM's exported-program importer gives it."""
+    _, _, from_exported_program = _tvm()
+    return from_exported_program(program, keep_params_as_input=False)
+
+
+def output_types(mod) -> list[tuple[tuple[int, ...] | None, str]]:
+    """(shape, dtype) of each tensor an imported module's ``main`` returns, as TVM's importer
+    inferred them (shape None where not static): what the converters claim they compute."""
+    main = mod["main"]
+    returned = getattr(main, "ret_ty", None) or getattr(main, "ret_struct_info", None)  # 0.27 / older
+    types = []
+    for field in list(returned.fields) if hasattr(returned, "fields") else [returned]:
+        try:
+            shape = tuple(int(v) for v in field.shape.values)
+        except (AttributeError, TypeError, ValueError):
+            shape = None
+        types.append((shape, str(getattr(field, "dtype", ""))))
+    return types
+
+
+def fold_constants(mod):
+    """Input-independent subgraphs of an imported module computed and replaced by constants."""
+    _, relax, _ = _tvm()
+    return relax.transform.FoldConstant()(mod)
+
+
 def import_program(program: torch.export.ExportedProgram):
     """ExportedProgram -> relax IRModule, with input-independent subgraphs folded to constants."""
-    tvm, relax, from_exported_program = _tvm()
-    mod = from_exported_program(program, keep_params_as_input=False)
-    return relax.transform.FoldConstant()(mod)
+    return fold_constants(convert_program(program))
 
 
 SCHEDULES = ("ours", "default")
@@ -389,10 +424,33 @@ def _probe_one(name: str, rewrite, converters: frozenset[str]) -> Finding:
     return Finding(name, False, f"converter correct on {rewrite.probe_note}")
 
 
-def probe(cache_dir: str | Path | None = None, progress: Callable[[str], None] = lambda m: None) -> TvmProbe:
-    """Which rewrites the installed TVM needs, and why. Cached per TVM version on disk."""
+def program_problem(program: torch.export.ExportedProgram, inputs) -> str | None:
+    """What stock TVM gets wrong on ``program`` fed ``inputs``: its failure, or outputs the float64
+    judge (``surgery.equivalence.judge``) finds wrong; None when it gets it right."""
+    try:
+        with native_log([]):
+            fn, _ = compile_program(program)
+        outputs = fn(*inputs)
+    except Exception as exc:  # noqa: BLE001 - the failure the case was filed for
+        return f"TVM fails: {error_line(exc, 200)}"
+    wrong = [j for j in judge_outputs(program.module(), inputs, outputs) if not j.ok]
+    return f"wrong numbers: {wrong[0]}" if wrong else None
+
+
+def _user_case_problem(case) -> str | None:
+    """What TVM gets wrong on a user probe case (``surgery.probes``), or None."""
+    return program_problem(torch.export.load(case.program), tuple(torch.load(case.inputs)))
+
+
+def probe(cache_dir: str | Path | None = None, progress: Callable[[str], None] = lambda m: None,
+          probes_root: str | Path | None = None) -> TvmProbe:
+    """Which rewrites the installed TVM needs, and why: the rewrites' own cases, then the user's
+    probe cases in ``probes_root`` (default ``surgery.probes.probes_dir()``), each marking its
+    rewrite needed when TVM still fails it. Cached per TVM version and user cases on disk."""
     versions = tvm_versions()
-    key = f"tvm-probe-v{PROBE_FORMAT}-{versions['apache-tvm']}-{versions['apache-tvm-ffi']}-torch{torch.__version__}.json"
+    cases = [c for c in user_cases(probes_root) if c.rewrite in REGISTRY]
+    key = (f"tvm-probe-v{PROBE_FORMAT}-{versions['apache-tvm']}-{versions['apache-tvm-ffi']}-torch{torch.__version__}"
+           + (f"-cases{digest(probes_root)[:16]}" if cases else "") + ".json")
     cached = cache_root(cache_dir) / key
     if cached.is_file():
         try:
@@ -408,6 +466,13 @@ def probe(cache_dir: str | Path | None = None, progress: Callable[[str], None] =
     for name, cls in REGISTRY.items():
         progress(f"probing TVM's converter for {name}")
         findings[name] = _probe_one(name, cls(), converters)
+    for case in cases:
+        progress(f"probing TVM on user probe case {case.name} (fixed by {case.rewrite})")
+        problem = _user_case_problem(case)
+        if problem is not None:
+            earlier = findings[case.rewrite]
+            reason = f"user probe case {case.name!r} ({case.directory}): {problem}"
+            findings[case.rewrite] = Finding(case.rewrite, True, f"{earlier.reason}; {reason}" if earlier.needed else reason)
     result = TvmProbe(versions, findings, time.perf_counter() - start)
     try:
         write_text(cached, json.dumps({"versions": versions, "seconds": result.seconds,

@@ -11,7 +11,8 @@ import dataclasses
 import time
 
 import torch
-from hypothesis import HealthCheck, given, seed as hypothesis_seed, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import seed as hypothesis_seed
 
 from .. import rewrite
 from ..rewrites import REGISTRY

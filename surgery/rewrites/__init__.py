@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from .base import Rewrite, RewriteError, RewriteResult, op_census
 from .attention_reassociation import AttentionReassociation
+from .base import Rewrite, RewriteError, RewriteResult, op_census
 from .conv_as_matmul import ConvAsMatmul
 from .floor_divide import FloorDivideToFmod
 from .full_like import FullLikeToFull
-from .grid_sample import GridSampleToGather
 from .gather_through_permute import GatherThroughPermute
+from .grid_sample import GridSampleToGather
 from .layout_round_trips import LayoutRoundTrips
 from .matmul_packing import MatmulPacking
 from .roi_align import RoiAlignToGridSample

@@ -1,0 +1,169 @@
+"""Is a float32 result wrong, or only rounded differently? Judged against float64.
+
+A compiler may add, multiply and reduce in another order than PyTorch, contract ``a*b+c`` or
+use its own ``exp``: its float32 results then differ from eager PyTorch's by rounding, and
+neither is "the" answer. So both are measured against a float64 reference (the same operations
+on the same values, in float64: inputs, parameters, constants and float dtype arguments cast)
+and the candidate is wrong only when it is much further from it than eager float32 is::
+
+    |candidate - float64| <= ERROR_FACTOR * |eager - float64| + FLOOR_ULPS * eps(dtype) * scale
+
+(maxima over the tensor's finite elements; ``scale`` the larger of the reference's largest
+magnitude and the caller's, e.g. an operator's largest input, for sums that cancel). The floor
+covers values eager happens to get exact. Integer and bool values must equal eager's exactly,
+and inf/NaN must sit exactly where eager has them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+ERROR_FACTOR = 16  # another summation order or contraction costs a few times eager's rounding
+FLOOR_ULPS = 8  # of the value's scale, for values eager computes exactly
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def rule_text() -> str:
+    return (f"|TVM - float64| <= {ERROR_FACTOR} x |eager - float64| + {FLOOR_ULPS} ulp x scale (max over finite elements; "
+            "float64 = the same operations on the same values in float64, inputs, parameters, constants and float dtype "
+            "arguments cast; scale = max(|float64|, |the operator's inputs|)); integer and bool values identical to eager's; "
+            "inf/NaN exactly where eager has them")
+
+
+@dataclasses.dataclass
+class Judgement:
+    ok: bool
+    dtype: str
+    elements: int
+    error: float  # max |candidate - float64| (integers: elements differing from eager)
+    eager_error: float  # max |eager - float64|
+    tolerance: float
+    scale: float
+    problem: str = ""  # shape, dtype or non-finite mismatch
+
+    @property
+    def ratio(self) -> float:
+        """How far past its tolerance the candidate is (> 1: wrong)."""
+        if self.problem:
+            return math.inf
+        return self.error / self.tolerance if self.tolerance > 0 else (0.0 if self.error == 0 else math.inf)
+
+    def __str__(self) -> str:
+        if self.problem:
+            return self.problem
+        if self.dtype not in map(str, FLOAT_DTYPES + (torch.float64,)):
+            return f"{int(self.error)} of {self.elements} elements differ from eager (must be identical)"
+        return (f"max |TVM - float64| = {self.error:.3g}, eager float32's = {self.eager_error:.3g}, "
+                f"tolerance {self.tolerance:.3g} (scale {self.scale:.3g})")
+
+
+def judge(candidate: torch.Tensor, eager: torch.Tensor, reference: torch.Tensor, scale: float = 0.0) -> Judgement:
+    """Judge ``candidate`` against the float64 ``reference``, with eager PyTorch's own error
+    (``eager`` vs ``reference``) as the yardstick. See the module docstring."""
+    dtype, elements = str(eager.dtype), eager.numel()
+    if candidate.shape != eager.shape or candidate.dtype != eager.dtype:
+        return Judgement(False, dtype, elements, math.inf, 0.0, 0.0, scale,
+                         f"shape/dtype {tuple(candidate.shape)}/{candidate.dtype}, PyTorch gives {tuple(eager.shape)}/{eager.dtype}")
+    if not eager.is_floating_point():
+        differ = int((candidate != eager).sum())
+        return Judgement(differ == 0, dtype, elements, float(differ), 0.0, 0.0, 0.0)
+    nonfinite = ~torch.isfinite(eager)
+    same_nonfinite = (candidate == eager) | (torch.isnan(candidate) & torch.isnan(eager))
+    mismatched = int((nonfinite & ~same_nonfinite).sum() + (~nonfinite & ~torch.isfinite(candidate)).sum())
+    reference = reference.to(torch.float64)
+    finite = ~nonfinite & torch.isfinite(reference)
+    scale = max(scale, float(reference[finite].abs().max()) if finite.any() else 0.0)
+    error = float((candidate[finite].double() - reference[finite]).abs().max()) if finite.any() else 0.0
+    eager_error = float((eager[finite].double() - reference[finite]).abs().max()) if finite.any() else 0.0
+    tolerance = ERROR_FACTOR * eager_error + FLOOR_ULPS * torch.finfo(eager.dtype).eps * scale
+    problem = f"{mismatched} inf/NaN where eager has none or another" if mismatched else ""
+    return Judgement(not mismatched and error <= tolerance, dtype, elements, error, eager_error, tolerance, scale, problem)
+
+
+def largest_magnitude(values) -> float:
+    """The largest finite magnitude among the float tensors in ``values`` (0 if none)."""
+    largest = 0.0
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+            finite = value[torch.isfinite(value)]
+            if finite.numel():
+                largest = max(largest, float(finite.abs().max()))
+    return largest
+
+
+def to_float64(value):
+    """Float tensors and float dtypes (``dtype=torch.float32`` arguments) in ``value``, a tensor
+    or a nest of lists, tuples and dicts, as float64; everything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.double() if value.is_floating_point() else value
+    if isinstance(value, torch.dtype):
+        return torch.float64 if value in FLOAT_DTYPES else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_float64(v) for v in value)
+    if isinstance(value, dict):
+        return {k: to_float64(v) for k, v in value.items()}
+    return value
+
+
+def is_assertion(node: torch.fx.Node) -> bool:
+    """Runtime checks export leaves in a graph (``_assert_tensor_metadata`` checks a dtype, which
+    a float64 run would fail) and ``module()``'s input guards: values nobody reads."""
+    if node.op == "call_module":
+        return str(node.target).startswith("_guards")
+    return node.op == "call_function" and "_assert" in getattr(node.target, "__name__", str(node.target))
+
+
+def evaluate_node(node: torch.fx.Node, value_of, float64: bool = False):
+    """``node``'s operator applied to ``value_of(input node)`` for each of its inputs, in float64
+    when asked (see ``to_float64``)."""
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), value_of)
+    if float64:
+        args, kwargs = to_float64(args), to_float64(kwargs)
+    return node.target(*args, **kwargs)
+
+
+def attribute(module: torch.nn.Module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def evaluate_graph(module: torch.fx.GraphModule, args, float64: bool = False, keep_all: bool = False):
+    """Run ``module``'s graph node by node (``program.module()`` of an ExportedProgram: user
+    inputs as placeholders, parameters as attributes), optionally in float64. Returns the flat
+    outputs and, with ``keep_all``, every node's value (else values are dropped after their last use)."""
+    nodes = list(module.graph.nodes)
+    last_use = {}
+    for position, node in enumerate(nodes):
+        for used in node.all_input_nodes:
+            last_use[used] = position
+    values, inputs = {}, iter(args)
+    cast = to_float64 if float64 else (lambda v: v)
+    with torch.no_grad():
+        for position, node in enumerate(nodes):
+            if node.op == "placeholder":
+                values[node] = cast(next(inputs))
+            elif node.op == "get_attr":
+                values[node] = cast(attribute(module, node.target))
+            elif node.op == "output":
+                outputs = torch.fx.node.map_arg(node.args[0], values.__getitem__)
+            elif not is_assertion(node):
+                values[node] = evaluate_node(node, values.__getitem__, float64)
+            if not keep_all:
+                for used in node.all_input_nodes:
+                    if last_use[used] == position and used in values:
+                        del values[used]
+    return tuple(outputs), values
+
+
+def judge_outputs(module: torch.fx.GraphModule, inputs, outputs) -> list[Judgement]:
+    """A compiled program's ``outputs`` on ``inputs`` judged against the program's graph run by
+    PyTorch (``program.module()``; eager float32 and float64), output by output; scale: the
+    inputs' largest magnitude."""
+    eager, _ = evaluate_graph(module, inputs)
+    reference, _ = evaluate_graph(module, inputs, float64=True)
+    scale = largest_magnitude(inputs)
+    return [judge(a, e, r, scale) for a, e, r in zip(outputs, eager, reference)]
