@@ -110,13 +110,15 @@ def load_checkpoint(encoder: nn.Module, path: str | Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} is not a readable torch checkpoint: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a readable torch checkpoint: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise CheckpointError(f"checkpoint {str(path)!r} holds no state_dict (got {type(state).__name__})")
     if any(k.startswith(CHECKPOINT_PREFIX) for k in state):
-        state = {k[len(CHECKPOINT_PREFIX):]: v for k, v in state.items() if k.startswith(CHECKPOINT_PREFIX)}
+        state = {k[len(CHECKPOINT_PREFIX) :]: v for k, v in state.items() if k.startswith(CHECKPOINT_PREFIX)}
     expected = encoder.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -158,8 +160,12 @@ class GeometryEncoderWrapper(nn.Module):
     def forward(self, points, point_labels, point_mask, boxes, box_labels, box_mask, img_feats, img_pos):
         _, Prompt = _import_sam3()
         prompt = Prompt(
-            box_embeddings=boxes, box_mask=box_mask, box_labels=box_labels,
-            point_embeddings=points, point_mask=point_mask, point_labels=point_labels,
+            box_embeddings=boxes,
+            box_mask=box_mask,
+            box_labels=box_labels,
+            point_embeddings=points,
+            point_mask=point_mask,
+            point_labels=point_labels,
         )
         with pin_memory_passthrough():
             embeds, mask = self.encoder(prompt, [img_feats], [self.feat_size], [img_pos])
@@ -175,7 +181,7 @@ class PromptShape:
     batch: int = 1
     feat_size: tuple[int, int] = (72, 72)
 
-    def validate(self) -> "PromptShape":
+    def validate(self) -> PromptShape:
         if self.points < 1:
             raise ValueError(f"points must be >= 1 (SAM3 needs a non-empty point sequence), got {self.points}")
         if self.boxes < 0 or self.batch < 1 or min(self.feat_size) < 1:
@@ -245,8 +251,14 @@ def prompt_inputs(shape: PromptShape):
     return inputs()
 
 
-def geometry_encoder_spec(points: int = 3, boxes: int = 2, batch: int = 1, feat_size=(72, 72), seed: int = 0,
-                          checkpoint: str | Path | None = None):
+def geometry_encoder_spec(
+    points: int = 3,
+    boxes: int = 2,
+    batch: int = 1,
+    feat_size=(72, 72),
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+):
     """SAM3's geometry (prompt) encoder, production configuration, from the sam3 package.
 
     Returns the ModelSpec that ``surgery.pipeline.operate`` takes: module, inputs, strategy.
@@ -257,11 +269,20 @@ def geometry_encoder_spec(points: int = 3, boxes: int = 2, batch: int = 1, feat_
     description = {
         "model": "sam3.model.geometry_encoders.SequenceGeometryEncoder (sam3.model_builder._create_geometry_encoder)",
         "weights": f"checkpoint {checkpoint}" if checkpoint else f"seeded random (seed {seed})",
-        "points": points, "boxes": boxes, "batch": batch, "feat_size": list(shape.feat_size),
+        "points": points,
+        "boxes": boxes,
+        "batch": batch,
+        "feat_size": list(shape.feat_size),
         "parameters": sum(p.numel() for p in encoder.parameters()),
     }
     return ModelSpec(
-        name="geometry_encoder", module=wrapper, example_args=example_inputs(shape, seed),
-        input_names=INPUT_NAMES, output_names=OUTPUT_NAMES, input_strategy=prompt_inputs(shape),
-        description=description, stage_inputs=IMAGE_INPUTS, stage_names=("image", "prompt"),
+        name="geometry_encoder",
+        module=wrapper,
+        example_args=example_inputs(shape, seed),
+        input_names=INPUT_NAMES,
+        output_names=OUTPUT_NAMES,
+        input_strategy=prompt_inputs(shape),
+        description=description,
+        stage_inputs=IMAGE_INPUTS,
+        stage_names=("image", "prompt"),
     )

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from hypothesis import strategies as st
@@ -58,12 +59,15 @@ class PromptLimits:
     max_boxes: int = 8
     max_batch: int = 4
 
-    def validate(self) -> "PromptLimits":
+    def validate(self) -> PromptLimits:
         for name in ("max_points", "max_boxes", "max_batch"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                hint = (" (no boxes at all is a masked-out box; a module exported with 0 boxes does not build on TVM)"
-                        if name == "max_boxes" else "")
+                hint = (
+                    " (no boxes at all is a masked-out box; a module exported with 0 boxes does not build on TVM)"
+                    if name == "max_boxes"
+                    else ""
+                )
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}{hint}")
         return self
 
@@ -107,17 +111,32 @@ def pad_prompts(args: Sequence[Tensor], limits: PromptLimits, feat_size=(72, 72)
     if boxes.dim() != 3 or boxes.shape[2] != 4 or boxes.shape[1] != B:
         raise ValueError(f"boxes must be [Nb, B, 4] with B={B}, got {tuple(boxes.shape)}")
     Nb = boxes.shape[0]
-    expected = {"point_labels": (Np, B), "point_mask": (B, Np), "box_labels": (Nb, B), "box_mask": (B, Nb),
-                "img_feats": (H * W, B, D_MODEL), "img_pos": (H * W, B, D_MODEL)}
+    expected = {
+        "point_labels": (Np, B),
+        "point_mask": (B, Np),
+        "box_labels": (Nb, B),
+        "box_mask": (B, Nb),
+        "img_feats": (H * W, B, D_MODEL),
+        "img_pos": (H * W, B, D_MODEL),
+    }
     for name, tensor in zip(INPUT_NAMES, args):
         if name in expected and tuple(tensor.shape) != expected[name]:
-            raise ValueError(f"{name} must have shape {expected[name]} (Np={Np}, Nb={Nb}, B={B}, feature map {H}x{W}), "
-                             f"got {tuple(tensor.shape)}")
-    for name, limit, value, low in (("points", limits.max_points, Np, 1), ("boxes", limits.max_boxes, Nb, 0),
-                                    ("batch", limits.max_batch, B, 1)):
+            raise ValueError(
+                f"{name} must have shape {expected[name]} (Np={Np}, Nb={Nb}, B={B}, feature map {H}x{W}), "
+                f"got {tuple(tensor.shape)}"
+            )
+    for name, limit, value, low in (
+        ("points", limits.max_points, Np, 1),
+        ("boxes", limits.max_boxes, Nb, 0),
+        ("batch", limits.max_batch, B, 1),
+    ):
         if not low <= value <= limit:
-            raise ValueError(f"{value} {name} is outside what this module serves ({low} to {limit}); "
-                             f"compile with a larger --max-{name}" if value > limit else f"{value} {name}: at least {low} needed")
+            raise ValueError(
+                f"{value} {name} is outside what this module serves ({low} to {limit}); "
+                f"compile with a larger --max-{name}"
+                if value > limit
+                else f"{value} {name}: at least {low} needed"
+            )
     for name, mask in (("point_mask", point_mask), ("box_mask", box_mask)):
         if mask.dtype != torch.bool or not _right_padded(mask):
             raise ValueError(f"{name} must be a bool mask, True at padding, right-padded (SAM3's convention)")
@@ -134,9 +153,14 @@ def pad_prompts(args: Sequence[Tensor], limits: PromptLimits, feat_size=(72, 72)
     padded_point_mask = grow(point_mask, (BB, P), True)
     padded_point_mask[B:, 0] = False  # a padding image gets one valid point: no image without tokens
     padded = (
-        padded_points, grow(point_labels, (P, BB), 0), padded_point_mask,
-        grow(boxes, (K, BB, 4), PAD_BOX), grow(box_labels, (K, BB), 0), grow(box_mask, (BB, K), True),
-        grow(img_feats, (H * W, BB, D_MODEL), 0.0), grow(img_pos, (H * W, BB, D_MODEL), 0.0),
+        padded_points,
+        grow(point_labels, (P, BB), 0),
+        padded_point_mask,
+        grow(boxes, (K, BB, 4), PAD_BOX),
+        grow(box_labels, (K, BB), 0),
+        grow(box_mask, (BB, K), True),
+        grow(img_feats, (H * W, BB, D_MODEL), 0.0),
+        grow(img_pos, (H * W, BB, D_MODEL), 0.0),
     )
     return PaddedPrompts(padded, Np, Nb, B)
 
@@ -171,8 +195,12 @@ def varying_prompts(limits: PromptLimits, feat_size=(72, 72)):
 
     @st.composite
     def inputs(draw):
-        shape = PromptShape(draw(st.integers(1, limits.max_points)), draw(st.integers(0, limits.max_boxes)),
-                            draw(st.integers(1, limits.max_batch)), tuple(feat_size))
+        shape = PromptShape(
+            draw(st.integers(1, limits.max_points)),
+            draw(st.integers(0, limits.max_boxes)),
+            draw(st.integers(1, limits.max_batch)),
+            tuple(feat_size),
+        )
         return draw(prompt_inputs(shape))
 
     return inputs()
@@ -185,16 +213,24 @@ def exact_count_reference(wrapper: torch.nn.Module, args: Sequence[Tensor]) -> l
     out = []
     for b in range(points.shape[1]):
         n, m = int((~point_mask[b]).sum()), int((~box_mask[b]).sum())
-        single = (points[:n, b:b + 1], point_labels[:n, b:b + 1], point_mask[b:b + 1, :n],
-                  boxes[:m, b:b + 1], box_labels[:m, b:b + 1], box_mask[b:b + 1, :m],
-                  img_feats[:, b:b + 1], img_pos[:, b:b + 1])
+        single = (
+            points[:n, b : b + 1],
+            point_labels[:n, b : b + 1],
+            point_mask[b : b + 1, :n],
+            boxes[:m, b : b + 1],
+            box_labels[:m, b : b + 1],
+            box_mask[b : b + 1, :m],
+            img_feats[:, b : b + 1],
+            img_pos[:, b : b + 1],
+        )
         with torch.no_grad():
             out.append(wrapper(*single))
     return out
 
 
-def check_against_exact_counts(padded_fn: PaddedGeometryEncoder, wrapper: torch.nn.Module, examples: int, seed: int,
-                               failures: list | None = None) -> dict:
+def check_against_exact_counts(
+    padded_fn: PaddedGeometryEncoder, wrapper: torch.nn.Module, examples: int, seed: int, failures: list | None = None
+) -> dict:
     """Property check: on ``examples`` hypothesis draws of ``varying_prompts``, the padded
     module's outputs equal (a) the original wrapper on the same unpadded inputs (mask identical,
     valid rows within the bounds) and (b) per image, the original run alone at exactly its valid
@@ -211,8 +247,13 @@ def check_against_exact_counts(padded_fn: PaddedGeometryEncoder, wrapper: torch.
             stats[OUTPUT_NAMES[0]] = compare(torch.cat(valid_rows(*actual)), torch.cat(valid_rows(*expected)))
         for b, (e_embeddings, e_mask) in enumerate(exact_count_reference(wrapper, args)):
             L = e_embeddings.shape[0]
-            accumulate(stats, {f"{OUTPUT_NAMES[0]} (image alone, exact counts)": compare(actual[0][:L, b], e_embeddings[:, 0]),
-                               f"{OUTPUT_NAMES[1]} (image alone, exact counts)": compare(actual[1][b, :L], e_mask[0])})
+            accumulate(
+                stats,
+                {
+                    f"{OUTPUT_NAMES[0]} (image alone, exact counts)": compare(actual[0][:L, b], e_embeddings[:, 0]),
+                    f"{OUTPUT_NAMES[1]} (image alone, exact counts)": compare(actual[1][b, :L], e_mask[0]),
+                },
+            )
         accumulate(total, stats)
         bad = {k: str(v) for k, v in stats.items() if not v.within_bounds()}
         assert not bad, f"padded vs exact counts: {bad}"
@@ -224,9 +265,15 @@ def check_against_exact_counts(padded_fn: PaddedGeometryEncoder, wrapper: torch.
     except PropertyFailed as exc:
         if failures is None:
             raise
-        failures.append({"check": "padded vs exact counts", "error": str(exc),
-                         "counterexample": {n: tuple(a.shape) for n, a in zip(INPUT_NAMES, exc.counterexample)}
-                         if isinstance(exc.counterexample, tuple) else repr(exc.counterexample)[:2000]})
+        failures.append(
+            {
+                "check": "padded vs exact counts",
+                "error": str(exc),
+                "counterexample": {n: tuple(a.shape) for n, a in zip(INPUT_NAMES, exc.counterexample)}
+                if isinstance(exc.counterexample, tuple)
+                else repr(exc.counterexample)[:2000],
+            }
+        )
     return total
 
 
@@ -249,18 +296,32 @@ def limits_from_options(max_points, max_boxes, max_batch, points: int, boxes: in
     if max_points is None and max_boxes is None and max_batch is None:
         return None
     defaults = PromptLimits()
-    limits = PromptLimits(defaults.max_points if max_points is None else max_points,
-                          defaults.max_boxes if max_boxes is None else max_boxes,
-                          defaults.max_batch if max_batch is None else max_batch).validate()
-    for name, value, limit in (("points", points, limits.max_points), ("boxes", boxes, limits.max_boxes),
-                               ("batch", batch, limits.max_batch)):
+    limits = PromptLimits(
+        defaults.max_points if max_points is None else max_points,
+        defaults.max_boxes if max_boxes is None else max_boxes,
+        defaults.max_batch if max_batch is None else max_batch,
+    ).validate()
+    for name, value, limit in (
+        ("points", points, limits.max_points),
+        ("boxes", boxes, limits.max_boxes),
+        ("batch", batch, limits.max_batch),
+    ):
         if value > limit:
-            raise ValueError(f"--{name} {value} exceeds --max-{name} {limit} (with --max-*, --{name} is the count latency is measured at)")
+            raise ValueError(
+                f"--{name} {value} exceeds --max-{name} {limit} (with --max-*, --{name} is the count latency is measured at)"
+            )
     return limits
 
 
-def check_compiled(result: Surgery, limits: PromptLimits, feat_size, examples: int, seed: int,
-                   latency_counts: tuple[int, int, int], progress: Callable[[str], None] = print) -> Surgery:
+def check_compiled(
+    result: Surgery,
+    limits: PromptLimits,
+    feat_size,
+    examples: int,
+    seed: int,
+    latency_counts: tuple[int, int, int],
+    progress: Callable[[str], None] = print,
+) -> Surgery:
     """The ``apply --max-*`` stage, after ``surgery.pipeline.operate`` compiled the encoder at the
     limits: check the padded TVM module against the original at exact counts on ``examples``
     hypothesis draws and measure its latency at ``latency_counts`` (points, boxes, batch).
@@ -271,14 +332,18 @@ def check_compiled(result: Surgery, limits: PromptLimits, feat_size, examples: i
     padded = PaddedGeometryEncoder(result.tvm, limits, feat_size)
     failures: list[dict] = []
     stats = check_against_exact_counts(padded, wrapper, examples, seed, failures)
-    progress(f"[padded    ] {time.perf_counter() - start:7.2f} s  {examples} examples, 1-{limits.max_points} points, "
-             f"0-{limits.max_boxes} boxes, batch 1-{limits.max_batch}: " + "; ".join(f"{k}: {v}" for k, v in stats.items()))
+    progress(
+        f"[padded    ] {time.perf_counter() - start:7.2f} s  {examples} examples, 1-{limits.max_points} points, "
+        f"0-{limits.max_boxes} boxes, batch 1-{limits.max_batch}: " + "; ".join(f"{k}: {v}" for k, v in stats.items())
+    )
     points, boxes, batch = latency_counts
     args = latency_inputs(points, boxes, batch, feat_size, seed)
     latency = {f"tvm_padded_{points}p_{boxes}b_batch{batch}_ms": median_ms(padded, args)}
     with torch.no_grad():
         latency[f"eager_{points}p_{boxes}b_batch{batch}_ms"] = median_ms(wrapper, args)
-    report = dataclasses.replace(result.report.with_check("padded_tvm_vs_exact_counts", stats, failures, latency),
-                                 padded={**dataclasses.asdict(limits), "examples": examples, "latency_counts": list(latency_counts)})
+    report = dataclasses.replace(
+        result.report.with_check("padded_tvm_vs_exact_counts", stats, failures, latency),
+        padded={**dataclasses.asdict(limits), "examples": examples, "latency_counts": list(latency_counts)},
+    )
     progress("[latency   ] " + ", ".join(f"{k} {v:.1f}" for k, v in report.latency.items()))
     return dataclasses.replace(result, report=report)

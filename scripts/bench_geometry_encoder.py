@@ -95,8 +95,14 @@ def build_systems(spec, log):
         def run_ort(*a):
             return [torch.from_numpy(o) for o in session.run(None, {n: x.numpy() for n, x in zip(ort_names, a)})]
 
-        systems["onnxruntime"] = (run_ort, {"version": ort.__version__, "threads": options.intra_op_num_threads,
-                                            "export_s": time.perf_counter() - start})
+        systems["onnxruntime"] = (
+            run_ort,
+            {
+                "version": ort.__version__,
+                "threads": options.intra_op_num_threads,
+                "export_s": time.perf_counter() - start,
+            },
+        )
     except ImportError as exc:
         log(f"onnxruntime not measured: {exc} (pip install -e '.[bench]')")
         systems["onnxruntime"] = (None, {"error": f"not installed: {exc}"})
@@ -120,8 +126,14 @@ def build_systems(spec, log):
     staged = hoist(decomposed(split_program), spec.stage_inputs, args)
     image_fn, image_info = compile_program(staged.stage, schedules="ours", cache_dir=cache_root(), log=tvm_log)
     prompt_fn, prompt_info = compile_program(staged.rest, schedules="ours", cache_dir=cache_root(), log=tvm_log)
-    split_info = {"rewrites": names, "speed_rewrites": speed, "image_stage": image_info, "prompt_stage": prompt_info,
-                  "frontier_mib": staged.frontier_bytes() / 2**20, "hoisted_nodes": staged.hoisted_nodes}
+    split_info = {
+        "rewrites": names,
+        "speed_rewrites": speed,
+        "image_stage": image_info,
+        "prompt_stage": prompt_info,
+        "frontier_mib": staged.frontier_bytes() / 2**20,
+        "hoisted_nodes": staged.hoisted_nodes,
+    }
     systems["tvm shipped, image+prompt"] = (staged.compose(image_fn, prompt_fn), split_info)
     image_args, prompt_args = staged.split_args(args)
     frontier = tuple(image_fn(*image_args))
@@ -139,19 +151,25 @@ def weight_bytes_read(program: torch.export.ExportedProgram) -> int:
     through a split (attention's packed q/k/v in-projection, whose k and v thirds went to the
     image stage) counts only the pieces some node reads; TVM folds the rest away."""
     signature = program.graph_signature
-    held = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
-            **getattr(signature, "inputs_to_lifted_tensor_constants", {})}
+    held = {
+        **signature.inputs_to_parameters,
+        **signature.inputs_to_buffers,
+        **getattr(signature, "inputs_to_lifted_tensor_constants", {}),
+    }
     total = 0
     for node in program.graph.nodes:
         if node.op != "placeholder" or node.name not in held or not node.users:
             continue
         value = node.meta["val"]
         full = value.numel() * value.element_size()
-        if all(user.op == "call_function" and user.target in _SPLITS
-               and all(piece.target is operator.getitem for piece in user.users) for user in node.users):
+        if all(
+            user.op == "call_function"
+            and user.target in _SPLITS
+            and all(piece.target is operator.getitem for piece in user.users)
+            for user in node.users
+        ):
             pieces = {(user, piece.args[1]) for user in node.users for piece in user.users if piece.users}
-            total += min(full, sum(user.meta["val"][index].numel() * value.element_size()
-                                   for user, index in pieces))
+            total += min(full, sum(user.meta["val"][index].numel() * value.element_size() for user, index in pieces))
         else:
             total += full
     return total
@@ -165,8 +183,11 @@ def prompt_stage_reads(staged, tokens: int = 72 * 72, head_width: int = 32) -> d
     part of it.) And how fast this machine reads that many bytes: a 2-thread sum over a buffer of
     that size, warm as between two prompts. Their ratio is a floor under the prompt stage here."""
     weights = weight_bytes_read(staged.rest)
-    keys_values = sum(f["bytes"] for f in staged.frontier
-                      if len(f["shape"]) == 3 and tokens in f["shape"] and head_width in f["shape"])
+    keys_values = sum(
+        f["bytes"]
+        for f in staged.frontier
+        if len(f["shape"]) == 3 and tokens in f["shape"] and head_width in f["shape"]
+    )
     total = weights + keys_values
     buffer = torch.ones(total // 4)
     for _ in range(5):
@@ -177,8 +198,13 @@ def prompt_stage_reads(staged, tokens: int = 72 * 72, head_width: int = 32) -> d
         buffer.sum()
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    return {"weights_mb": weights / 1e6, "keys_values_mb": keys_values / 1e6, "total_mb": total / 1e6,
-            "read_gb_per_s": total / seconds / 1e9, "floor_ms": seconds * 1e3}
+    return {
+        "weights_mb": weights / 1e6,
+        "keys_values_mb": keys_values / 1e6,
+        "total_mb": total / 1e6,
+        "read_gb_per_s": total / seconds / 1e9,
+        "floor_ms": seconds * 1e3,
+    }
 
 
 def measure(systems, args, rounds: int, calls: int, warmup: int) -> dict:
@@ -229,19 +255,37 @@ def run_config(points: int, boxes: int, rounds: int, calls: int, warmup: int, lo
     peers = [results[n]["median_ms"] for n in ("eager", "onnxruntime") if n in results]
     best_peer = min(peers)
     rows = []
-    for name, (fn, info) in systems.items():
+    for name, (_fn, info) in systems.items():
         row = {"system": name, "info": info, "check": checks.get(name)}
         if name in results:
             row.update(results[name])
             row["vs_best_peer"] = results[name]["median_ms"] / best_peer
         rows.append(row)
-        log(f"   {name:32s} " + (f"{results[name]['median_ms']:9.2f} ms  {row['vs_best_peer']:6.2f}x best peer"
-                                 if name in results else f"not timed: {info.get('error')}"))
-    one_call = min(results[n]["median_ms"] for n in ("tvm shipped, one call", "tvm shipped, image+prompt") if n in results)
+        log(
+            f"   {name:32s} "
+            + (
+                f"{results[name]['median_ms']:9.2f} ms  {row['vs_best_peer']:6.2f}x best peer"
+                if name in results
+                else f"not timed: {info.get('error')}"
+            )
+        )
+    one_call = min(
+        results[n]["median_ms"] for n in ("tvm shipped, one call", "tvm shipped, image+prompt") if n in results
+    )
     prompt = results.get("  prompt stage (per prompt)", {}).get("median_ms")
-    return {"points": points, "boxes": boxes, "batch": 1, "rows": rows, "best_peer_ms": best_peer,
-            "targets": {"one_call_ratio": one_call / best_peer, "one_call_met": one_call / best_peer <= TARGET_ONE_CALL,
-                        "prompt_stage_ms": prompt, "prompt_stage_met": prompt is not None and prompt <= TARGET_PROMPT_MS}}
+    return {
+        "points": points,
+        "boxes": boxes,
+        "batch": 1,
+        "rows": rows,
+        "best_peer_ms": best_peer,
+        "targets": {
+            "one_call_ratio": one_call / best_peer,
+            "one_call_met": one_call / best_peer <= TARGET_ONE_CALL,
+            "prompt_stage_ms": prompt,
+            "prompt_stage_met": prompt is not None and prompt <= TARGET_PROMPT_MS,
+        },
+    }
 
 
 def compile_line(info: dict) -> str:
@@ -251,7 +295,11 @@ def compile_line(info: dict) -> str:
         return "image: " + compile_line(info["image_stage"]) + "; prompt: " + compile_line(info["prompt_stage"])
     if info.get("cached"):
         built = info.get("built", {})
-        return f"cached library (built in {built.get('import_s', 0) + built.get('build_s', 0):.1f} s)" if built else "cached library"
+        return (
+            f"cached library (built in {built.get('import_s', 0) + built.get('build_s', 0):.1f} s)"
+            if built
+            else "cached library"
+        )
     if "build_s" in info:
         return f"compiled in {info['import_s'] + info['build_s']:.1f} s"
     if "export_s" in info:
@@ -260,33 +308,53 @@ def compile_line(info: dict) -> str:
 
 
 def markdown(report: dict) -> str:
-    lines = ["# Benchmark: SAM3 geometry encoder, eager PyTorch vs ONNX Runtime vs TVM", "",
-             f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, threads: torch "
-             f"{report['machine']['torch_threads']}, ONNX Runtime {report['machine']['ort_threads']}, TVM "
-             f"{report['machine']['tvm_threads']}. Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
-             "", f"Command: `{report['command']}` ({report['rounds']} interleaved rounds; in each, every system runs "
-             f"{report['warmup']} untimed calls, then {report['calls']} timed ones; medians of the timed calls). Every system's outputs were checked against "
-             "the original model before timing (embeddings float32 max abs <= 1e-5, padding mask identical).", ""]
+    lines = [
+        "# Benchmark: SAM3 geometry encoder, eager PyTorch vs ONNX Runtime vs TVM",
+        "",
+        f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, threads: torch "
+        f"{report['machine']['torch_threads']}, ONNX Runtime {report['machine']['ort_threads']}, TVM "
+        f"{report['machine']['tvm_threads']}. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+        + ".",
+        "",
+        f"Command: `{report['command']}` ({report['rounds']} interleaved rounds; in each, every system runs "
+        f"{report['warmup']} untimed calls, then {report['calls']} timed ones; medians of the timed calls). Every system's outputs were checked against "
+        "the original model before timing (embeddings float32 max abs <= 1e-5, padding mask identical).",
+        "",
+    ]
     for config in report["configs"]:
-        lines += [f"## {config['points']} points + {config['boxes']} boxes, batch 1, 72x72x256 features", "",
-                  "| system | median ms | vs best peer | build |", "|---|---:|---:|---|"]
+        lines += [
+            f"## {config['points']} points + {config['boxes']} boxes, batch 1, 72x72x256 features",
+            "",
+            "| system | median ms | vs best peer | build |",
+            "|---|---:|---:|---|",
+        ]
         for row in config["rows"]:
             if "median_ms" in row:
-                lines.append(f"| {row['system'].strip()} | {row['median_ms']:.2f} | {row['vs_best_peer']:.2f}x | {compile_line(row['info'])} |")
+                lines.append(
+                    f"| {row['system'].strip()} | {row['median_ms']:.2f} | {row['vs_best_peer']:.2f}x | {compile_line(row['info'])} |"
+                )
             else:
                 lines.append(f"| {row['system'].strip()} | not timed | | {row['info'].get('error', '')} |")
         t = config["targets"]
-        reads = next((row["info"].get("prompt_reads") for row in config["rows"] if row["info"].get("prompt_reads")), None)
-        lines += ["", f"- One call, shipped TVM (the faster shipped configuration): {t['one_call_ratio']:.2f}x the best peer "
-                  f"(target <= {TARGET_ONE_CALL}x): **{'met' if t['one_call_met'] else 'MISSED'}**.",
-                  f"- Prompt stage median: {t['prompt_stage_ms']:.2f} ms (target <= {TARGET_PROMPT_MS} ms): "
-                  f"**{'met' if t['prompt_stage_met'] else 'MISSED'}**."]
+        reads = next(
+            (row["info"].get("prompt_reads") for row in config["rows"] if row["info"].get("prompt_reads")), None
+        )
+        lines += [
+            "",
+            f"- One call, shipped TVM (the faster shipped configuration): {t['one_call_ratio']:.2f}x the best peer "
+            f"(target <= {TARGET_ONE_CALL}x): **{'met' if t['one_call_met'] else 'MISSED'}**.",
+            f"- Prompt stage median: {t['prompt_stage_ms']:.2f} ms (target <= {TARGET_PROMPT_MS} ms): "
+            f"**{'met' if t['prompt_stage_met'] else 'MISSED'}**.",
+        ]
         if reads:
-            lines += [f"- Floor under any prompt stage on this machine: one call reads at least {reads['total_mb']:.1f} MB "
-                      f"({reads['weights_mb']:.1f} MB of weights, {reads['keys_values_mb']:.1f} MB of cross-attention keys and values "
-                      "from the image stage), "
-                      f"and this machine reads that many bytes in {reads['floor_ms']:.2f} ms ({reads['read_gb_per_s']:.0f} GB/s, "
-                      "2-thread sum over a warm buffer of that size)."]
+            lines += [
+                f"- Floor under any prompt stage on this machine: one call reads at least {reads['total_mb']:.1f} MB "
+                f"({reads['weights_mb']:.1f} MB of weights, {reads['keys_values_mb']:.1f} MB of cross-attention keys and values "
+                "from the image stage), "
+                f"and this machine reads that many bytes in {reads['floor_ms']:.2f} ms ({reads['read_gb_per_s']:.0f} GB/s, "
+                "2-thread sum over a warm buffer of that size)."
+            ]
         lines += [""]
     return "\n".join(lines) + "\n"
 
@@ -304,7 +372,10 @@ def main(argv=None) -> int:
         if not configs or any(len(c) != 2 or c[0] < 1 or c[1] < 0 for c in configs):
             raise ValueError
     except ValueError:
-        print(f"bench: error: --configs takes POINTSxBOXES,... with points >= 1 and boxes >= 0, got {args.configs!r}", file=sys.stderr)
+        print(
+            f"bench: error: --configs takes POINTSxBOXES,... with points >= 1 and boxes >= 0, got {args.configs!r}",
+            file=sys.stderr,
+        )
         return 2
     if min(args.rounds, args.calls) < 1 or args.warmup < 0:
         print("bench: error: --rounds and --calls must be >= 1, --warmup >= 0", file=sys.stderr)
@@ -318,12 +389,20 @@ def main(argv=None) -> int:
         print(message, flush=True)
 
     report = {
-        "command": "python scripts/bench_geometry_encoder.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)),
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "ort_threads": os.cpu_count(), "tvm_threads": tvm_threads,
-                    "platform": platform.platform()},
+        "command": "python scripts/bench_geometry_encoder.py"
+        + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)),
+        "machine": {
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "ort_threads": os.cpu_count(),
+            "tvm_threads": tvm_threads,
+            "platform": platform.platform(),
+        },
         "versions": installed_versions((*REPORTED, "onnxruntime", "onnx", "onnxscript")),
-        "rounds": args.rounds, "calls": args.calls, "warmup": args.warmup,
+        "rounds": args.rounds,
+        "calls": args.calls,
+        "warmup": args.warmup,
         "configs": [run_config(p, b, args.rounds, args.calls, args.warmup, log) for p, b in configs],
     }
     out = Path(args.out)

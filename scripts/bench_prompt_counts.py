@@ -64,7 +64,12 @@ def main(argv=None) -> int:
             raise ValueError("--batch must be 1 (the exact module is compared with a batch-1 padded module too)")
         if args.boxes < 1:
             raise ValueError("--boxes must be >= 1 here: a module exported with 0 boxes does not build on TVM")
-        if args.points > limits.max_points or args.boxes > limits.max_boxes or args.batch > limits.max_batch or args.repeats < 1:
+        if (
+            args.points > limits.max_points
+            or args.boxes > limits.max_boxes
+            or args.batch > limits.max_batch
+            or args.repeats < 1
+        ):
             raise ValueError("the exact counts must fit the maxima, and --repeats >= 1")
     except ValueError as exc:
         print(f"bench_prompt_counts: error: {exc}", file=sys.stderr)
@@ -90,10 +95,16 @@ def main(argv=None) -> int:
     with torch.no_grad():
         reference = wrapper(*small)
     a, b = exact_fn(*small), padded(*small)
-    stats = [compare(torch.cat(valid_rows(*b)), torch.cat(valid_rows(*a))), compare(torch.cat(valid_rows(*b)), torch.cat(valid_rows(*reference)))]
+    stats = [
+        compare(torch.cat(valid_rows(*b)), torch.cat(valid_rows(*a))),
+        compare(torch.cat(valid_rows(*b)), torch.cat(valid_rows(*reference))),
+    ]
     agreed = bool(torch.equal(a[1], b[1]) and torch.equal(b[1], reference[1])) and all(s.within_bounds() for s in stats)
-    agreement = {"padding_mask identical": bool(torch.equal(a[1], b[1]) and torch.equal(b[1], reference[1])),
-                 "exact vs padded module, valid rows": str(stats[0]), "padded module vs eager, valid rows": str(stats[1])}
+    agreement = {
+        "padding_mask identical": bool(torch.equal(a[1], b[1]) and torch.equal(b[1], reference[1])),
+        "exact vs padded module, valid rows": str(stats[0]),
+        "padded module vs eager, valid rows": str(stats[1]),
+    }
 
     cases = {
         f"TVM, exact module ({args.points}p {args.boxes}b batch {args.batch})": (exact_fn, small),
@@ -119,32 +130,62 @@ def main(argv=None) -> int:
 
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     versions = tvm_backend.tvm_versions()
-    lines = ["# Latency of one module for varying prompt counts (fixed maxima + SAM3's padding masks)", "",
-             f"Generated {now} by `python scripts/bench_prompt_counts.py` ({total:.0f} s) on {platform.machine()}, "
-             f"{os.cpu_count()} cores, apache-tvm {versions['apache-tvm']}, untuned (default schedules), target llvm, "
-             f"{args.feat_size}x{args.feat_size} features, rewrites {needed}. Medians of {args.repeats} interleaved calls "
-             "after a warm-up, one process.", "",
-             "| case | median ms | min ms |", "|---|---:|---:|"]
+    lines = [
+        "# Latency of one module for varying prompt counts (fixed maxima + SAM3's padding masks)",
+        "",
+        f"Generated {now} by `python scripts/bench_prompt_counts.py` ({total:.0f} s) on {platform.machine()}, "
+        f"{os.cpu_count()} cores, apache-tvm {versions['apache-tvm']}, untuned (default schedules), target llvm, "
+        f"{args.feat_size}x{args.feat_size} features, rewrites {needed}. Medians of {args.repeats} interleaved calls "
+        "after a warm-up, one process.",
+        "",
+        "| case | median ms | min ms |",
+        "|---|---:|---:|",
+    ]
     lines += [f"| {k} | {medians[k]:.1f} | {min(times[k]):.1f} |" for k in names]
-    lines += ["", f"**Cost of the choice: the padded module takes {ratio:.2f}x the exact module's time on the same "
-              f"{args.points}-point, {args.boxes}-box, batch-{args.batch} prompts** "
-              f"({medians[names[1]]:.0f} ms vs {medians[names[0]]:.0f} ms).", "",
-              f"With the batch maximum at 1 (same {limits.max_points} points, {limits.max_boxes} boxes), the padded module "
-              f"takes {medians[names[3]] / medians[names[0]]:.2f}x the exact module's time on the same prompts "
-              f"({medians[names[3]]:.0f} ms).", "",
-              f"Build: exact module import {exact_times['import_s']:.1f} s + build {exact_times['build_s']:.1f} s; "
-              f"padded module import {padded_times['import_s']:.1f} s + build {padded_times['build_s']:.1f} s; "
-              f"batch-1 padded module import {padded1_times['import_s']:.1f} s + build {padded1_times['build_s']:.1f} s.", "",
-              "Eager PyTorch rows are for orientation; on this shared 2-core machine their medians and minima can differ a lot "
-              "(other work running), so compare TVM rows with each other.", "",
-              "Agreement on the same prompts: " + "; ".join(f"{k}: {v}" for k, v in agreement.items()), ""]
+    lines += [
+        "",
+        f"**Cost of the choice: the padded module takes {ratio:.2f}x the exact module's time on the same "
+        f"{args.points}-point, {args.boxes}-box, batch-{args.batch} prompts** "
+        f"({medians[names[1]]:.0f} ms vs {medians[names[0]]:.0f} ms).",
+        "",
+        f"With the batch maximum at 1 (same {limits.max_points} points, {limits.max_boxes} boxes), the padded module "
+        f"takes {medians[names[3]] / medians[names[0]]:.2f}x the exact module's time on the same prompts "
+        f"({medians[names[3]]:.0f} ms).",
+        "",
+        f"Build: exact module import {exact_times['import_s']:.1f} s + build {exact_times['build_s']:.1f} s; "
+        f"padded module import {padded_times['import_s']:.1f} s + build {padded_times['build_s']:.1f} s; "
+        f"batch-1 padded module import {padded1_times['import_s']:.1f} s + build {padded1_times['build_s']:.1f} s.",
+        "",
+        "Eager PyTorch rows are for orientation; on this shared 2-core machine their medians and minima can differ a lot "
+        "(other work running), so compare TVM rows with each other.",
+        "",
+        "Agreement on the same prompts: " + "; ".join(f"{k}: {v}" for k, v in agreement.items()),
+        "",
+    ]
     out = Path(args.out)
     md = write_text(out / "bench_prompt_counts.md", "\n".join(lines))
-    js = write_text(out / "bench_prompt_counts.json", json.dumps({
-        "generated": now, "versions": versions, "rewrites": needed, "feat_size": args.feat_size, "repeats": args.repeats,
-        "limits": vars(limits) if hasattr(limits, "__dict__") else str(limits), "exact": [args.points, args.boxes, args.batch],
-        "median_ms": medians, "all_ms": times, "padded_over_exact": ratio, "build_s": {"exact": exact_times, "padded": padded_times, "padded_batch1": padded1_times},
-        "agreement": agreement, "total_s": total}, indent=2) + "\n")
+    js = write_text(
+        out / "bench_prompt_counts.json",
+        json.dumps(
+            {
+                "generated": now,
+                "versions": versions,
+                "rewrites": needed,
+                "feat_size": args.feat_size,
+                "repeats": args.repeats,
+                "limits": vars(limits) if hasattr(limits, "__dict__") else str(limits),
+                "exact": [args.points, args.boxes, args.batch],
+                "median_ms": medians,
+                "all_ms": times,
+                "padded_over_exact": ratio,
+                "build_s": {"exact": exact_times, "padded": padded_times, "padded_batch1": padded1_times},
+                "agreement": agreement,
+                "total_s": total,
+            },
+            indent=2,
+        )
+        + "\n",
+    )
     print("\n".join(lines))
     print(f"report: {md} and {js}")
     return 0 if agreed else 1

@@ -51,7 +51,8 @@ def implementations():
         "torchvision C++ kernel": lambda x, boxes: torchvision.ops.roi_align(x, boxes, OUT),
         "surgery (grid_sample)": lambda x, boxes: rewritten_roi_align(x, boxes, OUT),
         "torchvision _roi_align": lambda x, boxes: eager_pure(
-            x, torchvision.ops._utils.convert_boxes_to_roi_format(boxes), 1.0, OUT, OUT, -1, False),
+            x, torchvision.ops._utils.convert_boxes_to_roi_format(boxes), 1.0, OUT, OUT, -1, False
+        ),
     }
 
 
@@ -81,8 +82,9 @@ def measure_memory_child(impl: str, K: int, dist: str) -> None:
 
 
 def measure_memory(impl: str, K: int, dist: str) -> int:
-    proc = subprocess.run([sys.executable, __file__, "--memory-child", impl, str(K), dist],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--memory-child", impl, str(K), dist], capture_output=True, text=True, check=True
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
@@ -111,7 +113,11 @@ def main(argv=None) -> int:
     for dist in dists:
         for K in counts:
             x, boxes = make_inputs(K, dist)
-            names = [n for n in impls if n != "torchvision _roi_align" or pure_pytorch_estimate(K) <= PURE_PYTORCH_LIMIT_BYTES]
+            names = [
+                n
+                for n in impls
+                if n != "torchvision _roi_align" or pure_pytorch_estimate(K) <= PURE_PYTORCH_LIMIT_BYTES
+            ]
             # Check before timing, in float64 where rounding can't hide a wrong rule: the rewrite
             # must match the C++ kernel within the float64 bound. In float32 on a 72 x 72 map,
             # coordinate rounding alone moves the kernel itself ~2e-5 off exact arithmetic, so
@@ -121,16 +127,24 @@ def main(argv=None) -> int:
             scale = float(x.abs().max())
             check64 = compare(impls["surgery (grid_sample)"](x64, boxes64), exact, scale=scale)
             if not check64.within_bounds():
-                print(f"the rewrite disagrees with the C++ kernel in float64 ({dist}, K={K}): {check64}", file=sys.stderr)
+                print(
+                    f"the rewrite disagrees with the C++ kernel in float64 ({dist}, K={K}): {check64}", file=sys.stderr
+                )
                 return 1
             reference = impls["torchvision C++ kernel"](x, boxes)
             errors = {name: compare(impls[name](x, boxes), reference, scale=scale) for name in names[1:]}
-            accuracy.append({
-                "dist": dist, "boxes": K, "float64_ours_vs_cpp_max_rel": check64.max_rel,
-                "float32_ours_vs_cpp": errors["surgery (grid_sample)"].max_abs,
-                "float32_cpp_vs_float64": compare(reference.double(), exact).max_abs,
-                "float32_ours_vs_float64": compare(impls["surgery (grid_sample)"](x, boxes).double(), exact).max_abs,
-            })
+            accuracy.append(
+                {
+                    "dist": dist,
+                    "boxes": K,
+                    "float64_ours_vs_cpp_max_rel": check64.max_rel,
+                    "float32_ours_vs_cpp": errors["surgery (grid_sample)"].max_abs,
+                    "float32_cpp_vs_float64": compare(reference.double(), exact).max_abs,
+                    "float32_ours_vs_float64": compare(
+                        impls["surgery (grid_sample)"](x, boxes).double(), exact
+                    ).max_abs,
+                }
+            )
             times = {n: [] for n in names}
             for i in range(args.repeats):  # interleaved: drift hits every implementation alike
                 for n in names:
@@ -143,8 +157,11 @@ def main(argv=None) -> int:
             for n in impls:
                 row = {"dist": dist, "boxes": K, "impl": n}
                 if n in names:
-                    row.update(ms=1e3 * statistics.median(times[n]), peak_mb=memory[n] / 2**20,
-                               max_abs_vs_cpp=errors[n].max_abs if n in errors else 0.0)
+                    row.update(
+                        ms=1e3 * statistics.median(times[n]),
+                        peak_mb=memory[n] / 2**20,
+                        max_abs_vs_cpp=errors[n].max_abs if n in errors else 0.0,
+                    )
                 else:
                     row.update(skipped=f"would need ~{pure_pytorch_estimate(K) / 1e9:.0f} GB")
                 rows.append(row)
@@ -154,15 +171,19 @@ def main(argv=None) -> int:
     def get(dist, K, impl, key):
         return next((r.get(key) for r in rows if (r["dist"], r["boxes"], r["impl"]) == (dist, K, impl)), None)
 
-    lines = ["# roi_align benchmark", "",
-             f"`python scripts/bench_roi_align.py` on {platform.machine()}, {os.cpu_count()} cores, "
-             f"torch {torch.__version__} ({torch.get_num_threads()} threads), torchvision {torchvision.__version__}. "
-             f"Input 1 x {C} x {H} x {W} float32, output {OUT} x {OUT}, sampling_ratio=-1 (adaptive), aligned=False. "
-             f"Boxes: `random` = SAM3-style normalized cxcywh uniform in [0, 1]; `large` = boxes the size of "
-             f"the map (the C++ kernel's worst case, 11 x 11 samples per bin, which is our static bound). "
-             f"Median of {args.repeats} interleaved repeats ({SLOW_REPEATS} for `_roi_align`, seconds a call); peak memory = rise of peak RSS over one call in a fresh process.",
-             "", "| boxes | K | impl | time (ms) | peak memory (MB) | time vs C++ | memory: _roi_align / ours | max abs error vs C++ |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# roi_align benchmark",
+        "",
+        f"`python scripts/bench_roi_align.py` on {platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), torchvision {torchvision.__version__}. "
+        f"Input 1 x {C} x {H} x {W} float32, output {OUT} x {OUT}, sampling_ratio=-1 (adaptive), aligned=False. "
+        f"Boxes: `random` = SAM3-style normalized cxcywh uniform in [0, 1]; `large` = boxes the size of "
+        f"the map (the C++ kernel's worst case, 11 x 11 samples per bin, which is our static bound). "
+        f"Median of {args.repeats} interleaved repeats ({SLOW_REPEATS} for `_roi_align`, seconds a call); peak memory = rise of peak RSS over one call in a fresh process.",
+        "",
+        "| boxes | K | impl | time (ms) | peak memory (MB) | time vs C++ | memory: _roi_align / ours | max abs error vs C++ |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
     summary = []
     for dist in dists:
         for K in counts:
@@ -175,30 +196,62 @@ def main(argv=None) -> int:
                     continue
                 pure_ratio = f"{mb / ours_mem:.1f}x" if impl == "torchvision _roi_align" and ours_mem else ""
                 err = get(dist, K, impl, "max_abs_vs_cpp")
-                lines.append(f"| {dist} | {K} | {impl} | {ms:.2f} | {mb:.1f} | {ms / cpp:.2f}x | {pure_ratio} | {err:.2g} |")
-            summary.append({"dist": dist, "boxes": K,
-                            "time_ratio_vs_cpp": get(dist, K, "surgery (grid_sample)", "ms") / cpp,
-                            "memory_ratio_pure_over_ours": (get(dist, K, "torchvision _roi_align", "peak_mb") or 0) / ours_mem if get(dist, K, "torchvision _roi_align", "peak_mb") else None})
+                lines.append(
+                    f"| {dist} | {K} | {impl} | {ms:.2f} | {mb:.1f} | {ms / cpp:.2f}x | {pure_ratio} | {err:.2g} |"
+                )
+            summary.append(
+                {
+                    "dist": dist,
+                    "boxes": K,
+                    "time_ratio_vs_cpp": get(dist, K, "surgery (grid_sample)", "ms") / cpp,
+                    "memory_ratio_pure_over_ours": (get(dist, K, "torchvision _roi_align", "peak_mb") or 0) / ours_mem
+                    if get(dist, K, "torchvision _roi_align", "peak_mb")
+                    else None,
+                }
+            )
     from surgery.rewrites.roi_align import CONTRACT
 
-    lines += ["", f"Contract of the rewrite: {CONTRACT}.", "", "Accuracy. float64: the rewrite against the C++ kernel run in float64 (normwise max rel, "
-              "bound 1e-12; checked before timing). float32: max abs errors of the rewrite and of the C++ kernel "
-              "against the float64 result, and between the two; reported, not gated on (see README, precision note).", "",
-              "| boxes | K | float64 ours vs C++ (rel) | float32 ours vs C++ | float32 C++ vs float64 | float32 ours vs float64 |",
-              "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {a['dist']} | {a['boxes']} | {a['float64_ours_vs_cpp_max_rel']:.2g} | {a['float32_ours_vs_cpp']:.3g} | "
-              f"{a['float32_cpp_vs_float64']:.3g} | {a['float32_ours_vs_float64']:.3g} |" for a in accuracy]
-    lines += ["", "`_roi_align` lacks the C++ kernel's boundary rule (a sample beyond -1 or the map's size "
-              "contributes 0), hence its errors on boxes that straddle the map's edge.", "",
-              "Targets: time within 3x of the C++ kernel; peak memory at least 10x below `_roi_align`.", ""]
+    lines += [
+        "",
+        f"Contract of the rewrite: {CONTRACT}.",
+        "",
+        "Accuracy. float64: the rewrite against the C++ kernel run in float64 (normwise max rel, "
+        "bound 1e-12; checked before timing). float32: max abs errors of the rewrite and of the C++ kernel "
+        "against the float64 result, and between the two; reported, not gated on (see README, precision note).",
+        "",
+        "| boxes | K | float64 ours vs C++ (rel) | float32 ours vs C++ | float32 C++ vs float64 | float32 ours vs float64 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {a['dist']} | {a['boxes']} | {a['float64_ours_vs_cpp_max_rel']:.2g} | {a['float32_ours_vs_cpp']:.3g} | "
+        f"{a['float32_cpp_vs_float64']:.3g} | {a['float32_ours_vs_float64']:.3g} |"
+        for a in accuracy
+    ]
+    lines += [
+        "",
+        "`_roi_align` lacks the C++ kernel's boundary rule (a sample beyond -1 or the map's size "
+        "contributes 0), hence its errors on boxes that straddle the map's edge.",
+        "",
+        "Targets: time within 3x of the C++ kernel; peak memory at least 10x below `_roi_align`.",
+        "",
+    ]
     for s in summary:
-        mem = f", memory {s['memory_ratio_pure_over_ours']:.1f}x below _roi_align" if s["memory_ratio_pure_over_ours"] else ""
+        mem = (
+            f", memory {s['memory_ratio_pure_over_ours']:.1f}x below _roi_align"
+            if s["memory_ratio_pure_over_ours"]
+            else ""
+        )
         verdict = "met" if s["time_ratio_vs_cpp"] <= 3 else "MISSED"
-        lines.append(f"- {s['dist']}, K={s['boxes']}: time {s['time_ratio_vs_cpp']:.2f}x the C++ kernel ({verdict}){mem}")
+        lines.append(
+            f"- {s['dist']}, K={s['boxes']}: time {s['time_ratio_vs_cpp']:.2f}x the C++ kernel ({verdict}){mem}"
+        )
     out = Path(args.out)
     write_text(out / "bench_roi_align.md", "\n".join(lines) + "\n")
-    write_text(out / "bench_roi_align.json", json.dumps({"rows": rows, "summary": summary, "accuracy": accuracy}, indent=2) + "\n")
-    print("\n".join(lines[-len(summary):]))
+    write_text(
+        out / "bench_roi_align.json",
+        json.dumps({"rows": rows, "summary": summary, "accuracy": accuracy}, indent=2) + "\n",
+    )
+    print("\n".join(lines[-len(summary) :]))
     print(f"report: {out / 'bench_roi_align.md'}")
     return 0
 

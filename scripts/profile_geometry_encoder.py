@@ -35,7 +35,6 @@ def main(argv=None) -> int:
         print("profile: error: --points, --boxes, --calls and --top must be >= 1", file=sys.stderr)
         return 2
 
-
     import surgery
     from models.geometry_encoder import geometry_encoder_spec
     from surgery.pipeline import choose_rewrites
@@ -91,13 +90,17 @@ def main(argv=None) -> int:
     for _ in range(args.calls):
         main_fn(*tvm_inputs)
     total = sum(spent.values()) / args.calls
-    print(f"{args.part} ({args.points} points + {args.boxes} boxes), TVM threads {threads}, "
-          f"{'cached library' if info.get('cached') else 'compiled now'}: median {1e3 * statistics.median(plain):.2f} ms "
-          f"uninstrumented, {1e3 * total:.2f} ms summed over the VM's calls")
+    print(
+        f"{args.part} ({args.points} points + {args.boxes} boxes), TVM threads {threads}, "
+        f"{'cached library' if info.get('cached') else 'compiled now'}: median {1e3 * statistics.median(plain):.2f} ms "
+        f"uninstrumented, {1e3 * total:.2f} ms summed over the VM's calls"
+    )
     print(f"{'ms/call':>8} {'share':>6} {'calls':>5}  kernel or builtin  (argument shapes)")
-    for symbol, seconds in sorted(spent.items(), key=lambda kv: -kv[1])[:args.top]:
+    for symbol, seconds in sorted(spent.items(), key=lambda kv: -kv[1])[: args.top]:
         per_call = seconds / args.calls
-        print(f"{1e3 * per_call:8.3f} {per_call / total:6.1%} {count[symbol] // args.calls:5d}  {symbol}  {shapes[symbol]}")
+        print(
+            f"{1e3 * per_call:8.3f} {per_call / total:6.1%} {count[symbol] // args.calls:5d}  {symbol}  {shapes[symbol]}"
+        )
     return 0
 
 

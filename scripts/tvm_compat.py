@@ -52,14 +52,29 @@ def install(version: str, root: Path, log) -> Path:
         log(f"  {version}: already installed in {target}")
         return target
     if target.exists():
-        raise SystemExit(f"tvm_compat: {target} exists but holds no complete TVM install; remove it first (not touching it)")
+        raise SystemExit(
+            f"tvm_compat: {target} exists but holds no complete TVM install; remove it first (not touching it)"
+        )
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=root))
     try:
         packages = [f"apache-tvm=={version}", f"apache-tvm-ffi=={FFI.get(version, '0.1.15.post2')}"]
         log(f"  {version}: pip install --no-deps --target {target} {' '.join(packages)}")
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check",
-                        "--target", str(tmp), *packages], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "--target",
+                str(tmp),
+                *packages,
+            ],
+            check=True,
+        )
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -73,8 +88,10 @@ def env_for(target: Path) -> dict:
 
 
 def importable(target: Path) -> tuple[bool, str]:
-    code = ("import tvm, tvm_ffi; from tvm.relax.frontend.torch import from_exported_program; "
-            "print(tvm.__version__, tvm_ffi.__version__, tvm.__file__)")
+    code = (
+        "import tvm, tvm_ffi; from tvm.relax.frontend.torch import from_exported_program; "
+        "print(tvm.__version__, tvm_ffi.__version__, tvm.__file__)"
+    )
     run = subprocess.run([sys.executable, "-c", code], env=env_for(target), capture_output=True, text=True, cwd=ROOT)
     if run.returncode:
         return False, (run.stderr.strip().splitlines() or ["?"])[-1][:300]
@@ -83,16 +100,38 @@ def importable(target: Path) -> tuple[bool, str]:
 
 def run_apply(version: str, target: Path, work: Path, args) -> dict:
     out, reports = work / version / "out", work / version / "reports"
-    command = [sys.executable, "-m", "surgery", "apply", "geometry_encoder", "--out", out, "--reports", reports,
-               "--examples", str(args.examples), "--tvm-examples", str(args.tvm_examples), "--seed", str(args.seed),
-               "--schedules", args.schedules] + (["--no-split"] if args.schedules == "default" else [])
+    command = [
+        sys.executable,
+        "-m",
+        "surgery",
+        "apply",
+        "geometry_encoder",
+        "--out",
+        out,
+        "--reports",
+        reports,
+        "--examples",
+        str(args.examples),
+        "--tvm-examples",
+        str(args.tvm_examples),
+        "--seed",
+        str(args.seed),
+        "--schedules",
+        args.schedules,
+    ] + (["--no-split"] if args.schedules == "default" else [])
     start = time.perf_counter()
     run = subprocess.run(command, env=env_for(target), capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
     (work / version).mkdir(parents=True, exist_ok=True)
     write_text(work / version / "apply.log", run.stdout + "\n--- stderr ---\n" + run.stderr)
-    row = {"version": version, "exit_code": run.returncode, "wall_s": wall, "log": shown(work / version / "apply.log"),
-           "command": f"PYTHONPATH={shown(target)} python " + " ".join(shown(a) if isinstance(a, Path) else a for a in command[1:])}
+    row = {
+        "version": version,
+        "exit_code": run.returncode,
+        "wall_s": wall,
+        "log": shown(work / version / "apply.log"),
+        "command": f"PYTHONPATH={shown(target)} python "
+        + " ".join(shown(a) if isinstance(a, Path) else a for a in command[1:]),
+    }
     report_path = reports / "geometry_encoder.json"
     if not report_path.is_file():
         row["error"] = (run.stderr.strip().splitlines() or ["no report written"])[-1][:300]
@@ -100,25 +139,33 @@ def run_apply(version: str, target: Path, work: Path, args) -> dict:
     report = json.loads(report_path.read_text())
     tvm_stats = report["equivalence"].get("original_vs_tvm", {})
     parts = [v for k, v in report["tvm"].items() if k.endswith("_build") and isinstance(v, dict)]
-    row.update({
-        "tvm": report["versions"].get("apache-tvm") or report["versions"].get("tvm"),
-        "versions": report["versions"],
-        "passed": report["passed"],
-        "rewrites_applied": {k: sum(v.values()) for k, v in report["rewrites"]["applied"].items()},
-        "reasons": report["rewrites"]["reasons"],
-        # apply's "TVM build" stage imports and builds each compiled part (compile_program); its
-        # per-part timings say how long the import took, and a failure names the step that failed
-        "import": ("ok" if parts else "FAILED: " + report["tvm"]["error"] if "error" in report["tvm"] else "not run"),
-        "build": ("ok" if "build_s" in report["tvm"] else ("FAILED: " + report["tvm"]["error"] if "error" in report["tvm"] else "not run")),
-        "import_s": sum(p.get("import_s", 0.0) for p in parts) if parts else None,
-        "build_s": sum(p.get("build_s", 0.0) for p in parts) if parts else report["tvm"].get("build_s"),
-        "cached": bool(parts) and all(p.get("cached") for p in parts),
-        "max_abs_embeddings": tvm_stats.get("embeddings", {}).get("max_abs"),
-        "max_abs_padding_mask": tvm_stats.get("padding_mask", {}).get("max_abs"),
-        "tvm_examples": report.get("tvm_examples"),
-        "latency_ms": report.get("latency", {}),
-        "failures": [f.get("check") + ": " + f.get("error", "")[:300] for f in report.get("failures", [])],
-    })
+    row.update(
+        {
+            "tvm": report["versions"].get("apache-tvm") or report["versions"].get("tvm"),
+            "versions": report["versions"],
+            "passed": report["passed"],
+            "rewrites_applied": {k: sum(v.values()) for k, v in report["rewrites"]["applied"].items()},
+            "reasons": report["rewrites"]["reasons"],
+            # apply's "TVM build" stage imports and builds each compiled part (compile_program); its
+            # per-part timings say how long the import took, and a failure names the step that failed
+            "import": (
+                "ok" if parts else "FAILED: " + report["tvm"]["error"] if "error" in report["tvm"] else "not run"
+            ),
+            "build": (
+                "ok"
+                if "build_s" in report["tvm"]
+                else ("FAILED: " + report["tvm"]["error"] if "error" in report["tvm"] else "not run")
+            ),
+            "import_s": sum(p.get("import_s", 0.0) for p in parts) if parts else None,
+            "build_s": sum(p.get("build_s", 0.0) for p in parts) if parts else report["tvm"].get("build_s"),
+            "cached": bool(parts) and all(p.get("cached") for p in parts),
+            "max_abs_embeddings": tvm_stats.get("embeddings", {}).get("max_abs"),
+            "max_abs_padding_mask": tvm_stats.get("padding_mask", {}).get("max_abs"),
+            "tvm_examples": report.get("tvm_examples"),
+            "latency_ms": report.get("latency", {}),
+            "failures": [f.get("check") + ": " + f.get("error", "")[:300] for f in report.get("failures", [])],
+        }
+    )
     return row
 
 
@@ -133,19 +180,25 @@ def fmt(value, spec=".3g", missing="-"):
 
 def write_report(rows: list[dict], args, total_s: float) -> tuple[Path, Path]:
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    lines = ["# Stock TVM versions: `apply geometry_encoder` under each", "",
-             f"Generated {now} by `python scripts/tvm_compat.py` in {total_s:.0f} s on {platform.machine()} "
-             f"({os.cpu_count()} cores). Each version is installed in its own pip target directory and run in a fresh "
-             "process through PYTHONPATH; rewrites chosen by the default target-aware probe of that TVM. "
-             f"Examples: {args.examples} (original vs rewritten PyTorch), {args.tvm_examples} (original vs TVM), seed {args.seed}. "
-             "Shape: 3 points, 2 boxes, batch 1, 72x72 features (the command's defaults). "
-             "Error bounds: embeddings float32 max abs <= 1e-05, padding mask identical.", "",
-             "| apache-tvm | apache-tvm-ffi | rewrites applied (calls replaced) | import | build | max abs error, embeddings | "
-             "padding mask | TVM latency | eager latency | verdict | wall |",
-             "|---|---|---|---|---|---:|---|---:|---:|---|---:|"]
+    lines = [
+        "# Stock TVM versions: `apply geometry_encoder` under each",
+        "",
+        f"Generated {now} by `python scripts/tvm_compat.py` in {total_s:.0f} s on {platform.machine()} "
+        f"({os.cpu_count()} cores). Each version is installed in its own pip target directory and run in a fresh "
+        "process through PYTHONPATH; rewrites chosen by the default target-aware probe of that TVM. "
+        f"Examples: {args.examples} (original vs rewritten PyTorch), {args.tvm_examples} (original vs TVM), seed {args.seed}. "
+        "Shape: 3 points, 2 boxes, batch 1, 72x72 features (the command's defaults). "
+        "Error bounds: embeddings float32 max abs <= 1e-05, padding mask identical.",
+        "",
+        "| apache-tvm | apache-tvm-ffi | rewrites applied (calls replaced) | import | build | max abs error, embeddings | "
+        "padding mask | TVM latency | eager latency | verdict | wall |",
+        "|---|---|---|---|---|---:|---|---:|---:|---|---:|",
+    ]
     for r in rows:
         if "passed" not in r:
-            lines.append(f"| {r['version']} | - | - | - | - | - | - | - | - | FAILED: {r.get('error', '')} | {fmt(r.get('wall_s'), '.0f')} s |")
+            lines.append(
+                f"| {r['version']} | - | - | - | - | - | - | - | - | FAILED: {r.get('error', '')} | {fmt(r.get('wall_s'), '.0f')} s |"
+            )
             continue
         applied = ", ".join(f"`{k}` ({v})" for k, v in r["rewrites_applied"].items()) or "none"
         mask = "identical" if r["max_abs_padding_mask"] == 0 else fmt(r["max_abs_padding_mask"])
@@ -154,43 +207,79 @@ def write_report(rows: list[dict], args, total_s: float) -> tuple[Path, Path]:
         build = f"{build} ({fmt(r['build_s'], '.1f')} s)"
         if r.get("cached"):
             imp = build = "ok (compiled library reused from the cache)"
-        lines.append(f"| {r['tvm']} | {r['versions'].get('apache-tvm-ffi', '-')} | {applied} | {imp} | {build} "
-                     f"| {fmt(r['max_abs_embeddings'])} | {mask} | "
-                     f"{fmt(r['latency_ms'].get('tvm_ms'), '.0f')} ms | {fmt(r['latency_ms'].get('eager_ms'), '.0f')} ms | "
-                     f"{'passed' if r['passed'] else 'FAILED'} | {r['wall_s']:.0f} s |")
+        lines.append(
+            f"| {r['tvm']} | {r['versions'].get('apache-tvm-ffi', '-')} | {applied} | {imp} | {build} "
+            f"| {fmt(r['max_abs_embeddings'])} | {mask} | "
+            f"{fmt(r['latency_ms'].get('tvm_ms'), '.0f')} ms | {fmt(r['latency_ms'].get('eager_ms'), '.0f')} ms | "
+            f"{'passed' if r['passed'] else 'FAILED'} | {r['wall_s']:.0f} s |"
+        )
     lines += ["", "Why each rewrite was applied or skipped (the probe's findings):", ""]
     for r in rows:
         if "reasons" in r:
             lines += [f"- **{r['tvm']}**"] + [f"  - `{k}`: {v}" for k, v in r["reasons"].items()]
             lines += [f"  - failure: {f}" for f in r["failures"]]
-    lines += ["", f"Schedules: `--schedules {args.schedules}`" + (" `--no-split` (stock TVM CPU pipeline, one graph)." if args.schedules == "default" else " (speed rewrites, our schedules, image/prompt split)."),
-              "", "Latencies are medians of 5 calls in the apply process, "
-              "on a shared machine: compare them within one run only.", "",
-              "Commands run:", ""] + [f"- `{r['command']}`" for r in rows if "command" in r]
+    lines += [
+        "",
+        f"Schedules: `--schedules {args.schedules}`"
+        + (
+            " `--no-split` (stock TVM CPU pipeline, one graph)."
+            if args.schedules == "default"
+            else " (speed rewrites, our schedules, image/prompt split)."
+        ),
+        "",
+        "Latencies are medians of 5 calls in the apply process, on a shared machine: compare them within one run only.",
+        "",
+        "Commands run:",
+        "",
+    ] + [f"- `{r['command']}`" for r in rows if "command" in r]
     md = write_text(Path(args.reports) / "tvm_compat.md", "\n".join(lines) + "\n")
-    js = write_text(Path(args.reports) / "tvm_compat.json", json.dumps({"generated": now, "total_s": total_s, "examples": args.examples,
-                                                                         "tvm_examples": args.tvm_examples, "seed": args.seed,
-                                                                         "rows": rows}, indent=2) + "\n")
+    js = write_text(
+        Path(args.reports) / "tvm_compat.json",
+        json.dumps(
+            {
+                "generated": now,
+                "total_s": total_s,
+                "examples": args.examples,
+                "tvm_examples": args.tvm_examples,
+                "seed": args.seed,
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n",
+    )
     return md, js
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--versions", nargs="+", default=list(VERSIONS), help="apache-tvm versions (default: %(default)s)")
-    parser.add_argument("--root", default=str(Path.home() / ".cache" / "surgery" / "tvm"), help="where the target directories go")
-    parser.add_argument("--work", default=str(ROOT / "out" / "tvm_compat"), help="per-version artifacts, logs and reports")
+    parser.add_argument(
+        "--versions", nargs="+", default=list(VERSIONS), help="apache-tvm versions (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--root", default=str(Path.home() / ".cache" / "surgery" / "tvm"), help="where the target directories go"
+    )
+    parser.add_argument(
+        "--work", default=str(ROOT / "out" / "tvm_compat"), help="per-version artifacts, logs and reports"
+    )
     parser.add_argument("--reports", default=str(ROOT / "reports"), help="where tvm_compat.md/.json go")
     parser.add_argument("--examples", type=int, default=20)
     parser.add_argument("--tvm-examples", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--schedules", choices=["default", "ours"], default="default",
-                        help="default: stock TVM's CPU pipeline, one graph (what every version must take); ours: the "
-                             "shipped speed configuration (speed rewrites, our schedules, image/prompt split), validated on 0.27 only")
+    parser.add_argument(
+        "--schedules",
+        choices=["default", "ours"],
+        default="default",
+        help="default: stock TVM's CPU pipeline, one graph (what every version must take); ours: the "
+        "shipped speed configuration (speed rewrites, our schedules, image/prompt split), validated on 0.27 only",
+    )
     args = parser.parse_args(argv)
     bad = [v for v in args.versions if not re.fullmatch(r"\d+\.\d+\.\d+(\.post\d+)?", v)]
     if bad or args.examples < 1 or args.tvm_examples < 1:
-        print(f"tvm_compat: error: {'bad version ' + repr(bad[0]) if bad else '--examples and --tvm-examples must be >= 1'}",
-              file=sys.stderr)
+        print(
+            f"tvm_compat: error: {'bad version ' + repr(bad[0]) if bad else '--examples and --tvm-examples must be >= 1'}",
+            file=sys.stderr,
+        )
         return 2
     start = time.perf_counter()
     rows = []
@@ -208,8 +297,11 @@ def main(argv=None) -> int:
             continue
         row = run_apply(version, target, Path(args.work), args)
         verdict = "passed" if row.get("passed") else f"FAILED ({row.get('error') or row.get('failures')})"
-        print(f"  apply: {verdict}; rewrites {row.get('rewrites_applied')}; max abs {fmt(row.get('max_abs_embeddings'))}; "
-              f"tvm {fmt(row.get('latency_ms', {}).get('tvm_ms'), '.0f')} ms; {row['wall_s']:.0f} s", flush=True)
+        print(
+            f"  apply: {verdict}; rewrites {row.get('rewrites_applied')}; max abs {fmt(row.get('max_abs_embeddings'))}; "
+            f"tvm {fmt(row.get('latency_ms', {}).get('tvm_ms'), '.0f')} ms; {row['wall_s']:.0f} s",
+            flush=True,
+        )
         rows.append(row)
     md, js = write_report(rows, args, time.perf_counter() - start)
     print(f"report: {md} and {js} ({time.perf_counter() - start:.0f} s)")

@@ -1,10 +1,10 @@
 """surgery: rewrite exported PyTorch graphs into plain arithmetic that every backend accepts.
 
-    import surgery
-    program = torch.export.export(model, args)
-    clean = surgery.rewrite(program)                  # all rewrites, in the right order
-    clean = surgery.rewrite(program, ["scatter"])     # just some
-    clean.module()(*args)                             # same results as program.module()(*args)
+import surgery
+program = torch.export.export(model, args)
+clean = surgery.rewrite(program)                  # all rewrites, in the right order
+clean = surgery.rewrite(program, ["scatter"])     # just some
+clean.module()(*args)                             # same results as program.module()(*args)
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from .rewrites import REGISTRY, Rewrite, RewriteError, RewriteResult, op_census,
 __version__ = "0.1.0"
 
 
-def rewrite_with_log(program: torch.export.ExportedProgram, rewrites=None) -> tuple[torch.export.ExportedProgram, list[tuple[Rewrite, RewriteResult]]]:
+def rewrite_with_log(
+    program: torch.export.ExportedProgram, rewrites=None
+) -> tuple[torch.export.ExportedProgram, list[tuple[Rewrite, RewriteResult]]]:
     """Like ``rewrite``, also returning each rewrite with what it replaced."""
     if not isinstance(program, torch.export.ExportedProgram):
         raise TypeError(f"surgery.rewrite expects a torch.export.ExportedProgram, got {type(program).__name__}")

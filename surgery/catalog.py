@@ -14,8 +14,10 @@ SPEED = "speed"  # applied by the shipped TVM build (``--schedules ours``)
 
 def rewrite_kinds() -> dict[str, tuple[str, type]]:
     """name -> (kind, class), in run order: the probe-chosen rewrites, then the speed rewrites."""
-    return {**{name: (PROBE_CHOSEN, cls) for name, cls in REGISTRY.items()},
-            **{name: (SPEED, cls) for name, cls in SPEED_REWRITES.items()}}
+    return {
+        **{name: (PROBE_CHOSEN, cls) for name, cls in REGISTRY.items()},
+        **{name: (SPEED, cls) for name, cls in SPEED_REWRITES.items()},
+    }
 
 
 def _cell(text: str) -> str:
@@ -36,8 +38,10 @@ def rewrites_table() -> str:
 
 def contracts_markdown() -> str:
     """One section per rewrite, in run order: what it replaces and its contract."""
-    sections = [f"### `{name}` ({kind})\n\n{cls.summary}.\n\n**Contract:** {cls.contract}."
-                for name, (kind, cls) in rewrite_kinds().items()]
+    sections = [
+        f"### `{name}` ({kind})\n\n{cls.summary}.\n\n**Contract:** {cls.contract}."
+        for name, (kind, cls) in rewrite_kinds().items()
+    ]
     return "\n\n".join(sections)
 
 
@@ -45,9 +49,11 @@ def catalog_markdown(models: Mapping[str, str], contracts: bool = True) -> str:
     """The models table, the rewrites table and (unless ``contracts`` is False) every contract."""
     parts = [
         models_table(models),
-        (f"Rewrites, in the order they run. Kind `{PROBE_CHOSEN}`: chosen per TVM by its probe "
-         f"(`--rewrite auto`, the default) or by name; kind `{SPEED}`: applied after those by the shipped "
-         "TVM build (`--schedules ours`, the default)."),
+        (
+            f"Rewrites, in the order they run. Kind `{PROBE_CHOSEN}`: chosen per TVM by its probe "
+            f"(`--rewrite auto`, the default) or by name; kind `{SPEED}`: applied after those by the shipped "
+            "TVM build (`--schedules ours`, the default)."
+        ),
         rewrites_table(),
     ]
     if contracts:

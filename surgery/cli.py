@@ -1,11 +1,11 @@
 """``python -m surgery``: a thin shell over the library.
 
-    python -m surgery apply geometry_encoder   # export, rewrite, verify, TVM, run, report
-    python -m surgery apply PATH.pt2           # the same for a saved ExportedProgram
-    python -m surgery list                     # models and rewrites, with their contracts
-    python -m surgery verify [--rewrite NAME]  # property-check rewrites, write reports/rewrites.*
-    python -m surgery locate MODEL|PATH.pt2    # where TVM goes wrong: culprit operators, reproducers
-    python -m surgery probe add REPRO --rewrite NAME   # make --rewrite auto check a reproducer from now on
+python -m surgery apply geometry_encoder   # export, rewrite, verify, TVM, run, report
+python -m surgery apply PATH.pt2           # the same for a saved ExportedProgram
+python -m surgery list                     # models and rewrites, with their contracts
+python -m surgery verify [--rewrite NAME]  # property-check rewrites, write reports/rewrites.*
+python -m surgery locate MODEL|PATH.pt2    # where TVM goes wrong: culprit operators, reproducers
+python -m surgery probe add REPRO --rewrite NAME   # make --rewrite auto check a reproducer from now on
 """
 
 from __future__ import annotations
@@ -66,8 +66,9 @@ def _verify(args) -> int:
     for name in names:
         start = time.perf_counter()
         print(f"verify {name}", flush=True)
-        result = verify_rewrite(name, args.examples, args.graph_examples, args.seed,
-                                progress=lambda m: print(m, flush=True))
+        result = verify_rewrite(
+            name, args.examples, args.graph_examples, args.seed, progress=lambda m: print(m, flush=True)
+        )
         results.append(result)
         verdict = "equivalent" if result.passed else f"NOT EQUIVALENT: {result.error}"
         print(f"  {name}: {verdict} ({time.perf_counter() - start:.1f} s)", flush=True)
@@ -99,8 +100,10 @@ def _stage_inputs(args, spec) -> tuple[str, ...] | None:
     names = tuple(n for n in args.split.split(",") if n)
     unknown = [n for n in names if n not in spec.input_names]
     if not names or unknown:
-        raise UsageError(f"--split takes input names separated by commas; unknown {unknown or [args.split]}, "
-                         f"the inputs are {', '.join(spec.input_names)}")
+        raise UsageError(
+            f"--split takes input names separated by commas; unknown {unknown or [args.split]}, "
+            f"the inputs are {', '.join(spec.input_names)}"
+        )
     return names
 
 
@@ -125,15 +128,27 @@ def _model_spec(args):
         if args.target != "geometry_encoder":
             raise UsageError("--max-points/--max-boxes/--max-batch apply to geometry_encoder only")
         try:
-            limits = limits_from_options(args.max_points, args.max_boxes, args.max_batch, args.points, args.boxes, args.batch)
+            limits = limits_from_options(
+                args.max_points, args.max_boxes, args.max_batch, args.points, args.boxes, args.batch
+            )
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-    counts = (args.points, args.boxes, args.batch) if limits is None else (limits.max_points, limits.max_boxes, limits.max_batch)
+    counts = (
+        (args.points, args.boxes, args.batch)
+        if limits is None
+        else (limits.max_points, limits.max_boxes, limits.max_batch)
+    )
     start = time.perf_counter()
     if args.target in MODELS:
         try:
-            spec = MODELS[args.target](points=counts[0], boxes=counts[1], batch=counts[2],
-                                       feat_size=args.feat_size, seed=args.seed, checkpoint=args.checkpoint)
+            spec = MODELS[args.target](
+                points=counts[0],
+                boxes=counts[1],
+                batch=counts[2],
+                feat_size=args.feat_size,
+                seed=args.seed,
+                checkpoint=args.checkpoint,
+            )
         except (CheckpointError, ValueError) as exc:
             raise UsageError(str(exc)) from None
     elif args.target.endswith(".pt2") or Path(args.target).exists():
@@ -146,7 +161,10 @@ def _model_spec(args):
     else:
         raise UsageError(f"unknown model {args.target!r}; known models: {', '.join(MODELS)} (or a path to a .pt2 file)")
     build_s = time.perf_counter() - start
-    print(f"[build     ] {build_s:7.2f} s  {spec.description.get('model')}, weights: {spec.description.get('weights')}", flush=True)
+    print(
+        f"[build     ] {build_s:7.2f} s  {spec.description.get('model')}, weights: {spec.description.get('weights')}",
+        flush=True,
+    )
     return spec, limits, build_s
 
 
@@ -157,20 +175,38 @@ def _apply(args) -> int:
     spec, limits, build_s = _model_spec(args)
     stage_inputs = _stage_inputs(args, spec)
     out_dir = Path(args.out) if args.out else Path("out") / spec.name
-    result = operate(spec, rewrites=rewrites, examples=args.examples, tvm_examples=args.tvm_examples,
-                     seed=args.seed, out_dir=out_dir, compile_tvm=not args.no_tvm,
-                     progress=lambda m: print(m, flush=True), schedules=args.schedules,
-                     stage_inputs=stage_inputs, cache_dir=args.cache)
+    result = operate(
+        spec,
+        rewrites=rewrites,
+        examples=args.examples,
+        tvm_examples=args.tvm_examples,
+        seed=args.seed,
+        out_dir=out_dir,
+        compile_tvm=not args.no_tvm,
+        progress=lambda m: print(m, flush=True),
+        schedules=args.schedules,
+        stage_inputs=stage_inputs,
+        cache_dir=args.cache,
+    )
     if limits is not None and result.tvm is not None:
-        result = check_compiled(result, limits, args.feat_size, args.examples if args.tvm_examples is None else args.tvm_examples,
-                                args.seed, (args.points, args.boxes, args.batch), progress=lambda m: print(m, flush=True))
+        result = check_compiled(
+            result,
+            limits,
+            args.feat_size,
+            args.examples if args.tvm_examples is None else args.tvm_examples,
+            args.seed,
+            (args.points, args.boxes, args.batch),
+            progress=lambda m: print(m, flush=True),
+        )
     report = result.report.with_earlier_stage("build", build_s)
     md, js = write_model_report(report, args.reports)
     for key, path in report.artifacts.items():
         print(f"artifact {key}: {path}")
     print(f"report: {md} and {js}")
     if not report.passed:
-        print(f"surgery: equivalence FAILED ({len(report.failures)} failure(s)); counterexample in {md}", file=sys.stderr)
+        print(
+            f"surgery: equivalence FAILED ({len(report.failures)} failure(s)); counterexample in {md}", file=sys.stderr
+        )
         return 1
     print("all equivalence checks passed")
     return 0
@@ -184,19 +220,31 @@ def _locate(args) -> int:
         raise UsageError(f"--save-probe: unknown rewrite {args.save_probe!r}; known: {', '.join(REGISTRY)}")
     spec, _, build_s = _model_spec(args)
     out_dir = Path(args.out) if args.out else Path("out") / "locate" / spec.name
-    location = locate(spec, rewrites=rewrites, schedules=args.schedules, out_dir=out_dir, cache_dir=args.cache,
-                      progress=lambda m: print(m, flush=True))
+    location = locate(
+        spec,
+        rewrites=rewrites,
+        schedules=args.schedules,
+        out_dir=out_dir,
+        cache_dir=args.cache,
+        progress=lambda m: print(m, flush=True),
+    )
     location.stages_s = {"build": build_s, **location.stages_s}
     md, js = write_locate_report(location, args.reports)
     for culprit in location.culprits:
-        print(f"culprit ({culprit.stage}): {culprit.node.name} = {culprit.node.call}\n  at {culprit.node.where()}\n"
-              f"  TVM: {culprit.error}" + (f"\n  reproducer: {culprit.reproducer['script']}" if culprit.reproducer else "")
-              + f"\n  next step: {culprit.next_step}")
+        print(
+            f"culprit ({culprit.stage}): {culprit.node.name} = {culprit.node.call}\n  at {culprit.node.where()}\n"
+            f"  TVM: {culprit.error}"
+            + (f"\n  reproducer: {culprit.reproducer['script']}" if culprit.reproducer else "")
+            + f"\n  next step: {culprit.next_step}"
+        )
     print(f"report: {md} and {js}")
     if args.save_probe is not None:
         _save_probe(location, args.save_probe)
     if location.diverges:
-        print(f"surgery: locate: {location.verdict} ({len(location.culprits)} culprit(s)); details in {md}", file=sys.stderr)
+        print(
+            f"surgery: locate: {location.verdict} ({len(location.culprits)} culprit(s)); details in {md}",
+            file=sys.stderr,
+        )
         return 1
     print("nothing diverges: TVM imports, builds and runs the program, every output within the judge's tolerance")
     return 0
@@ -257,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="property-check rewrites and write an equivalence report")
     verify.add_argument("--rewrite", action="append", help="rewrite to check (repeatable; default: all)")
     verify.add_argument("--examples", type=int, default=2000, help="function-form hypothesis examples per rewrite")
-    verify.add_argument("--graph-examples", type=int, default=40, help="graph-form examples per rewrite (export+rewrite each)")
+    verify.add_argument(
+        "--graph-examples", type=int, default=40, help="graph-form examples per rewrite (export+rewrite each)"
+    )
     verify.add_argument("--seed", type=int, default=0)
     verify.add_argument("--out", default="reports", help="directory for rewrites.md / rewrites.json")
     verify.set_defaults(run=_verify)
@@ -266,23 +316,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(apply)
     _add_tvm_arguments(apply, schedules="ours")
     apply.add_argument("--examples", type=int, default=20, help="hypothesis examples for original vs rewritten")
-    apply.add_argument("--tvm-examples", type=int, default=None, help="hypothesis examples for original vs TVM (default: --examples)")
+    apply.add_argument(
+        "--tvm-examples", type=int, default=None, help="hypothesis examples for original vs TVM (default: --examples)"
+    )
     apply.add_argument("--out", help="artifact directory (default: out/<model>)")
     apply.add_argument("--reports", default="reports", help="directory for <model>.md / <model>.json")
     apply.add_argument("--no-tvm", action="store_true", help="stop after the PyTorch verification")
-    apply.add_argument("--split", metavar="INPUTS", help="hoist what depends only on these inputs (comma-separated) into "
-                       "a stage compiled apart (default: the model's choice; geometry_encoder: img_feats,img_pos)")
+    apply.add_argument(
+        "--split",
+        metavar="INPUTS",
+        help="hoist what depends only on these inputs (comma-separated) into "
+        "a stage compiled apart (default: the model's choice; geometry_encoder: img_feats,img_pos)",
+    )
     apply.add_argument("--no-split", action="store_true", help="compile one graph")
     apply.set_defaults(run=_apply)
 
-    locate = sub.add_parser("locate", help="find where TVM goes wrong (import, build, numbers): culprit operators, "
-                            "their source lines, minimal reproducers, report")
+    locate = sub.add_parser(
+        "locate",
+        help="find where TVM goes wrong (import, build, numbers): culprit operators, "
+        "their source lines, minimal reproducers, report",
+    )
     _add_model_arguments(locate)
     _add_tvm_arguments(locate, schedules="default")
     locate.add_argument("--out", help="artifact directory: reproducers, TVM's log (default: out/locate/<model>)")
     locate.add_argument("--reports", default="reports", help="directory for locate_<model>.md / locate_<model>.json")
-    locate.add_argument("--save-probe", metavar="REWRITE", help="keep the reproducer found as a user probe case fixed by "
-                        "REWRITE, so that --rewrite auto applies REWRITE while TVM fails it (see 'probe add')")
+    locate.add_argument(
+        "--save-probe",
+        metavar="REWRITE",
+        help="keep the reproducer found as a user probe case fixed by "
+        "REWRITE, so that --rewrite auto applies REWRITE while TVM fails it (see 'probe add')",
+    )
     locate.set_defaults(run=_locate)
 
     probe = sub.add_parser("probe", help="user probe cases: reproducers that make --rewrite auto apply a rewrite")
@@ -302,24 +365,40 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_model_arguments(parser) -> None:
     """What to operate on and with which inputs: shared by apply and locate."""
     parser.add_argument("target", help="a model name (see 'list') or the path of a saved ExportedProgram (.pt2)")
-    parser.add_argument("--checkpoint", help="SAM3 checkpoint or bare encoder state_dict (default: seeded random weights)")
+    parser.add_argument(
+        "--checkpoint", help="SAM3 checkpoint or bare encoder state_dict (default: seeded random weights)"
+    )
     parser.add_argument("--points", type=int, default=3, help="number of points (static, right-padded by masks)")
     parser.add_argument("--boxes", type=int, default=2, help="number of boxes")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--feat-size", type=_feat_size, default=(72, 72), help="image feature map, N or HxW (SAM3 at 1008 px: 72)")
+    parser.add_argument(
+        "--feat-size", type=_feat_size, default=(72, 72), help="image feature map, N or HxW (SAM3 at 1008 px: 72)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="weights, example inputs and hypothesis seed")
     for name, default in (("points", 16), ("boxes", 8), ("batch", 4)):
-        parser.add_argument(f"--max-{name}", type=int, help=f"compile one module serving up to this many {name} (default {default} "
-                            "once any --max-* is given); shorter prompts are right-padded with SAM3's masks")
+        parser.add_argument(
+            f"--max-{name}",
+            type=int,
+            help=f"compile one module serving up to this many {name} (default {default} "
+            "once any --max-* is given); shorter prompts are right-padded with SAM3's masks",
+        )
 
 
 def _add_tvm_arguments(parser, schedules: str) -> None:
     """Which rewrites, which TVM build, which cache: shared by apply and locate."""
-    parser.add_argument("--rewrite", action="append", help="auto (probe TVM; default), all, none, or rewrite names (repeatable)")
-    parser.add_argument("--schedules", choices=["ours", "default"], default=schedules,
-                        help="ours: speed rewrites + surgery.schedules for this CPU (shipped); default: stock TVM's CPU pipeline "
-                        f"(default: {schedules})")
-    parser.add_argument("--cache", metavar="DIR", help="compiled-library cache (default: $SURGERY_CACHE or ~/.cache/surgery)")
+    parser.add_argument(
+        "--rewrite", action="append", help="auto (probe TVM; default), all, none, or rewrite names (repeatable)"
+    )
+    parser.add_argument(
+        "--schedules",
+        choices=["ours", "default"],
+        default=schedules,
+        help="ours: speed rewrites + surgery.schedules for this CPU (shipped); default: stock TVM's CPU pipeline "
+        f"(default: {schedules})",
+    )
+    parser.add_argument(
+        "--cache", metavar="DIR", help="compiled-library cache (default: $SURGERY_CACHE or ~/.cache/surgery)"
+    )
 
 
 def main(argv=None) -> int:

@@ -38,8 +38,9 @@ def _divisors(n: int, limit: int) -> list[int]:
     return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
-def plan_matmul(batch: int, rows: int, cols: int, depth: int, threads: int,
-                registers: int = VECTOR_REGISTERS) -> MatmulPlan | None:
+def plan_matmul(
+    batch: int, rows: int, cols: int, depth: int, threads: int, registers: int = VECTOR_REGISTERS
+) -> MatmulPlan | None:
     """The register tile and loop order for a (batched) ``rows x depth @ depth x cols`` product,
     or None when ``cols`` does not split into whole vectors.
 
@@ -72,7 +73,11 @@ def plan_matmul(batch: int, rows: int, cols: int, depth: int, threads: int,
     tasks = batch * row_tiles * col_tiles
     k_parts = 1
     panel = 4 * depth * nr  # one column panel of B, re-read by every row tile
-    if threads > 1 and depth >= 64 * threads and depth % threads == 0 and (
-            tasks < threads or (col_tiles == 1 and row_tiles > 1 and panel > L2_PANEL_BYTES)):
+    if (
+        threads > 1
+        and depth >= 64 * threads
+        and depth % threads == 0
+        and (tasks < threads or (col_tiles == 1 and row_tiles > 1 and panel > L2_PANEL_BYTES))
+    ):
         k_parts = threads
     return MatmulPlan(mr, nr, j_major, k_parts)

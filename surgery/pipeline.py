@@ -31,8 +31,8 @@ import json
 import logging
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torchvision  # noqa: F401  programs holding torchvision ops need it registered before loading
@@ -73,14 +73,24 @@ class ModelSpec:
     stage_names: tuple[str, str] = ("stage", "rest")  # of the hoisted stage and of the rest, for artifacts
 
     @classmethod
-    def from_module(cls, name: str, module: torch.nn.Module, example_args: tuple, input_strategy=None,
-                    output_names: Sequence[str] | None = None) -> "ModelSpec":
+    def from_module(
+        cls,
+        name: str,
+        module: torch.nn.Module,
+        example_args: tuple,
+        input_strategy=None,
+        output_names: Sequence[str] | None = None,
+    ) -> ModelSpec:
         """A spec for your own module. Without ``input_strategy``, checks draw random inputs
         shaped like ``example_args`` (see ``_random_like`` for what that means per dtype)."""
         return cls(
-            name=name, module=module.eval(), example_args=tuple(example_args),
+            name=name,
+            module=module.eval(),
+            example_args=tuple(example_args),
             input_names=[f"input{i}" for i in range(len(example_args))],
-            output_names=list(output_names) if output_names else [f"output{i}" for i in range(len(_outputs(module(*example_args))))],
+            output_names=list(output_names)
+            if output_names
+            else [f"output{i}" for i in range(len(_outputs(module(*example_args))))],
             input_strategy=input_strategy or _random_inputs_like(example_args),
             description={"model": type(module).__name__, "weights": "as given"},
         )
@@ -117,7 +127,9 @@ def choose_rewrites(mode: str | Sequence[str], progress=print) -> tuple[list[str
         return [], {n: "--rewrite none" for n in REGISTRY}
     if mode == "auto":
         found = probe(progress=progress)
-        return found.needed(), {n: ("applied: " if f.needed else "skipped: ") + f.reason for n, f in found.findings.items()}
+        return found.needed(), {
+            n: ("applied: " if f.needed else "skipped: ") + f.reason for n, f in found.findings.items()
+        }
     names = list(mode)
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
@@ -131,8 +143,10 @@ def _outputs(value) -> tuple[torch.Tensor, ...]:
 
 def _compare_outputs(spec: ModelSpec, actual, expected) -> dict[str, ErrorStats]:
     """Per named output; integer and boolean outputs (masks) must be identical (see compare)."""
-    return {name: compare(a.detach(), e.detach())
-            for name, a, e in zip(spec.output_names, _outputs(actual), _outputs(expected))}
+    return {
+        name: compare(a.detach(), e.detach())
+        for name, a, e in zip(spec.output_names, _outputs(actual), _outputs(expected))
+    }
 
 
 def _check(spec: ModelSpec, reference_fn, candidate_fn, examples: int, seed: int, label: str, failures: list) -> dict:
@@ -150,17 +164,25 @@ def _check(spec: ModelSpec, reference_fn, candidate_fn, examples: int, seed: int
         try:
             check_property(spec.input_strategy, check, examples, seed)
         except PropertyFailed as exc:
-            failures.append({"check": label, "error": str(exc), "counterexample": _describe_inputs(spec, exc.counterexample)})
+            failures.append(
+                {"check": label, "error": str(exc), "counterexample": _describe_inputs(spec, exc.counterexample)}
+            )
     return total
 
 
 def _describe_inputs(spec: ModelSpec, args) -> dict:
     if not isinstance(args, tuple):
         return {"value": repr(args)[:2000]}
-    return {name: (repr(a.tolist())[:2000] if isinstance(a, torch.Tensor) and a.numel() <= 64 else
-                   f"tensor{tuple(a.shape)} {a.dtype} mean={a.float().mean():.4g} std={a.float().std():.4g}"
-                   if isinstance(a, torch.Tensor) else repr(a))
-            for name, a in zip(spec.input_names, args)}
+    return {
+        name: (
+            repr(a.tolist())[:2000]
+            if isinstance(a, torch.Tensor) and a.numel() <= 64
+            else f"tensor{tuple(a.shape)} {a.dtype} mean={a.float().mean():.4g} std={a.float().std():.4g}"
+            if isinstance(a, torch.Tensor)
+            else repr(a)
+        )
+        for name, a in zip(spec.input_names, args)
+    }
 
 
 def latency_ms(fn, args, repeats: int) -> float:
@@ -269,32 +291,49 @@ def export(spec: ModelSpec, *, progress: Callable[[str], None] = print) -> Expor
     return Exported(program, reference, op_census(program), {"export": seconds})
 
 
-def rewrite(exported: Exported, rewrites: str | Sequence[str] = "auto", *,
-            progress: Callable[[str], None] = print) -> Rewritten:
+def rewrite(
+    exported: Exported, rewrites: str | Sequence[str] = "auto", *, progress: Callable[[str], None] = print
+) -> Rewritten:
     """The rewrites ``choose_rewrites`` picks for ``rewrites``, applied to the exported program."""
     start = time.perf_counter()
     names, reasons = choose_rewrites(rewrites, progress=lambda m: progress(f"             {m}"))
     program, log = rewrite_with_log(exported.program, names)
     applied = {rw.name: dict(res.replaced) for rw, res in log if res.modified}
-    seconds = _stage_done("rewrite", start, progress,
-                          ", ".join(f"{k} ({sum(v.values())})" for k, v in applied.items()) or "none")
+    seconds = _stage_done(
+        "rewrite", start, progress, ", ".join(f"{k} ({sum(v.values())})" for k, v in applied.items()) or "none"
+    )
     mode = rewrites if isinstance(rewrites, str) else list(rewrites)
     return Rewritten(program, program.module(), mode, applied, reasons, op_census(program), {"rewrite": seconds})
 
 
-def verify(spec: ModelSpec, exported: Exported, rewritten: Rewritten, *, examples: int = 20, seed: int = 0,
-           progress: Callable[[str], None] = print) -> Verified:
+def verify(
+    spec: ModelSpec,
+    exported: Exported,
+    rewritten: Rewritten,
+    *,
+    examples: int = 20,
+    seed: int = 0,
+    progress: Callable[[str], None] = print,
+) -> Verified:
     """The original vs the rewritten program, in PyTorch, on ``examples`` hypothesis examples."""
     start = time.perf_counter()
     failures: list[dict] = []
-    stats = _check(spec, exported.reference, rewritten.module, examples, seed, "original vs rewritten (PyTorch)", failures)
+    stats = _check(
+        spec, exported.reference, rewritten.module, examples, seed, "original vs rewritten (PyTorch)", failures
+    )
     seconds = _stage_done("verify", start, progress, f"{examples} examples: " + _stats_text(stats))
     return Verified(stats, examples, seed, tuple(failures), {"verify": seconds})
 
 
-def compile_with_tvm(spec: ModelSpec, rewritten: Rewritten, *, schedules: str = "ours",
-                     stage_inputs: Sequence[str] | None = None, cache_dir: str | Path | None = None,
-                     progress: Callable[[str], None] = print) -> Compiled:
+def compile_with_tvm(
+    spec: ModelSpec,
+    rewritten: Rewritten,
+    *,
+    schedules: str = "ours",
+    stage_inputs: Sequence[str] | None = None,
+    cache_dir: str | Path | None = None,
+    progress: Callable[[str], None] = print,
+) -> Compiled:
     """The rewritten program built with TVM (see ``operate`` for the options). A failure is
     recorded, not raised: ``fn`` is then None and ``failures`` says where and why."""
     _check_schedules(schedules)
@@ -305,25 +344,39 @@ def compile_with_tvm(spec: ModelSpec, rewritten: Rewritten, *, schedules: str = 
     failures: list[dict] = []
     start, current = time.perf_counter(), "TVM prepare"
     try:
-        for_tvm, speed = (speed_rewrites(rewritten.program, split=bool(stage_inputs)) if schedules == "ours"
-                          else (rewritten.program, {}))
+        for_tvm, speed = (
+            speed_rewrites(rewritten.program, split=bool(stage_inputs))
+            if schedules == "ours"
+            else (rewritten.program, {})
+        )
         info.update(schedules=schedules, target=str(host_target(schedules)), speed_rewrites=speed)
         detail = f"speed rewrites: {', '.join(speed) or 'none'}"
         if stage_inputs:
             staged = hoist(decomposed(for_tvm), stage_inputs, spec.example_args)
-            detail += (f"; split: {staged.hoisted_nodes} nodes hoisted into the {'/'.join(stage_inputs)} stage, "
-                       f"{len(staged.frontier)} tensors ({staged.frontier_bytes() / 2**20:.1f} MiB) handed to the rest")
-            info["split"] = {"stage_inputs": list(stage_inputs), "hoisted_nodes": staged.hoisted_nodes,
-                             "rest_nodes": staged.rest_nodes, "frontier": staged.frontier}
+            detail += (
+                f"; split: {staged.hoisted_nodes} nodes hoisted into the {'/'.join(stage_inputs)} stage, "
+                f"{len(staged.frontier)} tensors ({staged.frontier_bytes() / 2**20:.1f} MiB) handed to the rest"
+            )
+            info["split"] = {
+                "stage_inputs": list(stage_inputs),
+                "hoisted_nodes": staged.hoisted_nodes,
+                "rest_nodes": staged.rest_nodes,
+                "frontier": staged.frontier,
+            }
         stages_s[current] = _stage_done(current, start, progress, detail)
         start, current = time.perf_counter(), "TVM build"
         parts = {"stage": staged.stage, "rest": staged.rest} if staged else {"whole": for_tvm}
         built, cached = {}, []
         for part, program in parts.items():
-            built[part], info[f"{part}_build"] = compile_program(program, schedules=schedules, cache_dir=cache_root(cache_dir), log=log)
+            built[part], info[f"{part}_build"] = compile_program(
+                program, schedules=schedules, cache_dir=cache_root(cache_dir), log=log
+            )
             cached.append(info[f"{part}_build"]["cached"])
-        how = ("reused compiled libraries from the cache (" + display_path(cache_root(cache_dir) / "tvm-lib") + ")" if all(cached)
-               else f"target {host_target(schedules)}, {schedules} schedules")
+        how = (
+            "reused compiled libraries from the cache (" + display_path(cache_root(cache_dir) / "tvm-lib") + ")"
+            if all(cached)
+            else f"target {host_target(schedules)}, {schedules} schedules"
+        )
         stages_s[current] = info["build_s"] = _stage_done(current, start, progress, how)
         fn = staged.compose(built["stage"], built["rest"]) if staged else built["whole"]
     except Exception as exc:
@@ -334,9 +387,17 @@ def compile_with_tvm(spec: ModelSpec, rewritten: Rewritten, *, schedules: str = 
     return Compiled(fn, staged, info, tuple(log), tuple(failures), stages_s)
 
 
-def verify_compiled(spec: ModelSpec, exported: Exported, rewritten: Rewritten, compiled: Compiled, *,
-                    examples: int = 20, split_examples: int = 5, seed: int = 0,
-                    progress: Callable[[str], None] = print) -> Verified:
+def verify_compiled(
+    spec: ModelSpec,
+    exported: Exported,
+    rewritten: Rewritten,
+    compiled: Compiled,
+    *,
+    examples: int = 20,
+    split_examples: int = 5,
+    seed: int = 0,
+    progress: Callable[[str], None] = print,
+) -> Verified:
     """The split in PyTorch vs the rewritten program on ``split_examples`` examples (it must
     reproduce it bit for bit), then the original vs TVM on ``examples``: what was compiled."""
     failures: list[dict] = []
@@ -351,8 +412,14 @@ def verify_compiled(spec: ModelSpec, exported: Exported, rewritten: Rewritten, c
     return Verified(stats, examples, seed, tuple(failures), {"TVM run": seconds})
 
 
-def measure(spec: ModelSpec, rewritten: Rewritten, compiled: Compiled | None = None, *, repeats: int = 5,
-            progress: Callable[[str], None] = print) -> Measured:
+def measure(
+    spec: ModelSpec,
+    rewritten: Rewritten,
+    compiled: Compiled | None = None,
+    *,
+    repeats: int = 5,
+    progress: Callable[[str], None] = print,
+) -> Measured:
     """Median latencies on the spec's example inputs: eager, rewritten PyTorch, TVM and, when
     split, each TVM stage alone."""
     latency = {}
@@ -371,7 +438,9 @@ def measure(spec: ModelSpec, rewritten: Rewritten, compiled: Compiled | None = N
     return Measured(latency)
 
 
-def save(spec: ModelSpec, exported: Exported, rewritten: Rewritten, compiled: Compiled | None, out_dir: str | Path) -> Saved:
+def save(
+    spec: ModelSpec, exported: Exported, rewritten: Rewritten, compiled: Compiled | None, out_dir: str | Path
+) -> Saved:
     """Into ``out_dir``: both programs (``.pt2``), the TVM libraries (``.so``; with
     ``.stages.json`` saying how to call two: ``surgery.stages.StagedFunction.load``) and TVM's log."""
     out_dir = Path(out_dir)
@@ -395,8 +464,14 @@ def save(spec: ModelSpec, exported: Exported, rewritten: Rewritten, compiled: Co
 def _save_libraries(spec: ModelSpec, compiled: Compiled, out_dir: Path, log: list[str]) -> dict[str, str]:
     """The compiled libraries, named after the spec's stages when split; what TVM writes goes to ``log``."""
     first, second = spec.stage_names
-    libraries = {"tvm_library": ("tvm", compiled.fn)} if compiled.staged is None else {
-        f"tvm_{first}_library": (f"{first}.tvm", compiled.fn.stage_fn), f"tvm_{second}_library": (f"{second}.tvm", compiled.fn.rest_fn)}
+    libraries = (
+        {"tvm_library": ("tvm", compiled.fn)}
+        if compiled.staged is None
+        else {
+            f"tvm_{first}_library": (f"{first}.tvm", compiled.fn.stage_fn),
+            f"tvm_{second}_library": (f"{second}.tvm", compiled.fn.rest_fn),
+        }
+    )
     artifacts = {}
     for key, (suffix, fn) in libraries.items():
         target = out_dir / f"{spec.name}.{suffix}.so"
@@ -405,7 +480,9 @@ def _save_libraries(spec: ModelSpec, compiled: Compiled, out_dir: Path, log: lis
         artifacts[key] = str(target)
     if compiled.staged is not None:
         target = out_dir / f"{spec.name}.stages.json"
-        manifest = compiled.fn.manifest(Path(artifacts[f"tvm_{first}_library"]).name, Path(artifacts[f"tvm_{second}_library"]).name)
+        manifest = compiled.fn.manifest(
+            Path(artifacts[f"tvm_{first}_library"]).name, Path(artifacts[f"tvm_{second}_library"]).name
+        )
         with atomic_path(target) as tmp:
             tmp.write_text(json.dumps(manifest, indent=2) + "\n")
         artifacts["tvm_stages"] = str(target)
@@ -445,11 +522,22 @@ def operate(
     verified = verify(spec, exported, rewritten, examples=examples, seed=seed, progress=progress)
     compiled = checked = None
     if compile_tvm:
-        compiled = compile_with_tvm(spec, rewritten, schedules=schedules, stage_inputs=stage_inputs,
-                                    cache_dir=cache_dir, progress=progress)
-        checked = verify_compiled(spec, exported, rewritten, compiled, examples=examples if tvm_examples is None else tvm_examples,
-                                  split_examples=min(examples, 5), seed=seed, progress=progress)
-    measured = measure(spec, rewritten, compiled, repeats=latency_repeats, progress=progress) if latency_repeats > 0 else None
+        compiled = compile_with_tvm(
+            spec, rewritten, schedules=schedules, stage_inputs=stage_inputs, cache_dir=cache_dir, progress=progress
+        )
+        checked = verify_compiled(
+            spec,
+            exported,
+            rewritten,
+            compiled,
+            examples=examples if tvm_examples is None else tvm_examples,
+            split_examples=min(examples, 5),
+            seed=seed,
+            progress=progress,
+        )
+    measured = (
+        measure(spec, rewritten, compiled, repeats=latency_repeats, progress=progress) if latency_repeats > 0 else None
+    )
     saved = save(spec, exported, rewritten, compiled, out_dir) if out_dir is not None else None
     _tell_tvm_log(compiled, saved, progress)
     report = _report(spec, exported, rewritten, verified, compiled, checked, measured, saved)
@@ -473,8 +561,16 @@ def _tell_tvm_log(compiled: Compiled | None, saved: Saved | None, progress: Call
         progress(f"TVM wrote {len(lines)} log lines (mostly warnings)" + (f"; kept in {kept}" if kept else ""))
 
 
-def _report(spec: ModelSpec, exported: Exported, rewritten: Rewritten, verified: Verified, compiled: Compiled | None,
-            checked: Verified | None, measured: Measured | None, saved: Saved | None) -> SurgeryReport:
+def _report(
+    spec: ModelSpec,
+    exported: Exported,
+    rewritten: Rewritten,
+    verified: Verified,
+    compiled: Compiled | None,
+    checked: Verified | None,
+    measured: Measured | None,
+    saved: Saved | None,
+) -> SurgeryReport:
     """What the steps found (``None``: the step did not run), as the report."""
     timed = [step for step in (exported, rewritten, verified, compiled, checked) if step is not None]
     failures = tuple(f for step in (verified, compiled, checked) if step is not None for f in step.failures)
@@ -486,14 +582,21 @@ def _report(spec: ModelSpec, exported: Exported, rewritten: Rewritten, verified:
         model=spec.name,
         description=spec.description,
         passed=not failures and (compiled is None or compiled.fn is not None),
-        rewrites={"mode": rewritten.mode, "applied": rewritten.applied, "reasons": rewritten.reasons,
-                  "contracts": {n: REGISTRY[n].contract for n in rewritten.applied}},
+        rewrites={
+            "mode": rewritten.mode,
+            "applied": rewritten.applied,
+            "reasons": rewritten.reasons,
+            "contracts": {n: REGISTRY[n].contract for n in rewritten.applied},
+        },
         census_before=dict(sorted(exported.census.items())),
         census_after=dict(sorted(rewritten.census.items())),
         examples=verified.examples,
         tvm_examples=checked.examples if checked is not None else 0,
         seed=verified.seed,
-        equivalence={"original_vs_rewritten": verified.stats, "original_vs_tvm": checked.stats if checked is not None else {}},
+        equivalence={
+            "original_vs_rewritten": verified.stats,
+            "original_vs_tvm": checked.stats if checked is not None else {},
+        },
         failures=failures,
         tvm=tvm,
         latency=measured.latency if measured is not None else {},
@@ -533,6 +636,7 @@ def _random_like(val, generator: torch.Generator) -> torch.Tensor:
 
 def _random_inputs_like(examples) -> object:
     """Hypothesis strategy of seeds mapped to random tensors shaped like ``examples``."""
+
     def sample(s: int) -> tuple:
         g = torch.Generator().manual_seed(s)
         return tuple(_random_like(v, g) for v in examples)
@@ -553,11 +657,16 @@ def saved_program_spec(path: str | Path, seed: int = 0) -> ModelSpec:
     g = torch.Generator().manual_seed(seed)
     outputs = program.graph_signature.user_outputs
     return ModelSpec(
-        name=Path(path).stem, module=None, example_args=tuple(_random_like(v, g) for v in vals),
-        input_names=[n.name for n in placeholders], output_names=[f"output{i}" for i in range(len(outputs))],
+        name=Path(path).stem,
+        module=None,
+        example_args=tuple(_random_like(v, g) for v in vals),
+        input_names=[n.name for n in placeholders],
+        output_names=[f"output{i}" for i in range(len(outputs))],
         input_strategy=strategy,
-        description={"model": f"saved ExportedProgram {str(path)!r}",
-                     "inputs": {n.name: f"{tuple(v.shape)} {v.dtype}" for n, v in zip(placeholders, vals)},
-                     "weights": "as saved in the program"},
+        description={
+            "model": f"saved ExportedProgram {str(path)!r}",
+            "inputs": {n.name: f"{tuple(v.shape)} {v.dtype}" for n, v in zip(placeholders, vals)},
+            "weights": "as saved in the program",
+        },
         program=program,
     )

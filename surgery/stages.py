@@ -27,8 +27,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import operator
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import fx
@@ -55,7 +55,7 @@ class StagedPrograms:
     def split_args(self, args: Sequence[torch.Tensor]) -> tuple[tuple, tuple]:
         return tuple(args[i] for i in self.stage_inputs), tuple(args[i] for i in self.rest_inputs)
 
-    def compose(self, stage_fn, rest_fn) -> "StagedFunction":
+    def compose(self, stage_fn, rest_fn) -> StagedFunction:
         """A callable taking the original's arguments: ``rest_fn(*stage_fn(stage args), rest args)``."""
         return StagedFunction(stage_fn, rest_fn, self.stage_inputs, self.rest_inputs)
 
@@ -83,16 +83,25 @@ class StagedFunction:
         return self.rest(self.stage(*args), *args)
 
     def manifest(self, stage_library: str, rest_library: str) -> dict:
-        return {"format": 1, "stage_library": stage_library, "rest_library": rest_library,
-                "stage_inputs": list(self.stage_inputs), "rest_inputs": list(self.rest_inputs)}
+        return {
+            "format": 1,
+            "stage_library": stage_library,
+            "rest_library": rest_library,
+            "stage_inputs": list(self.stage_inputs),
+            "rest_inputs": list(self.rest_inputs),
+        }
 
     @classmethod
-    def load(cls, manifest_path) -> "StagedFunction":
+    def load(cls, manifest_path) -> StagedFunction:
         """The two TVM libraries ``python -m surgery apply`` wrote, from its ``.stages.json``."""
         path = Path(manifest_path)
         data = json.loads(path.read_text())
-        return cls(TvmFunction.load(path.parent / data["stage_library"]), TvmFunction.load(path.parent / data["rest_library"]),
-                   data["stage_inputs"], data["rest_inputs"])
+        return cls(
+            TvmFunction.load(path.parent / data["stage_library"]),
+            TvmFunction.load(path.parent / data["rest_library"]),
+            data["stage_inputs"],
+            data["rest_inputs"],
+        )
 
 
 def _is_pure(node: fx.Node) -> bool:
@@ -115,8 +124,9 @@ def _is_guard(node: fx.Node) -> bool:
     return node.op == "call_module" and str(node.target).startswith("_guards")
 
 
-def hoist(program: torch.export.ExportedProgram, stage_inputs: Sequence[str],
-          example_args: Sequence[torch.Tensor]) -> StagedPrograms:
+def hoist(
+    program: torch.export.ExportedProgram, stage_inputs: Sequence[str], example_args: Sequence[torch.Tensor]
+) -> StagedPrograms:
     """Split ``program`` so that everything depending only on the user inputs named in
     ``stage_inputs`` (and on parameters) runs in a separate program.
 
@@ -212,10 +222,21 @@ def hoist(program: torch.export.ExportedProgram, stage_inputs: Sequence[str],
     rest_args = frontier_values + tuple(example_args[i] for i in rest_positions)
     stage_program = torch.export.export(stage_module, stage_args)
     rest_program = torch.export.export(rest_module, rest_args)
-    described = [{"name": n.name, "shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""),
-                  "bytes": v.numel() * v.element_size()} for n, v in zip(frontier, frontier_values)]
+    described = [
+        {
+            "name": n.name,
+            "shape": list(v.shape),
+            "dtype": str(v.dtype).replace("torch.", ""),
+            "bytes": v.numel() * v.element_size(),
+        }
+        for n, v in zip(frontier, frontier_values)
+    ]
     return StagedPrograms(
-        stage=stage_program, rest=rest_program, stage_inputs=tuple(stage_positions), rest_inputs=tuple(rest_positions),
-        frontier=described, hoisted_nodes=len(hoisted),
+        stage=stage_program,
+        rest=rest_program,
+        stage_inputs=tuple(stage_positions),
+        rest_inputs=tuple(rest_positions),
+        frontier=described,
+        hoisted_nodes=len(hoisted),
         rest_nodes=sum(1 for n in rest_graph.nodes if n.op == "call_function"),
     )

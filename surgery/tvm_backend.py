@@ -21,8 +21,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -201,11 +201,18 @@ def _build_with_fma_kernels(mod, target, fma_target):
     rest = {gv: f for gv, f in kernels.functions.items() if gv not in fma}
     if fma:
         ext_libs.append(tvm.tirx.build(tvm.IRModule(fma, attrs=kernels.attrs), target=fma_target))
-    return vm_build._vmlink(builder=builder, target=target, tir_mod=tvm.IRModule(rest, attrs=kernels.attrs),
-                            ext_libs=ext_libs, params=params)
+    return vm_build._vmlink(
+        builder=builder,
+        target=target,
+        tir_mod=tvm.IRModule(rest, attrs=kernels.attrs),
+        ext_libs=ext_libs,
+        params=params,
+    )
 
 
-def speed_rewrites(program: torch.export.ExportedProgram, split: bool = False) -> tuple[torch.export.ExportedProgram, dict]:
+def speed_rewrites(
+    program: torch.export.ExportedProgram, split: bool = False
+) -> tuple[torch.export.ExportedProgram, dict]:
     """The speed rewrites (``surgery.rewrites.SPEED_REWRITES``) on a program: what the shipped
     build compiles. Returns the program and what each replaced. With ``split`` (the program will
     be cut into an image stage and a prompt stage) attention is not reassociated: the stage split
@@ -314,7 +321,7 @@ class TvmFunction:
     path: Path | None = None  # the shared library this function was loaded from, if any
 
     @classmethod
-    def load(cls, path: str | Path) -> "TvmFunction":
+    def load(cls, path: str | Path) -> TvmFunction:
         tvm, _, _ = _tvm()
         fn = cls(tvm.runtime.load_module(str(path)))
         fn.path = Path(path)
@@ -331,8 +338,13 @@ class TvmFunction:
         self.executable.export_library(str(path))
 
 
-def compile_program(program: torch.export.ExportedProgram, target=None, schedules: str = "default",
-                    cache_dir: str | Path | None = None, log: list | None = None) -> tuple[TvmFunction, dict]:
+def compile_program(
+    program: torch.export.ExportedProgram,
+    target=None,
+    schedules: str = "default",
+    cache_dir: str | Path | None = None,
+    log: list | None = None,
+) -> tuple[TvmFunction, dict]:
     """Import, build and wrap a program; also returns timings and whether a cached library was
     reused. With ``cache_dir`` (or ``$SURGERY_CACHE``) given, the library is stored under a key
     of the program's fingerprint, the TVM version, the target and the schedules, and a second
@@ -341,16 +353,31 @@ def compile_program(program: torch.export.ExportedProgram, target=None, schedule
     library = None
     if cache_dir is not None:
         versions = tvm_versions()
-        key = hashlib.sha256("|".join([
-            program_fingerprint(program), versions["apache-tvm"], versions["apache-tvm-ffi"], str(host_target(schedules) if target is None else target),
-            schedules, str(SCHEDULES_FORMAT), torch.__version__]).encode()).hexdigest()[:32]
+        key = hashlib.sha256(
+            "|".join(
+                [
+                    program_fingerprint(program),
+                    versions["apache-tvm"],
+                    versions["apache-tvm-ffi"],
+                    str(host_target(schedules) if target is None else target),
+                    schedules,
+                    str(SCHEDULES_FORMAT),
+                    torch.__version__,
+                ]
+            ).encode()
+        ).hexdigest()[:32]
         library = cache_root(cache_dir) / "tvm-lib" / f"{key}.so"
         if library.is_file():
             try:
                 with native_log(log if log is not None else []):  # TVM logs a line per loaded scope
                     fn = TvmFunction.load(library)
-                info = {"import_s": 0.0, "build_s": 0.0, "cached": True, "library": display_path(library),
-                        "load_s": time.perf_counter() - start}
+                info = {
+                    "import_s": 0.0,
+                    "build_s": 0.0,
+                    "cached": True,
+                    "library": display_path(library),
+                    "load_s": time.perf_counter() - start,
+                }
                 with contextlib.suppress(OSError, ValueError):  # when it was built, how long it took
                     info["built"] = json.loads(library.with_suffix(".json").read_text())
                 return fn, info
@@ -370,9 +397,19 @@ def compile_program(program: torch.export.ExportedProgram, target=None, schedule
             with atomic_path(library, suffix=".so") as tmp, native_log(sink):
                 fn.export_library(tmp)
             info["library"] = display_path(library)
-            write_text(library.with_suffix(".json"), json.dumps({
-                "import_s": info["import_s"], "build_s": info["build_s"], "schedules": schedules,
-                "target": str(host_target(schedules) if target is None else target), "tvm": versions}, indent=2))
+            write_text(
+                library.with_suffix(".json"),
+                json.dumps(
+                    {
+                        "import_s": info["import_s"],
+                        "build_s": info["build_s"],
+                        "schedules": schedules,
+                        "target": str(host_target(schedules) if target is None else target),
+                        "tvm": versions,
+                    },
+                    indent=2,
+                ),
+            )
         except OSError:
             pass  # an unwritable cache only costs the next run a rebuild
     return fn, info
@@ -404,7 +441,9 @@ def _probe_one(name: str, rewrite, converters: frozenset[str]) -> Finding:
     missing = [op for op in ops if op not in converters]
     case = rewrite.probe_case()
     program = torch.export.export(case.module(), case.args()).run_decompositions()
-    present = [op for op in ops if any(str(n.target).endswith(op) for n in program.graph.nodes if n.op == "call_function")]
+    present = [
+        op for op in ops if any(str(n.target).endswith(op) for n in program.graph.nodes if n.op == "call_function")
+    ]
     # An operator torch's default decomposition removes before TVM sees it (where.ScalarOther)
     # needs no converter of its own: then the behavioural check decides.
     if missing and present and set(missing) >= set(present):
@@ -417,7 +456,9 @@ def _probe_one(name: str, rewrite, converters: frozenset[str]) -> Finding:
         first = (str(exc).strip().splitlines() or [""])[-1][:200]
         return Finding(name, True, f"converter fails on {rewrite.probe_note}: {type(exc).__name__}: {first}")
     expected = case.reference()
-    stats = compare(actual[0].to(expected.dtype), expected, scale=case.scale) if actual[0].shape == expected.shape else None
+    stats = (
+        compare(actual[0].to(expected.dtype), expected, scale=case.scale) if actual[0].shape == expected.shape else None
+    )
     if stats is None or not stats.within_bounds():
         got = f"shape {tuple(actual[0].shape)} vs {tuple(expected.shape)}" if stats is None else str(stats)
         return Finding(name, True, f"converter gives wrong numbers on {rewrite.probe_note}: {got}")
@@ -442,22 +483,30 @@ def _user_case_problem(case) -> str | None:
     return program_problem(torch.export.load(case.program), tuple(torch.load(case.inputs)))
 
 
-def probe(cache_dir: str | Path | None = None, progress: Callable[[str], None] = lambda m: None,
-          probes_root: str | Path | None = None) -> TvmProbe:
+def probe(
+    cache_dir: str | Path | None = None,
+    progress: Callable[[str], None] = lambda m: None,
+    probes_root: str | Path | None = None,
+) -> TvmProbe:
     """Which rewrites the installed TVM needs, and why: the rewrites' own cases, then the user's
     probe cases in ``probes_root`` (default ``surgery.probes.probes_dir()``), each marking its
     rewrite needed when TVM still fails it. Cached per TVM version and user cases on disk."""
     versions = tvm_versions()
     cases = [c for c in user_cases(probes_root) if c.rewrite in REGISTRY]
-    key = (f"tvm-probe-v{PROBE_FORMAT}-{versions['apache-tvm']}-{versions['apache-tvm-ffi']}-torch{torch.__version__}"
-           + (f"-cases{digest(probes_root)[:16]}" if cases else "") + ".json")
+    key = (
+        f"tvm-probe-v{PROBE_FORMAT}-{versions['apache-tvm']}-{versions['apache-tvm-ffi']}-torch{torch.__version__}"
+        + (f"-cases{digest(probes_root)[:16]}" if cases else "")
+        + ".json"
+    )
     cached = cache_root(cache_dir) / key
     if cached.is_file():
         try:
             data = json.loads(cached.read_text())
             if set(data["findings"]) != set(REGISTRY):
                 raise KeyError("cached verdicts are for another set of rewrites")
-            return TvmProbe(data["versions"], {k: Finding(**v) for k, v in data["findings"].items()}, data["seconds"], cached=True)
+            return TvmProbe(
+                data["versions"], {k: Finding(**v) for k, v in data["findings"].items()}, data["seconds"], cached=True
+            )
         except (ValueError, KeyError, TypeError):
             pass  # a damaged cache entry is recomputed
     start = time.perf_counter()
@@ -472,11 +521,22 @@ def probe(cache_dir: str | Path | None = None, progress: Callable[[str], None] =
         if problem is not None:
             earlier = findings[case.rewrite]
             reason = f"user probe case {case.name!r} ({case.directory}): {problem}"
-            findings[case.rewrite] = Finding(case.rewrite, True, f"{earlier.reason}; {reason}" if earlier.needed else reason)
+            findings[case.rewrite] = Finding(
+                case.rewrite, True, f"{earlier.reason}; {reason}" if earlier.needed else reason
+            )
     result = TvmProbe(versions, findings, time.perf_counter() - start)
     try:
-        write_text(cached, json.dumps({"versions": versions, "seconds": result.seconds,
-                                       "findings": {k: dataclasses.asdict(v) for k, v in findings.items()}}, indent=2))
+        write_text(
+            cached,
+            json.dumps(
+                {
+                    "versions": versions,
+                    "seconds": result.seconds,
+                    "findings": {k: dataclasses.asdict(v) for k, v in findings.items()},
+                },
+                indent=2,
+            ),
+        )
     except OSError:
         pass  # a read-only home is no reason to fail; we just probe again next time
     return result

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterable
 from importlib import metadata
-from typing import Iterable
 
 # What the reports record: the interpreter and the distributions a result depends on.
 REPORTED = ("python", "torch", "torchvision", "apache-tvm", "apache-tvm-ffi", "sam3", "hypothesis", "numpy", "surgery")

@@ -30,7 +30,7 @@ def _from_base(node: ast.ImportFrom, module: str, is_package: bool) -> str:
     if not node.level:
         return node.module
     package = module.split(".") if is_package else module.split(".")[:-1]
-    base = package[:len(package) - node.level + 1]
+    base = package[: len(package) - node.level + 1]
     return ".".join(base + ([node.module] if node.module else []))
 
 
@@ -62,7 +62,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(module)
         for imported in sorted(graph[module]):
             if imported in path:
-                return path[path.index(imported):] + [imported]
+                return path[path.index(imported) :] + [imported]
             if imported not in finished:
                 cycle = visit(imported)
                 if cycle:
@@ -86,9 +86,12 @@ def layer(module: str) -> int:
 
 def upward_imports(graph: dict[str, set[str]]) -> list[str]:
     """Every import of a module in a later layer than the importer's."""
-    return [f"{module} ({LAYERS[layer(module)]}) imports {imported} ({LAYERS[layer(imported)]})"
-            for module, imported_modules in sorted(graph.items()) for imported in sorted(imported_modules)
-            if layer(imported) > layer(module)]
+    return [
+        f"{module} ({LAYERS[layer(module)]}) imports {imported} ({LAYERS[layer(imported)]})"
+        for module, imported_modules in sorted(graph.items())
+        for imported in sorted(imported_modules)
+        if layer(imported) > layer(module)
+    ]
 
 
 def test_no_import_cycle():

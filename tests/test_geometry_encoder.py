@@ -9,15 +9,23 @@ import pytest
 import torch
 
 from models.geometry_encoder import (
-    CHECKPOINT_PREFIX, CheckpointError, GeometryEncoderWrapper, PromptShape, build_geometry_encoder, example_inputs,
-    load_checkpoint, pin_memory_passthrough,
+    CHECKPOINT_PREFIX,
+    CheckpointError,
+    GeometryEncoderWrapper,
+    PromptShape,
+    build_geometry_encoder,
+    example_inputs,
+    load_checkpoint,
+    pin_memory_passthrough,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "surgery", *args], capture_output=True, text=True, cwd=cwd, timeout=1800)
+    return subprocess.run(
+        [sys.executable, "-m", "surgery", *args], capture_output=True, text=True, cwd=cwd, timeout=1800
+    )
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +37,14 @@ def test_production_configuration(encoder):
     assert type(encoder).__name__ == "SequenceGeometryEncoder" and type(encoder).__module__.startswith("sam3.")
     assert encoder.d_model == 256 and len(encoder.encode) == 3 and encoder.roi_size == 7
     assert encoder.cls_embed is not None and encoder.final_proj is not None and not encoder.encode_boxes_as_points
-    for part in ("points_direct_project", "points_pool_project", "points_pos_enc_project",
-                 "boxes_direct_project", "boxes_pool_project", "boxes_pos_enc_project"):
+    for part in (
+        "points_direct_project",
+        "points_pool_project",
+        "points_pos_enc_project",
+        "boxes_direct_project",
+        "boxes_pool_project",
+        "boxes_pos_enc_project",
+    ):
         assert getattr(encoder, part) is not None, part
     assert not encoder.training
 
@@ -52,7 +66,12 @@ def test_seeded_layers_differ_like_a_trained_checkpoints(encoder):
     common-subexpression elimination do one layer's image-side work for all three."""
     layers = list(encoder.encode)
     assert len(layers) == 3
-    for name in ("cross_attn_image.in_proj_weight", "cross_attn_image.out_proj.weight", "linear1.weight", "linear2.weight"):
+    for name in (
+        "cross_attn_image.in_proj_weight",
+        "cross_attn_image.out_proj.weight",
+        "linear1.weight",
+        "linear2.weight",
+    ):
         weights = [layer.state_dict()[name] for layer in layers]
         for i in range(3):
             for j in range(i + 1, 3):
@@ -97,7 +116,10 @@ def test_broken_checkpoints_name_the_problem(tmp_path, encoder):
     cases = {
         "missing": ({k: v for k, v in good.items() if k != "cls_embed.weight"}, "missing keys: cls_embed.weight"),
         "unexpected": ({**good, "extra.weight": torch.zeros(1)}, "unexpected keys: extra.weight"),
-        "shape": ({**good, "cls_embed.weight": torch.zeros(2, 256)}, r"wrong shapes: cls_embed.weight \(2, 256\) \(expected \(1, 256\)\)"),
+        "shape": (
+            {**good, "cls_embed.weight": torch.zeros(2, 256)},
+            r"wrong shapes: cls_embed.weight \(2, 256\) \(expected \(1, 256\)\)",
+        ),
         "not_a_dict": ([1, 2, 3], "holds no state_dict"),
     }
     for name, (state, message) in cases.items():
@@ -116,13 +138,16 @@ def test_broken_checkpoints_name_the_problem(tmp_path, encoder):
 # ---------------------------------------------------------------- the command: bad input
 
 
-@pytest.mark.parametrize("args, message", [
-    (["apply", "no_such_model"], "unknown model 'no_such_model'; known models: geometry_encoder"),
-    (["apply", "missing.pt2"], "no such file: 'missing.pt2'"),
-    (["apply", "geometry_encoder", "--rewrite", "bogus"], "unknown rewrite 'bogus'"),
-    (["apply", "geometry_encoder", "--points", "0"], "points must be >= 1"),
-    (["apply", "geometry_encoder", "--checkpoint", "nowhere.pt"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["apply", "no_such_model"], "unknown model 'no_such_model'; known models: geometry_encoder"),
+        (["apply", "missing.pt2"], "no such file: 'missing.pt2'"),
+        (["apply", "geometry_encoder", "--rewrite", "bogus"], "unknown rewrite 'bogus'"),
+        (["apply", "geometry_encoder", "--points", "0"], "points must be >= 1"),
+        (["apply", "geometry_encoder", "--checkpoint", "nowhere.pt"], "does not exist"),
+    ],
+)
 def test_bad_input_is_one_clear_line(args, message, tmp_path):
     result = run_cli(*args, "--out", str(tmp_path / "out"), "--reports", str(tmp_path / "reports"))
     assert result.returncode == 2, result.stderr
@@ -135,7 +160,11 @@ def test_corrupt_pt2_and_broken_checkpoint(tmp_path):
     corrupt = tmp_path / "corrupt.pt2"
     corrupt.write_bytes(b"PK\x03\x04 not really a zip")
     result = run_cli("apply", str(corrupt), "--reports", str(tmp_path))
-    assert result.returncode == 2 and "cannot load an ExportedProgram" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        result.returncode == 2
+        and "cannot load an ExportedProgram" in result.stderr
+        and "Traceback" not in result.stderr
+    )
     broken = tmp_path / "broken.pt"
     torch.save({"model": {"detector.geometry_encoder.cls_embed.weight": torch.zeros(1, 256)}}, broken)
     result = run_cli("apply", "geometry_encoder", "--checkpoint", str(broken), "--reports", str(tmp_path))
@@ -149,7 +178,9 @@ def test_corrupt_pt2_and_broken_checkpoint(tmp_path):
 def applied(tmp_path_factory):
     """`python -m surgery apply geometry_encoder` with the defaults but fewer examples."""
     tmp = tmp_path_factory.mktemp("apply")
-    result = run_cli("apply", "geometry_encoder", "--examples", "4", "--out", str(tmp / "out"), "--reports", str(tmp / "reports"))
+    result = run_cli(
+        "apply", "geometry_encoder", "--examples", "4", "--out", str(tmp / "out"), "--reports", str(tmp / "reports")
+    )
     return tmp, result
 
 
@@ -163,7 +194,10 @@ def test_apply_geometry_encoder_end_to_end(applied):
     assert report["versions"]["torch"].startswith("2.14.1") and report["versions"]["sam3"] == "0.1.4"
     assert set(report["rewrites"]["applied"]) == {"grid_sample", "floor_divide"}  # what TVM 0.27 needs
     assert "wrong numbers" in report["rewrites"]["reasons"]["grid_sample"]
-    assert report["census_before"]["aten.grid_sampler.default"] == 1 and "aten.grid_sampler.default" not in report["census_after"]
+    assert (
+        report["census_before"]["aten.grid_sampler.default"] == 1
+        and "aten.grid_sampler.default" not in report["census_after"]
+    )
     assert report["equivalence"]["original_vs_tvm"]["embeddings"]["max_abs"] <= 1e-5
     assert report["equivalence"]["original_vs_tvm"]["padding_mask"]["max_abs"] == 0
     assert report["tvm"]["build_s"] > 0 and report["latency"]["tvm_ms"] > 0 and report["latency"]["eager_ms"] > 0
@@ -184,7 +218,10 @@ def test_apply_artifacts_load_and_run(applied):
     original = load_program(tmp / "out" / "geometry_encoder.original.pt2").module()
     rewritten = load_program(tmp / "out" / "geometry_encoder.rewritten.pt2").module()
     compiled = StagedFunction.load(tmp / "out" / "geometry_encoder.stages.json")
-    assert {p.name for p in (tmp / "out").glob("*.so")} == {"geometry_encoder.image.tvm.so", "geometry_encoder.prompt.tvm.so"}
+    assert {p.name for p in (tmp / "out").glob("*.so")} == {
+        "geometry_encoder.image.tvm.so",
+        "geometry_encoder.prompt.tvm.so",
+    }
     with torch.no_grad():
         expected = original(*args)
         from surgery.equivalence import assert_equivalent
@@ -197,16 +234,34 @@ def test_apply_artifacts_load_and_run(applied):
 
 def test_apply_saved_program(applied, tmp_path):
     tmp, _ = applied
-    result = run_cli("apply", str(tmp / "out" / "geometry_encoder.original.pt2"), "--examples", "3",
-                     "--out", str(tmp_path / "out"), "--reports", str(tmp_path))
+    result = run_cli(
+        "apply",
+        str(tmp / "out" / "geometry_encoder.original.pt2"),
+        "--examples",
+        "3",
+        "--out",
+        str(tmp_path / "out"),
+        "--reports",
+        str(tmp_path),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "geometry_encoder.original.json").read_text())
     assert report["passed"] and "saved ExportedProgram" in report["description"]["model"]
 
 
 def test_apply_without_rewrites_fails_on_tvm_and_says_why(tmp_path):
-    result = run_cli("apply", "geometry_encoder", "--rewrite", "none", "--examples", "2",
-                     "--out", str(tmp_path / "out"), "--reports", str(tmp_path))
+    result = run_cli(
+        "apply",
+        "geometry_encoder",
+        "--rewrite",
+        "none",
+        "--examples",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+        "--reports",
+        str(tmp_path),
+    )
     assert result.returncode == 1
     report = json.loads((tmp_path / "geometry_encoder.json").read_text())
     assert not report["passed"] and report["failures"][0]["check"] in ("TVM prepare", "TVM build", "original vs TVM")

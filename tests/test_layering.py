@@ -19,5 +19,7 @@ def test_importing_surgery_and_its_rewrites_loads_no_tvm():
 
 
 def test_sizing_matmul_panels_loads_no_tvm():
-    _run(f"import sys; from surgery.rewrites.matmul_packing import panel_width; "
-         f"assert panel_width(13, 2048, 256) == 32; {NO_TVM}")
+    _run(
+        f"import sys; from surgery.rewrites.matmul_packing import panel_width; "
+        f"assert panel_width(13, 2048, 256) == 32; {NO_TVM}"
+    )

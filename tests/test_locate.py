@@ -98,8 +98,14 @@ def located(tmp_path_factory):
     def get(name):
         if name not in found:
             root = tmp_path_factory.mktemp(name)
-            found[name] = locate(spec(name), rewrites="none", out_dir=root / "out", cache_dir=root / "cache",
-                                 progress=lambda m: None, run_reproducers=False)
+            found[name] = locate(
+                spec(name),
+                rewrites="none",
+                out_dir=root / "out",
+                cache_dir=root / "cache",
+                progress=lambda m: None,
+                run_reproducers=False,
+            )
         return found[name]
 
     return get
@@ -111,7 +117,10 @@ def test_wrong_numbers_name_the_grid_sampler(located):
     assert found.verdict == "wrong numbers" and len(found.culprits) == 1
     culprit = found.culprits[0]
     # aten.grid_sampler as exported (TVM's importer decomposes it to grid_sampler_2d)
-    assert culprit.stage == "numbers" and culprit.node.op in ("aten.grid_sampler.default", "aten.grid_sampler_2d.default")
+    assert culprit.stage == "numbers" and culprit.node.op in (
+        "aten.grid_sampler.default",
+        "aten.grid_sampler_2d.default",
+    )
     assert "test_locate.py" in culprit.node.source and "the fault" in culprit.node.source
     assert culprit.reproducer["scope"] == "the operator alone"
     roles = {row["role"]: row for row in culprit.path}
@@ -144,15 +153,23 @@ def test_import_failure_downstream_names_the_converter_that_made_the_wrong_shape
     found = located("grid_permute")  # SAM3's point sampling: grid_sample -> squeeze -> permute
     assert found.verdict == "import failure" and "PermuteDims" in found.whole_failure
     assert [c.node.op for c in found.culprits] == ["aten.grid_sampler.default"]
-    assert "converter makes output 0 float32[1, 2, 1, 2], PyTorch computes float32[1, 2, 3, 1]" in found.culprits[0].error
+    assert (
+        "converter makes output 0 float32[1, 2, 1, 2], PyTorch computes float32[1, 2, 3, 1]" in found.culprits[0].error
+    )
     assert "arises downstream of it" in found.culprits[0].how
 
 
 @pytest.mark.tvm
 def test_wrong_numbers_by_bisection_when_marking_every_tensor_is_too_big(tmp_path, monkeypatch):
     monkeypatch.setattr(search, "MARK_ALL_BYTES", 0)
-    found = locate(spec("grid"), rewrites="none", out_dir=tmp_path, cache_dir=tmp_path, progress=lambda m: None,
-                   run_reproducers=False)
+    found = locate(
+        spec("grid"),
+        rewrites="none",
+        out_dir=tmp_path,
+        cache_dir=tmp_path,
+        progress=lambda m: None,
+        run_reproducers=False,
+    )
     assert [c.node.op for c in found.culprits] == ["aten.grid_sampler.default"]
     assert "the first 3 operators fail, the first 2 do not" in found.culprits[0].how
     assert found.culprits[0].reproducer["scope"] == "the operator alone"
@@ -172,7 +189,9 @@ def test_reproducer_script_reproduces(located, name):
     reproducer = located(name).culprits[0].reproducer
     script = Path(reproducer["script"]).read_text()
     assert "surgery" not in script.replace("python -m surgery locate", "")  # torch and TVM only
-    done = subprocess.run([sys.executable, reproducer["script"]], capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run(
+        [sys.executable, reproducer["script"]], capture_output=True, text=True, timeout=600, check=False
+    )
     assert done.returncode == 1, done.stdout + done.stderr
     assert ("WRONG" if name == "grid" else "TVM fails") in done.stdout
     case = json.loads(Path(reproducer["case"]).read_text())
@@ -186,7 +205,14 @@ def test_cli_exit_codes(tmp_path, capsys, monkeypatch):
     saved = tmp_path / "grid.pt2"
     module, args = PROGRAMS["grid"]
     torch.export.save(torch.export.export(module(), args()), saved)
-    common = ["--out", str(tmp_path / "out"), "--reports", str(tmp_path / "reports"), "--cache", str(tmp_path / "cache")]
+    common = [
+        "--out",
+        str(tmp_path / "out"),
+        "--reports",
+        str(tmp_path / "reports"),
+        "--cache",
+        str(tmp_path / "cache"),
+    ]
     assert main(["locate", str(saved), "--rewrite", "grid_sample", *common]) == 0
     assert main(["locate", str(saved), "--rewrite", "none", "--save-probe", "grid_sample", *common]) == 1
     out = capsys.readouterr().out
@@ -197,9 +223,15 @@ def test_cli_exit_codes(tmp_path, capsys, monkeypatch):
     assert "aten.grid_sampler" in (tmp_path / "reports" / "locate_grid.md").read_text()
 
 
-@pytest.mark.parametrize("argv", [["locate", "no_such_model"], ["locate", "missing.pt2"],
-                                  ["locate", "geometry_encoder", "--rewrite", "bogus"],
-                                  ["locate", "geometry_encoder", "--save-probe", "bogus"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["locate", "no_such_model"],
+        ["locate", "missing.pt2"],
+        ["locate", "geometry_encoder", "--rewrite", "bogus"],
+        ["locate", "geometry_encoder", "--save-probe", "bogus"],
+    ],
+)
 def test_cli_bad_input_exits_2_with_one_line(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -217,7 +249,9 @@ def test_judge_accepts_rounding_and_rejects_errors():
     assert not judge(eager + 1e-3, eager, reference).ok
     exact = torch.arange(8.0)
     assert judge(exact + 2e-7, exact, exact.double(), scale=1.0).ok  # within the floor where eager is exact
-    assert not judge(torch.tensor([1, 2, 4]), torch.tensor([1, 2, 3]), torch.tensor([1, 2, 3])).ok  # integers: identical
+    assert not judge(
+        torch.tensor([1, 2, 4]), torch.tensor([1, 2, 3]), torch.tensor([1, 2, 3])
+    ).ok  # integers: identical
     nan = torch.tensor([1.0, float("nan")])
     assert not judge(torch.tensor([1.0, 2.0]), nan, nan.double()).ok
 

@@ -13,17 +13,22 @@ import json
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from test_geometry_encoder import run_cli
 
 import surgery
-from models.geometry_encoder import GeometryEncoderWrapper, build_geometry_encoder, example_inputs, PromptShape
+from models.geometry_encoder import GeometryEncoderWrapper, PromptShape, build_geometry_encoder, example_inputs
 from models.padded_prompts import (
-    PaddedGeometryEncoder, PromptLimits, exact_count_reference, limits_from_options, pad_prompts, valid_rows,
+    PaddedGeometryEncoder,
+    PromptLimits,
+    exact_count_reference,
+    limits_from_options,
+    pad_prompts,
+    valid_rows,
     varying_prompts,
 )
 from surgery.equivalence import assert_equivalent
-
-from test_geometry_encoder import run_cli
 
 LIMITS = PromptLimits(max_points=16, max_boxes=8, max_batch=4)
 SMALL = (8, 8)  # feature map for the PyTorch-only tests: the padding logic doesn't depend on its size
@@ -37,11 +42,14 @@ def encoder():
 # ------------------------------------------------------------------ validation
 
 
-@pytest.mark.parametrize("limits, message", [
-    (PromptLimits(0, 8, 4), "max_points must be an integer >= 1"),
-    (PromptLimits(16, 0, 4), "max_boxes must be an integer >= 1.*does not build on TVM"),
-    (PromptLimits(16, 8, -1), "max_batch must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "limits, message",
+    [
+        (PromptLimits(0, 8, 4), "max_points must be an integer >= 1"),
+        (PromptLimits(16, 0, 4), "max_boxes must be an integer >= 1.*does not build on TVM"),
+        (PromptLimits(16, 8, -1), "max_batch must be an integer >= 1"),
+    ],
+)
 def test_limits_reject_bad_values(limits, message):
     with pytest.raises(ValueError, match=message):
         limits.validate()
@@ -58,7 +66,9 @@ def test_pad_prompts_rejects_what_does_not_fit():
     limits = PromptLimits(4, 2, 2)
     ok = example_inputs(PromptShape(3, 2, 2, SMALL))
     assert pad_prompts(ok, limits, SMALL).args[0].shape == (4, 2, 2)
-    with pytest.raises(ValueError, match="5 points is outside what this module serves .1 to 4.; compile with a larger --max-points"):
+    with pytest.raises(
+        ValueError, match="5 points is outside what this module serves .1 to 4.; compile with a larger --max-points"
+    ):
         pad_prompts(example_inputs(PromptShape(5, 2, 1, SMALL)), limits, SMALL)
     with pytest.raises(ValueError, match="3 batch is outside"):
         pad_prompts(example_inputs(PromptShape(1, 1, 3, SMALL)), limits, SMALL)
@@ -94,15 +104,19 @@ def test_padding_content_and_other_images_do_not_matter(encoder, args, filler):
     padded = pad_prompts(args, limits, SMALL)
     g = torch.Generator().manual_seed(filler)
     scrambled = []
-    for name, big, small in zip(("points", "point_labels", "point_mask", "boxes", "box_labels", "box_mask", "feats", "pos"),
-                                padded.args, args):
+    for name, big, small in zip(
+        ("points", "point_labels", "point_mask", "boxes", "box_labels", "box_mask", "feats", "pos"), padded.args, args
+    ):
         region = torch.ones(big.shape, dtype=torch.bool)
         region[tuple(slice(0, n) for n in small.shape)] = False
         if name.endswith("mask"):
             scrambled.append(big)
             continue
-        noise = torch.randint(0, 2, big.shape, generator=g).to(big.dtype) if not big.dtype.is_floating_point else \
-            torch.rand(big.shape, generator=g)
+        noise = (
+            torch.randint(0, 2, big.shape, generator=g).to(big.dtype)
+            if not big.dtype.is_floating_point
+            else torch.rand(big.shape, generator=g)
+        )
         scrambled.append(torch.where(region, noise, big))
     with torch.no_grad():
         expected = wrapper(*args)
@@ -147,7 +161,9 @@ def test_one_tvm_module_serves_every_count(compiled):
         with torch.no_grad():
             e_embeddings, e_mask = wrapper(*args)
         assert embeddings.shape == e_embeddings.shape and torch.equal(mask, e_mask)
-        assert_equivalent(torch.cat(valid_rows(embeddings, mask)), torch.cat(valid_rows(e_embeddings, e_mask)), context="TVM padded")
+        assert_equivalent(
+            torch.cat(valid_rows(embeddings, mask)), torch.cat(valid_rows(e_embeddings, e_mask)), context="TVM padded"
+        )
         for b, (alone, alone_mask) in enumerate(exact_count_reference(wrapper, args)):
             L = alone.shape[0]
             assert not alone_mask.any() and not mask[b, :L].any() and mask[b, L:].all()
@@ -171,13 +187,18 @@ def test_extreme_counts_on_tvm(compiled):
 # ------------------------------------------------------------------ the command
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--max-boxes", "0"], "max_boxes must be an integer >= 1"),
-    (["--max-points", "-3"], "max_points must be an integer >= 1"),
-    (["--max-batch", "2", "--batch", "3"], "--batch 3 exceeds --max-batch 2"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--max-boxes", "0"], "max_boxes must be an integer >= 1"),
+        (["--max-points", "-3"], "max_points must be an integer >= 1"),
+        (["--max-batch", "2", "--batch", "3"], "--batch 3 exceeds --max-batch 2"),
+    ],
+)
 def test_apply_rejects_bad_limits(options, message, tmp_path):
-    result = run_cli("apply", "geometry_encoder", *options, "--out", str(tmp_path / "out"), "--reports", str(tmp_path / "reports"))
+    result = run_cli(
+        "apply", "geometry_encoder", *options, "--out", str(tmp_path / "out"), "--reports", str(tmp_path / "reports")
+    )
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "reports").exists()
 
@@ -189,9 +210,28 @@ def test_apply_rejects_limits_for_saved_programs(tmp_path):
 
 def test_apply_with_limits_end_to_end(tmp_path):
     """Small limits and a small feature map keep it quick; the full-size case is the property test above."""
-    result = run_cli("apply", "geometry_encoder", "--max-points", "4", "--max-boxes", "2", "--max-batch", "2", "--points", "2",
-                     "--boxes", "1", "--feat-size", "16", "--examples", "3", "--out", str(tmp_path / "out"),
-                     "--reports", str(tmp_path / "reports"))
+    result = run_cli(
+        "apply",
+        "geometry_encoder",
+        "--max-points",
+        "4",
+        "--max-boxes",
+        "2",
+        "--max-batch",
+        "2",
+        "--points",
+        "2",
+        "--boxes",
+        "1",
+        "--feat-size",
+        "16",
+        "--examples",
+        "3",
+        "--out",
+        str(tmp_path / "out"),
+        "--reports",
+        str(tmp_path / "reports"),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[padded    ]" in result.stdout
     report = json.loads((tmp_path / "reports" / "geometry_encoder.json").read_text())

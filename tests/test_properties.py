@@ -9,13 +9,13 @@ rewritten operators are gone, and the rewritten program's outputs equal the orig
 
 import pytest
 import torch
-from hypothesis import event, given, settings, strategies as st
+from helpers import graph_examples
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 import surgery
 from surgery.equivalence import assert_equivalent
 from surgery.rewrites import REGISTRY, resolve, strategy_for
-
-from helpers import graph_examples
 
 REWRITES = list(REGISTRY)
 ALL_TARGETS = {str(op) for rw in resolve() for op in rw.targets()}
@@ -139,7 +139,9 @@ def test_matmul_packing_graph_form(data):
     assert sum(result.replaced.get("matrix products", 0) for _, result in log) == int(expected_packed)
     census = surgery.op_census(rewritten)
     assert (census["aten.bmm.default"] == 1) == expected_packed
-    assert_equivalent(rewritten.module()(*case.args()), program.module()(*case.args()), scale=case.scale, context=repr(case))
+    assert_equivalent(
+        rewritten.module()(*case.args()), program.module()(*case.args()), scale=case.scale, context=repr(case)
+    )
 
 
 def test_layout_round_trips_removes_the_geometry_encoders_feature_round_trip():
@@ -148,8 +150,14 @@ def test_layout_round_trips_removes_the_geometry_encoders_feature_round_trip():
     from surgery.rewrites.layout_round_trips import LayoutCase
 
     x = torch.randn(12, 1, 5)  # [HW, 1, C], H=3, W=4
-    steps = (("permute", (1, 2, 0)), ("reshape", (1, 5, 3, 4)), ("select0",), ("permute", (1, 2, 0)),
-             ("clone",), ("reshape", (3, 20)))
+    steps = (
+        ("permute", (1, 2, 0)),
+        ("reshape", (1, 5, 3, 4)),
+        ("select0",),
+        ("permute", (1, 2, 0)),
+        ("clone",),
+        ("reshape", (3, 20)),
+    )
     case = LayoutCase(x, steps)
     program = torch.export.export(case.module(), case.args())
     rewritten, log = surgery.rewrite_with_log(program, ["layout_round_trips"])

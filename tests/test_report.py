@@ -8,11 +8,23 @@ from surgery.equivalence.report import SurgeryReport, write_model_report
 
 def _report(**changes) -> SurgeryReport:
     exact = ErrorStats("torch.bool", 4, 0.0, 0.0, 0, 0)
-    fields = dict(model="tiny", description={"model": "Tiny"}, passed=True,
-                  rewrites={"mode": "none", "applied": {}, "reasons": {}, "contracts": {}},
-                  census_before={"aten.add.Tensor": 1}, census_after={"aten.add.Tensor": 1}, examples=3, tvm_examples=0,
-                  seed=0, equivalence={"original_vs_rewritten": {"mask": exact}, "original_vs_tvm": {}}, failures=(), tvm={},
-                  latency={"eager_ms": 1.0}, stages_s={"export": 0.5}, artifacts={})
+    fields = dict(
+        model="tiny",
+        description={"model": "Tiny"},
+        passed=True,
+        rewrites={"mode": "none", "applied": {}, "reasons": {}, "contracts": {}},
+        census_before={"aten.add.Tensor": 1},
+        census_after={"aten.add.Tensor": 1},
+        examples=3,
+        tvm_examples=0,
+        seed=0,
+        equivalence={"original_vs_rewritten": {"mask": exact}, "original_vs_tvm": {}},
+        failures=(),
+        tvm={},
+        latency={"eager_ms": 1.0},
+        stages_s={"export": 0.5},
+        artifacts={},
+    )
     return SurgeryReport(**{**fields, **changes})
 
 
@@ -31,9 +43,26 @@ def test_later_stages_and_checks_go_through_the_report():
 def test_json_keys_and_markdown(tmp_path):
     md, js = write_model_report(_report(), tmp_path)
     data = json.loads(js.read_text())
-    assert list(data) == ["generated", "versions", "bounds", "model", "description", "passed", "rewrites", "census_before",
-                          "census_after", "examples", "tvm_examples", "seed", "equivalence", "failures", "tvm", "latency",
-                          "stages_s", "artifacts"]
+    assert list(data) == [
+        "generated",
+        "versions",
+        "bounds",
+        "model",
+        "description",
+        "passed",
+        "rewrites",
+        "census_before",
+        "census_after",
+        "examples",
+        "tvm_examples",
+        "seed",
+        "equivalence",
+        "failures",
+        "tvm",
+        "latency",
+        "stages_s",
+        "artifacts",
+    ]
     assert data["equivalence"]["original_vs_rewritten"]["mask"]["max_abs"] == 0.0 and data["failures"] == []
     assert "Verdict: **PASSED" in md.read_text()
     _, js = write_model_report(_report(padded={"max_points": 4}), tmp_path)

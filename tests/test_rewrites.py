@@ -10,7 +10,7 @@ from surgery.equivalence import assert_equivalent, compare, ulp_distance
 from surgery.rewrites import RewriteError
 from surgery.rewrites.grid_sample import grid_sample
 from surgery.rewrites.roi_align import RoiAlignToGridSample, roi_align
-from surgery.rewrites.scatter import ScatterToSelect, ScatterTooLarge, scatter
+from surgery.rewrites.scatter import ScatterTooLarge, ScatterToSelect, scatter
 
 
 class AllThree(torch.nn.Module):
@@ -84,7 +84,10 @@ def test_rewrite_reports_untouched_program():
 
 
 def test_unknown_rewrite_lists_known_ones(program):
-    with pytest.raises(RewriteError, match="unknown rewrite 'roialign'; known rewrites: roi_align, grid_sample, scatter, floor_divide, full_like, where_scalar"):
+    with pytest.raises(
+        RewriteError,
+        match="unknown rewrite 'roialign'; known rewrites: roi_align, grid_sample, scatter, floor_divide, full_like, where_scalar",
+    ):
         surgery.rewrite(program, ["roialign"])
 
 
@@ -110,11 +113,15 @@ def test_roi_align_contract_edge():
     at_edge = torch.tensor([[0, 0.0, 0.0, 9.0, 9.0]], dtype=torch.float64)  # 9/3 = 3 samples per bin
     assert_equivalent(roi_align(x, at_edge, 3, aligned=True), torchvision.ops.roi_align(x, at_edge, 3, aligned=True))
     beyond = torch.tensor([[0, 0.0, 0.0, 9.0 + 1e-9, 9.0]], dtype=torch.float64)  # needs 4 along x
-    with pytest.raises(ValueError, match=r"needs 3x4 samples per bin, beyond the static bound 3x3.*max_samples_per_bin=\(3, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"needs 3x4 samples per bin, beyond the static bound 3x3.*max_samples_per_bin=\(3, 4\)"
+    ):
         roi_align(x, beyond, 3, aligned=True)
     # With the bound raised as the message says, the same box is exact.
-    assert_equivalent(roi_align(x, beyond, 3, aligned=True, max_samples_per_bin=(3, 4)),
-                      torchvision.ops.roi_align(x, beyond, 3, aligned=True))
+    assert_equivalent(
+        roi_align(x, beyond, 3, aligned=True, max_samples_per_bin=(3, 4)),
+        torchvision.ops.roi_align(x, beyond, 3, aligned=True),
+    )
 
 
 def test_roi_align_graph_caps_beyond_bound():
@@ -126,7 +133,9 @@ def test_roi_align_graph_caps_beyond_bound():
         def forward(self, x, b):
             return torchvision.ops.roi_align(x, b, 4, 1.0, -1, False)
 
-    rewritten = surgery.rewrite(torch.export.export(M(), (x, big)), [RoiAlignToGridSample(max_samples_per_bin=3), "grid_sample"])
+    rewritten = surgery.rewrite(
+        torch.export.export(M(), (x, big)), [RoiAlignToGridSample(max_samples_per_bin=3), "grid_sample"]
+    )
     capped = torchvision.ops.roi_align(x, big, 4, 1.0, 3, False)
     assert_equivalent(rewritten.module()(x, big), capped)
     assert compare(rewritten.module()(x, big), torchvision.ops.roi_align(x, big, 4)).max_abs > 1e-6
@@ -251,7 +260,9 @@ def test_compare_flags_what_differs():
     ref = torch.tensor([1.0, float("nan"), float("inf")], dtype=torch.float64)
     assert compare(ref.clone(), ref).within_bounds()
     assert not compare(torch.tensor([1.0, 0.0, float("inf")], dtype=torch.float64), ref).within_bounds()
-    assert not compare(torch.tensor([1.0 + 1e-11, float("nan"), float("inf")], dtype=torch.float64), ref).within_bounds()
+    assert not compare(
+        torch.tensor([1.0 + 1e-11, float("nan"), float("inf")], dtype=torch.float64), ref
+    ).within_bounds()
     assert compare(ref[:2], ref).shape_mismatch
     f32 = torch.zeros(3)
     assert not compare(f32 + 2e-5, f32).within_bounds() and compare(f32 + 5e-6, f32).within_bounds()
@@ -309,8 +320,11 @@ def test_full_like_rewrites_multihead_attention_key_padding_mask():
 def test_full_like_keeps_dtype_and_shape_of_empty_and_scalar():
     from surgery.rewrites.full_like import full_like
 
-    for input, value, dtype in [(torch.zeros(0, 3, dtype=torch.bool), float("-inf"), torch.float32),
-                                (torch.tensor(True), 7, torch.int64), (torch.ones(2, 2), -0.0, None)]:
+    for input, value, dtype in [
+        (torch.zeros(0, 3, dtype=torch.bool), float("-inf"), torch.float32),
+        (torch.tensor(True), 7, torch.int64),
+        (torch.ones(2, 2), -0.0, None),
+    ]:
         expected = torch.full_like(input, value, dtype=dtype)
         actual = full_like(input, value, dtype=dtype)
         assert actual.dtype == expected.dtype and actual.shape == expected.shape
@@ -324,9 +338,17 @@ def test_where_scalar_follows_torch_type_promotion():
     from surgery.rewrites.where_scalar import where_scalar
 
     c = torch.tensor([[True, False, True]])
-    for input, other in [(torch.tensor([1, 2, 3]), -1), (torch.tensor([1, 2, 3]), -1.5), (torch.tensor([True]), 3),
-                         (torch.tensor([0.5], dtype=torch.float64), float("nan")), (2, torch.tensor([1, 2, 3], dtype=torch.int32)),
-                         (True, False), (1, 0), (1.0, 0), (-0.0, True)]:
+    for input, other in [
+        (torch.tensor([1, 2, 3]), -1),
+        (torch.tensor([1, 2, 3]), -1.5),
+        (torch.tensor([True]), 3),
+        (torch.tensor([0.5], dtype=torch.float64), float("nan")),
+        (2, torch.tensor([1, 2, 3], dtype=torch.int32)),
+        (True, False),
+        (1, 0),
+        (1.0, 0),
+        (-0.0, True),
+    ]:
         expected = torch.where(c, input, other)
         actual = where_scalar(c, input, other)
         assert actual.dtype == expected.dtype and actual.shape == expected.shape, (input, other)
@@ -339,6 +361,7 @@ def test_where_scalar_follows_torch_type_promotion():
 def test_where_scalar_after_scatter_leaves_no_number_operand():
     """The scatter rewrite's replacement selects with where(match, position, -1); after
     where_scalar no where with a number operand is left and the results are unchanged."""
+
     class M(torch.nn.Module):
         def forward(self, x, index, src):
             return x.scatter(0, index, src)

@@ -95,9 +95,23 @@ def test_our_schedules_match_pytorch_and_the_cache_is_reused_and_keyed_on_weight
 
 
 def test_cli_split_option_rejects_unknown_inputs(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "surgery", "apply", "geometry_encoder", "--split", "image",
-                             "--out", str(tmp_path / "out"), "--reports", str(tmp_path / "rep")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "surgery",
+            "apply",
+            "geometry_encoder",
+            "--split",
+            "image",
+            "--out",
+            str(tmp_path / "out"),
+            "--reports",
+            str(tmp_path / "rep"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert "--split" in result.stderr and "img_feats" in result.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "rep").exists()
@@ -188,24 +202,32 @@ def test_tvm_runs_on_every_core_unless_told_otherwise():
     TVM_NUM_THREADS the user set wins. Fresh processes: TVM fixes its pool at first use."""
     import os
 
-    code = ("from surgery import tvm_backend; import torch; "
-            "print(tvm_backend.configure_threads(), tvm_backend.cpu_cores())")
+    code = (
+        "from surgery import tvm_backend; import torch; print(tvm_backend.configure_threads(), tvm_backend.cpu_cores())"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
-    threads, cores = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                                    check=True).stdout.split()[-2:]
+    threads, cores = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout.split()[-2:]
     assert threads == cores
-    forced = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                            env={**env, "TVM_NUM_THREADS": "1"}).stdout.split()[-2:]
+    forced = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**env, "TVM_NUM_THREADS": "1"}
+    ).stdout.split()[-2:]
     assert forced[0] == "1"
 
 
 def test_matmul_plans_stay_within_the_registers_and_read_small_products_once():
-    from hypothesis import given, strategies as st
+    from hypothesis import given
+    from hypothesis import strategies as st
 
     from surgery.matmul_tiling import MAX_ACCUMULATORS, VECTOR_LANES, VECTOR_REGISTERS, plan_matmul
 
-    @given(st.integers(1, 8), st.integers(1, 6000), st.sampled_from([16, 32, 48, 64, 96, 112, 256, 2048, 5184, 18432]),
-           st.integers(1, 13000))
+    @given(
+        st.integers(1, 8),
+        st.integers(1, 6000),
+        st.sampled_from([16, 32, 48, 64, 96, 112, 256, 2048, 5184, 18432]),
+        st.integers(1, 13000),
+    )
     def check(batch, rows, cols, depth):
         plan = plan_matmul(batch, rows, cols, depth, threads=2)
         assert plan is not None  # every width that is a whole number of vectors gets a plan
@@ -247,7 +269,9 @@ def test_inlined_reshapes_leave_simple_index_arithmetic():
 
     kernels = _scheduled_kernels_of(Transposed(), (torch.randn(512, 1, 64), torch.randn(512, 1, 64)))
     [func] = [f for n, f in kernels.items() if "transpose" in n]
-    stores = [line.split("] = ", 1)[1] for line in func.script().splitlines() if "] = " in line and "T.axis" not in line]
+    stores = [
+        line.split("] = ", 1)[1] for line in func.script().splitlines() if "] = " in line and "T.axis" not in line
+    ]
     assert stores and not any("//" in read or "%" in read for read in stores), stores
 
 

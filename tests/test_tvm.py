@@ -14,8 +14,14 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 
 import surgery
-from models.geometry_encoder import (IMAGE_INPUTS, GeometryEncoderWrapper, PromptShape, build_geometry_encoder, example_inputs,
-                                     prompt_inputs)
+from models.geometry_encoder import (
+    IMAGE_INPUTS,
+    GeometryEncoderWrapper,
+    PromptShape,
+    build_geometry_encoder,
+    example_inputs,
+    prompt_inputs,
+)
 from surgery import tvm_backend
 from surgery.equivalence import assert_equivalent
 from surgery.rewrites import REGISTRY
@@ -50,8 +56,11 @@ def test_each_rewrite_output_runs_on_tvm(name, probe):
     case = REGISTRY[name]().probe_case()
     program = torch.export.export(case.module(), case.args())
     emitted = surgery.op_census(surgery.rewrite(program, name))
-    names = [name] + [other for other, cls in REGISTRY.items() if other != name and probe.findings[other].needed
-                      and any(str(op) in emitted for op in cls().targets())]
+    names = [name] + [
+        other
+        for other, cls in REGISTRY.items()
+        if other != name and probe.findings[other].needed and any(str(op) in emitted for op in cls().targets())
+    ]
     program = surgery.rewrite(program, names)
     fn, _ = tvm_backend.compile_program(program)
     assert_equivalent(fn(*case.args())[0], case.reference(), scale=case.scale, context=name)
@@ -79,8 +88,15 @@ def compiled(probe):
         staged = hoist(split_program.run_decompositions(), IMAGE_INPUTS, example_inputs(shape))
         image_fn, _ = tvm_backend.compile_program(staged.stage, schedules="ours")
         prompt_fn, _ = tvm_backend.compile_program(staged.rest, schedules="ours")
-        out[shape] = (wrapper, rewritten.module(), {"TVM default": fn, "TVM shipped, one call": shipped,
-                                                    "TVM shipped, image+prompt": staged.compose(image_fn, prompt_fn)})
+        out[shape] = (
+            wrapper,
+            rewritten.module(),
+            {
+                "TVM default": fn,
+                "TVM shipped, one call": shipped,
+                "TVM shipped, image+prompt": staged.compose(image_fn, prompt_fn),
+            },
+        )
     return out
 
 
@@ -146,7 +162,11 @@ def test_notebook_flow_on_your_own_module(tmp_path):
     result = operate(spec, rewrites="all", examples=10, out_dir=tmp_path, progress=lambda m: None)
     assert result.passed, result.report.failures
     # the three operators, plus what the scatter rewrite's replacement needs on older TVMs
-    assert set(result.report.rewrites["applied"]) - {"full_like", "where_scalar"} == {"roi_align", "grid_sample", "scatter"}
+    assert set(result.report.rewrites["applied"]) - {"full_like", "where_scalar"} == {
+        "roi_align",
+        "grid_sample",
+        "scatter",
+    }
     assert_equivalent(result.tvm(*args)[0], _Prompted()(*args))
     assert_equivalent(result.rewritten_module(*args), _Prompted()(*args))
     assert (tmp_path / "prompted.tvm.so").is_file() and (tmp_path / "prompted.rewritten.pt2").is_file()

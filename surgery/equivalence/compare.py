@@ -47,7 +47,7 @@ class ErrorStats:
             return f"max_abs <= {FLOAT32_MAX_ABS:g}"
         return "identical"
 
-    def merge(self, other: "ErrorStats") -> "ErrorStats":
+    def merge(self, other: ErrorStats) -> ErrorStats:
         return ErrorStats(
             self.dtype if self.dtype == other.dtype else f"{self.dtype},{other.dtype}",
             self.elements + other.elements,
@@ -91,8 +91,15 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, *, scale: float | None
     """Error statistics of ``actual`` against the reference ``expected``."""
     dtype = str(expected.dtype)
     if actual.shape != expected.shape or actual.dtype != expected.dtype:
-        return ErrorStats(dtype, expected.numel(), math.inf, math.inf, 0, 0,
-                          f"{tuple(actual.shape)}/{actual.dtype} vs {tuple(expected.shape)}/{expected.dtype}")
+        return ErrorStats(
+            dtype,
+            expected.numel(),
+            math.inf,
+            math.inf,
+            0,
+            0,
+            f"{tuple(actual.shape)}/{actual.dtype} vs {tuple(expected.shape)}/{expected.dtype}",
+        )
     if not expected.is_floating_point():
         diff = (actual != expected).sum().item()
         return ErrorStats(dtype, expected.numel(), float(diff), float(diff), 0, 0)

@@ -27,10 +27,12 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def rule_text() -> str:
-    return (f"|TVM - float64| <= {ERROR_FACTOR} x |eager - float64| + {FLOOR_ULPS} ulp x scale (max over finite elements; "
-            "float64 = the same operations on the same values in float64, inputs, parameters, constants and float dtype "
-            "arguments cast; scale = max(|float64|, |the operator's inputs|)); integer and bool values identical to eager's; "
-            "inf/NaN exactly where eager has them")
+    return (
+        f"|TVM - float64| <= {ERROR_FACTOR} x |eager - float64| + {FLOOR_ULPS} ulp x scale (max over finite elements; "
+        "float64 = the same operations on the same values in float64, inputs, parameters, constants and float dtype "
+        "arguments cast; scale = max(|float64|, |the operator's inputs|)); integer and bool values identical to eager's; "
+        "inf/NaN exactly where eager has them"
+    )
 
 
 @dataclasses.dataclass
@@ -56,8 +58,10 @@ class Judgement:
             return self.problem
         if self.dtype not in map(str, FLOAT_DTYPES + (torch.float64,)):
             return f"{int(self.error)} of {self.elements} elements differ from eager (must be identical)"
-        return (f"max |TVM - float64| = {self.error:.3g}, eager float32's = {self.eager_error:.3g}, "
-                f"tolerance {self.tolerance:.3g} (scale {self.scale:.3g})")
+        return (
+            f"max |TVM - float64| = {self.error:.3g}, eager float32's = {self.eager_error:.3g}, "
+            f"tolerance {self.tolerance:.3g} (scale {self.scale:.3g})"
+        )
 
 
 def judge(candidate: torch.Tensor, eager: torch.Tensor, reference: torch.Tensor, scale: float = 0.0) -> Judgement:
@@ -65,8 +69,16 @@ def judge(candidate: torch.Tensor, eager: torch.Tensor, reference: torch.Tensor,
     (``eager`` vs ``reference``) as the yardstick. See the module docstring."""
     dtype, elements = str(eager.dtype), eager.numel()
     if candidate.shape != eager.shape or candidate.dtype != eager.dtype:
-        return Judgement(False, dtype, elements, math.inf, 0.0, 0.0, scale,
-                         f"shape/dtype {tuple(candidate.shape)}/{candidate.dtype}, PyTorch gives {tuple(eager.shape)}/{eager.dtype}")
+        return Judgement(
+            False,
+            dtype,
+            elements,
+            math.inf,
+            0.0,
+            0.0,
+            scale,
+            f"shape/dtype {tuple(candidate.shape)}/{candidate.dtype}, PyTorch gives {tuple(eager.shape)}/{eager.dtype}",
+        )
     if not eager.is_floating_point():
         differ = int((candidate != eager).sum())
         return Judgement(differ == 0, dtype, elements, float(differ), 0.0, 0.0, 0.0)
@@ -80,7 +92,9 @@ def judge(candidate: torch.Tensor, eager: torch.Tensor, reference: torch.Tensor,
     eager_error = float((eager[finite].double() - reference[finite]).abs().max()) if finite.any() else 0.0
     tolerance = ERROR_FACTOR * eager_error + FLOOR_ULPS * torch.finfo(eager.dtype).eps * scale
     problem = f"{mismatched} inf/NaN where eager has none or another" if mismatched else ""
-    return Judgement(not mismatched and error <= tolerance, dtype, elements, error, eager_error, tolerance, scale, problem)
+    return Judgement(
+        not mismatched and error <= tolerance, dtype, elements, error, eager_error, tolerance, scale, problem
+    )
 
 
 def largest_magnitude(values) -> float:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..atomic import write_text
 from ..rewrites import REGISTRY, SPEED_REWRITES
@@ -15,9 +15,11 @@ from .compare import FLOAT32_MAX_ABS, FLOAT64_MAX_REL, ErrorStats
 
 
 def bounds_text() -> str:
-    return (f"float64: normwise relative error <= {FLOAT64_MAX_REL:g}; float32: absolute error <= "
-            f"{FLOAT32_MAX_ABS:g} on unit-scale data; integers and masks: identical; inf/NaN exactly "
-            f"where the reference has them. Relative error = max|a-b| / max(max|reference|, max|input|).")
+    return (
+        f"float64: normwise relative error <= {FLOAT64_MAX_REL:g}; float32: absolute error <= "
+        f"{FLOAT32_MAX_ABS:g} on unit-scale data; integers and masks: identical; inf/NaN exactly "
+        f"where the reference has them. Relative error = max|a-b| / max(max|reference|, max|input|)."
+    )
 
 
 def to_jsonable(obj):
@@ -60,11 +62,17 @@ class SurgeryReport:
         """This report with a stage that ran before ``operate`` (the command's model build) timed first."""
         return dataclasses.replace(self, stages_s={name: seconds, **self.stages_s})
 
-    def with_check(self, name: str, stats: dict[str, ErrorStats], failures: Sequence[dict],
-                   latency: dict[str, float]) -> SurgeryReport:
+    def with_check(
+        self, name: str, stats: dict[str, ErrorStats], failures: Sequence[dict], latency: dict[str, float]
+    ) -> SurgeryReport:
         """This report with one more equivalence check, its latencies, and its failures, which fail it."""
-        return dataclasses.replace(self, passed=self.passed and not failures, equivalence={**self.equivalence, name: stats},
-                                   failures=(*self.failures, *failures), latency={**self.latency, **latency})
+        return dataclasses.replace(
+            self,
+            passed=self.passed and not failures,
+            equivalence={**self.equivalence, name: stats},
+            failures=(*self.failures, *failures),
+            latency={**self.latency, **latency},
+        )
 
     def to_json(self) -> dict:
         """The report as JSON-ready data (``padded`` only where there was a padded check)."""
@@ -76,8 +84,13 @@ class SurgeryReport:
 
 def write_rewrite_report(verifications, out_dir: str | Path = "reports", stem: str = "rewrites") -> tuple[Path, Path]:
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    data = {"generated": now, "versions": installed_versions(), "bounds": bounds_text(),
-            "passed": all(v.passed for v in verifications), "rewrites": to_jsonable(verifications)}
+    data = {
+        "generated": now,
+        "versions": installed_versions(),
+        "bounds": bounds_text(),
+        "passed": all(v.passed for v in verifications),
+        "rewrites": to_jsonable(verifications),
+    }
     lines = [
         "# Rewrite equivalence report",
         "",
@@ -104,11 +117,21 @@ def write_rewrite_report(verifications, out_dir: str | Path = "reports", stem: s
             "|---|---:|---:|---:|---:|---:|---|---|",
         ]
         for key, s in sorted(v.stats.items()):
-            lines.append(f"| {key} | {s.elements} | {s.max_abs:.3g} | {s.max_rel:.3g} | {s.max_ulp} | "
-                         f"{s.nonfinite_mismatches} | {s.bound()} | {'yes' if s.within_bounds() else 'NO'} |")
+            lines.append(
+                f"| {key} | {s.elements} | {s.max_abs:.3g} | {s.max_rel:.3g} | {s.max_ulp} | "
+                f"{s.nonfinite_mismatches} | {s.bound()} | {'yes' if s.within_bounds() else 'NO'} |"
+            )
         if not v.passed:
-            lines += ["", f"Failure: `{v.error}`", "", "Counterexample (shrunk by hypothesis):", "", "```",
-                      v.counterexample or "", "```"]
+            lines += [
+                "",
+                f"Failure: `{v.error}`",
+                "",
+                "Counterexample (shrunk by hypothesis):",
+                "",
+                "```",
+                v.counterexample or "",
+                "```",
+            ]
         lines.append("")
     out_dir = Path(out_dir)
     md = write_text(out_dir / f"{stem}.md", "\n".join(lines))
@@ -125,12 +148,20 @@ def write_model_report(report: SurgeryReport, out_dir: str | Path = "reports") -
     lines = [f"# Surgery report: `{name}`", "", f"Generated {now}. Verdict: **{verdict}**.", ""]
     lines += ["## Model", ""] + [f"- {k}: {v}" for k, v in report.description.items()] + [""]
     lines += ["Versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()), ""]
-    lines += ["## Rewrites", "", f"Mode: `{report.rewrites['mode']}`.", "",
-              "| rewrite | decision and why | replaced |", "|---|---|---|"]
+    lines += [
+        "## Rewrites",
+        "",
+        f"Mode: `{report.rewrites['mode']}`.",
+        "",
+        "| rewrite | decision and why | replaced |",
+        "|---|---|---|",
+    ]
     for rw in REGISTRY:
         replaced = report.rewrites["applied"].get(rw)
-        lines.append(f"| `{rw}` | {report.rewrites['reasons'].get(rw, '')} | "
-                     f"{', '.join(f'{k} x{v}' for k, v in replaced.items()) if replaced else '-'} |")
+        lines.append(
+            f"| `{rw}` | {report.rewrites['reasons'].get(rw, '')} | "
+            f"{', '.join(f'{k} x{v}' for k, v in replaced.items()) if replaced else '-'} |"
+        )
     lines += ["", "Contracts of the rewrites applied:", ""]
     lines += [f"- `{n}`: {c}" for n, c in report.rewrites["contracts"].items()] or ["- (none applied)"]
     lines += ["", "## Operator census", "", "| operator | before | after |", "|---|---:|---:|"]
@@ -138,45 +169,82 @@ def write_model_report(report: SurgeryReport, out_dir: str | Path = "reports") -
     for op in sorted(set(before) | set(after)):
         if before.get(op, 0) != after.get(op, 0):
             lines.append(f"| `{op}` | {before.get(op, 0)} | {after.get(op, 0)} |")
-    lines += ["", f"Operators whose count did not change are omitted ({len(set(before) & set(after))} in both; "
-              f"the JSON report has the full census).", ""]
-    lines += ["## Equivalence", "", f"Bounds: {data['bounds']}", "",
-              f"Hypothesis examples: {report.examples} (original vs rewritten PyTorch), "
-              f"{report.tvm_examples} (original vs TVM), seed {report.seed}.", "",
-              "| check | output | max abs | max rel | max ULP | non-finite mismatches | bound | within |",
-              "|---|---|---:|---:|---:|---:|---|---|"]
+    lines += [
+        "",
+        f"Operators whose count did not change are omitted ({len(set(before) & set(after))} in both; "
+        f"the JSON report has the full census).",
+        "",
+    ]
+    lines += [
+        "## Equivalence",
+        "",
+        f"Bounds: {data['bounds']}",
+        "",
+        f"Hypothesis examples: {report.examples} (original vs rewritten PyTorch), "
+        f"{report.tvm_examples} (original vs TVM), seed {report.seed}.",
+        "",
+        "| check | output | max abs | max rel | max ULP | non-finite mismatches | bound | within |",
+        "|---|---|---:|---:|---:|---:|---|---|",
+    ]
     for check, stats in report.equivalence.items():
         for output, s in stats.items():
-            lines.append(f"| {check.replace('_', ' ')} | {output} | {s.max_abs:.3g} | {s.max_rel:.3g} | {s.max_ulp} | "
-                         f"{s.nonfinite_mismatches} | {s.bound()} | {'yes' if s.within_bounds() else 'NO'} |")
+            lines.append(
+                f"| {check.replace('_', ' ')} | {output} | {s.max_abs:.3g} | {s.max_rel:.3g} | {s.max_ulp} | "
+                f"{s.nonfinite_mismatches} | {s.bound()} | {'yes' if s.within_bounds() else 'NO'} |"
+            )
     if report.failures:
         lines += ["", "### Failures", ""]
         for f in report.failures:
             lines += [f"- {f['check']}: `{f.get('error', '')}`"]
             if f.get("counterexample"):
-                lines += ["", "  Counterexample (shrunk by hypothesis):", "", "```json",
-                          json.dumps(to_jsonable(f["counterexample"]), indent=2), "```", ""]
+                lines += [
+                    "",
+                    "  Counterexample (shrunk by hypothesis):",
+                    "",
+                    "```json",
+                    json.dumps(to_jsonable(f["counterexample"]), indent=2),
+                    "```",
+                    "",
+                ]
     lines += ["", "## TVM and timings", ""]
     tvm = report.tvm
     if tvm.get("error"):
         lines.append(f"- TVM failed: `{tvm['error']}`")
     if "schedules" in tvm:
-        lines.append(f"- target `{tvm['target']}`, {tvm['schedules']} schedules"
-                     + (" (surgery.schedules: our CPU rules, dlight style)" if tvm["schedules"] == "ours" else " (stock TVM CPU pipeline)"))
+        lines.append(
+            f"- target `{tvm['target']}`, {tvm['schedules']} schedules"
+            + (
+                " (surgery.schedules: our CPU rules, dlight style)"
+                if tvm["schedules"] == "ours"
+                else " (stock TVM CPU pipeline)"
+            )
+        )
     for speed_name, replaced in tvm.get("speed_rewrites", {}).items():
-        lines.append(f"- speed rewrite `{speed_name}`: {', '.join(f'{k} x{v}' for k, v in replaced.items())}; contract: "
-                     f"{SPEED_REWRITES[speed_name].contract}")
+        lines.append(
+            f"- speed rewrite `{speed_name}`: {', '.join(f'{k} x{v}' for k, v in replaced.items())}; contract: "
+            f"{SPEED_REWRITES[speed_name].contract}"
+        )
     if "split" in tvm:
         split = tvm["split"]
         frontier_mib = sum(f["bytes"] for f in split["frontier"]) / 2**20
-        lines.append(f"- split: {split['hoisted_nodes']} operators depending only on {', '.join(split['stage_inputs'])} "
-                     f"hoisted into a stage of their own (run once per {'/'.join(split['stage_inputs'])}); "
-                     f"{split['rest_nodes']} left per call; {len(split['frontier'])} tensors ({frontier_mib:.1f} MiB) handed over")
+        lines.append(
+            f"- split: {split['hoisted_nodes']} operators depending only on {', '.join(split['stage_inputs'])} "
+            f"hoisted into a stage of their own (run once per {'/'.join(split['stage_inputs'])}); "
+            f"{split['rest_nodes']} left per call; {len(split['frontier'])} tensors ({frontier_mib:.1f} MiB) handed over"
+        )
     for part in ("whole", "stage", "rest"):
         info = tvm.get(f"{part}_build")
         if info:
-            how = ("reused from the cache" + (f" (built in {info['built']['import_s'] + info['built']['build_s']:.1f} s)" if info.get("built") else "")
-                   if info["cached"] else f"import {info['import_s']:.1f} s + build {info['build_s']:.1f} s")
+            how = (
+                "reused from the cache"
+                + (
+                    f" (built in {info['built']['import_s'] + info['built']['build_s']:.1f} s)"
+                    if info.get("built")
+                    else ""
+                )
+                if info["cached"]
+                else f"import {info['import_s']:.1f} s + build {info['build_s']:.1f} s"
+            )
             lines.append(f"- TVM library ({part}): {how}")
     for k, v in report.latency.items():
         lines.append(f"- latency {k.replace('_ms', '')}: {v:.2f} ms (median)")

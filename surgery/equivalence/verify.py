@@ -51,8 +51,13 @@ def check_property(strategy, check, examples: int, seed: int) -> int:
     seen: list = [None, 0]
 
     @hypothesis_seed(seed)
-    @settings(max_examples=examples, database=None, deadline=None, derandomize=False,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=examples,
+        database=None,
+        deadline=None,
+        derandomize=False,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(strategy)
     def prop(case):
         seen[0] = case
@@ -66,7 +71,9 @@ def check_property(strategy, check, examples: int, seed: int) -> int:
     return seen[1]
 
 
-def verify_rewrite(name: str, examples: int = 2000, graph_examples: int = 50, seed: int = 0, progress=print) -> Verification:
+def verify_rewrite(
+    name: str, examples: int = 2000, graph_examples: int = 50, seed: int = 0, progress=print
+) -> Verification:
     rw = REGISTRY[name]()
     result = Verification(name, rw.contract, rw.settings(), examples, graph_examples, seed)
     start = time.perf_counter()

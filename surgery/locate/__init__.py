@@ -104,15 +104,19 @@ def next_step(culprit_op: str, rewrites: list[str], reasons: dict[str, str], rep
     """What the user can do about a culprit: the rewrite that replaces it, or an upstream report."""
     if not rewrites:
         where = f" ({reproducer_dir}/reproduce.py)" if reproducer_dir else ""
-        return (f"no registered rewrite replaces {culprit_op}: report it upstream with the reproducer{where}, "
-                "or write a rewrite (surgery/rewrites) that replaces it")
+        return (
+            f"no registered rewrite replaces {culprit_op}: report it upstream with the reproducer{where}, "
+            "or write a rewrite (surgery/rewrites) that replaces it"
+        )
     name = rewrites[0]
     step = f"the {name} rewrite replaces {culprit_op}: run with --rewrite {name}"
     if reasons.get(name, "").startswith("skipped"):
         step += f" (--rewrite auto {reasons[name]})"
     if reproducer_dir:
-        step += (f"; to have --rewrite auto apply it from now on, keep the reproducer as a probe case: "
-                 f"--save-probe {name}, or python -m surgery probe add {reproducer_dir} --rewrite {name}")
+        step += (
+            f"; to have --rewrite auto apply it from now on, keep the reproducer as a probe case: "
+            f"--save-probe {name}, or python -m surgery probe add {reproducer_dir} --rewrite {name}"
+        )
     return step
 
 
@@ -150,9 +154,20 @@ def locate(
 
     tvm_log: list[str] = []
     tvm = Tvm(schedules, tvm_log)
-    location = Location(spec.name, spec.description, NOTHING, [], {}, None,
-                        {"mode": rewrites if isinstance(rewrites, str) else list(rewrites), "applied": applied, "reasons": reasons},
-                        schedules, len(graph.units), rule_text(), stages.seconds, {})
+    location = Location(
+        spec.name,
+        spec.description,
+        NOTHING,
+        [],
+        {},
+        None,
+        {"mode": rewrites if isinstance(rewrites, str) else list(rewrites), "applied": applied, "reasons": reasons},
+        schedules,
+        len(graph.units),
+        rule_text(),
+        stages.seconds,
+        {},
+    )
     failure = _run_whole(graph, args, tvm, schedules, cache_dir, tvm_log, spec, location)
     stages.done("TVM", failure.message if failure else "whole program: every output within the judge's tolerance")
     if failure is not None:
@@ -160,11 +175,15 @@ def locate(
         search = Search(graph, _values(graph, args), tvm, progress)
         with native_log(tvm_log):  # TVM's C++ warnings, some printed as its objects are freed
             suspects = _suspects(search, failure, args)
-        stages.done("search", f"{len(suspects)} culprit(s): " + ", ".join(f"{s.unit.name} ({s.unit.target})" for s in suspects))
+        stages.done(
+            "search", f"{len(suspects)} culprit(s): " + ", ".join(f"{s.unit.name} ({s.unit.target})" for s in suspects)
+        )
         location.culprits = [_culprit(s, search, reasons, spec, schedules, out_dir) for s in suspects[:MAX_CULPRITS]]
         if out_dir is not None and run_reproducers:
             _run_reproducers(location.culprits, progress)
-            stages.done("reproduce", f"{sum(1 for c in location.culprits if c.reproducer)} reproducer(s) written and run")
+            stages.done(
+                "reproduce", f"{sum(1 for c in location.culprits if c.reproducer)} reproducer(s) written and run"
+            )
     if out_dir is not None and tvm_log:
         location.artifacts["tvm_log"] = str(write_text(Path(out_dir) / "tvm.log", "\n".join(tvm_log) + "\n"))
     return location
@@ -184,12 +203,22 @@ def _run_reproducers(culprits: list[Culprit], progress: Callable[[str], None]) -
     for culprit in culprits:
         if culprit.reproducer:
             culprit.reproducer.update(reproducer.run_script(culprit.reproducer["script"]))
-            progress(f"  {culprit.reproducer['script']}: "
-                     f"{'reproduces' if culprit.reproducer['reproduces'] else 'does NOT reproduce'} with stock TVM (llvm)")
+            progress(
+                f"  {culprit.reproducer['script']}: "
+                f"{'reproduces' if culprit.reproducer['reproduces'] else 'does NOT reproduce'} with stock TVM (llvm)"
+            )
 
 
-def _run_whole(graph: ProgramGraph, args: tuple, tvm: Tvm, schedules: str, cache_dir, tvm_log: list, spec: ModelSpec,
-               location: Location) -> Failure | None:
+def _run_whole(
+    graph: ProgramGraph,
+    args: tuple,
+    tvm: Tvm,
+    schedules: str,
+    cache_dir,
+    tvm_log: list,
+    spec: ModelSpec,
+    location: Location,
+) -> Failure | None:
     """Import, build and run the whole program, and judge its outputs; the failure, if any."""
     try:
         fn, _ = compile_program(graph.program, schedules=schedules, cache_dir=cache_root(cache_dir), log=tvm_log)
@@ -223,12 +252,27 @@ def _culprit(suspect: Suspect, search: Search, reasons: dict, spec: ModelSpec, s
     if out_dir is not None and suspect.reproducer is not None:
         failure = suspect.reproducer_failure or suspect.failure
         context = {"model": spec.name, "schedules": schedules, "found": suspect.how}
-        saved = reproducer.save(Path(out_dir) / f"repro_{info.name}", suspect.reproducer, info,
-                                f"{failure.step}: {failure.message}", suspect.scope, context)
+        saved = reproducer.save(
+            Path(out_dir) / f"repro_{info.name}",
+            suspect.reproducer,
+            info,
+            f"{failure.step}: {failure.message}",
+            suspect.scope,
+            context,
+        )
     covering = rewrites_replacing(suspect.unit)
-    return Culprit(suspect.failure.step, info, suspect.failure.message, suspect.how, [NodeInfo.of(n) for n in suspect.alike],
-                   suspect.failure.judgements, search.path(suspect) if suspect.failure.step == "numbers" else [], saved,
-                   covering, next_step(info.operator(), covering, reasons, saved and saved["dir"]))
+    return Culprit(
+        suspect.failure.step,
+        info,
+        suspect.failure.message,
+        suspect.how,
+        [NodeInfo.of(n) for n in suspect.alike],
+        suspect.failure.judgements,
+        search.path(suspect) if suspect.failure.step == "numbers" else [],
+        saved,
+        covering,
+        next_step(info.operator(), covering, reasons, saved and saved["dir"]),
+    )
 
 
 __all__ = ["NOTHING", "Culprit", "Location", "locate", "rewrites_replacing"]

@@ -91,8 +91,15 @@ class NodeInfo:
     def of(cls, node: fx.Node) -> NodeInfo:
         args = [_describe_arg(a) for a in node.args] + [f"{k}={_describe_arg(v)}" for k, v in node.kwargs.items()]
         original = str(node.meta.get("original_aten") or node.target)
-        return cls(node.name, str(node.target), f"{node.target}({', '.join(args)})", _describe_value(node_value(node)),
-                   source_line(node), module_path(node), original if original != str(node.target) else None)
+        return cls(
+            node.name,
+            str(node.target),
+            f"{node.target}({', '.join(args)})",
+            _describe_value(node_value(node)),
+            source_line(node),
+            module_path(node),
+            original if original != str(node.target) else None,
+        )
 
     def operator(self) -> str:
         return self.op + (f" (decomposed from {self.decomposed_from})" if self.decomposed_from else "")
@@ -135,8 +142,14 @@ class ProgramGraph:
         self.module = self.program.module()
         self.graph = self.module.graph
         self.inputs = [n for n in self.graph.nodes if n.op == "placeholder"]
-        self.units = [n for n in self.graph.nodes if n.op == "call_function" and n.target is not operator.getitem
-                      and not is_assertion(n) and _tensor_elements(node_value(n))]
+        self.units = [
+            n
+            for n in self.graph.nodes
+            if n.op == "call_function"
+            and n.target is not operator.getitem
+            and not is_assertion(n)
+            and _tensor_elements(node_value(n))
+        ]
         self.position = {u: i for i, u in enumerate(self.units)}
 
     def refs(self, unit: fx.Node) -> list[Ref]:
@@ -176,8 +189,12 @@ class ProgramGraph:
         last unit's, so that a prefix always computes its last operator)."""
         later = set(self.units[count:]) | {n for n in self.graph.nodes if n.op == "output"}
         last = self.refs(self.units[count - 1])
-        return [ref for unit in self.units[:count] for ref in self.refs(unit)
-                if ref in last or any(u in later for u in self.users(ref))]
+        return [
+            ref
+            for unit in self.units[:count]
+            for ref in self.refs(unit)
+            if ref in last or any(u in later for u in self.users(ref))
+        ]
 
     def producers(self, unit: fx.Node, depth: int) -> list[fx.Node]:
         """``unit`` and the units it reads from, up to ``depth`` steps back, in graph order."""
@@ -224,8 +241,9 @@ class ProgramGraph:
 
         for unit in units:
             copies[unit] = graph.node_copy(unit, inner)
-        graph.output(tuple(copies[n] if i is None else graph.call_function(operator.getitem, (copies[n], i))
-                           for n, i in outputs))
+        graph.output(
+            tuple(copies[n] if i is None else graph.call_function(operator.getitem, (copies[n], i)) for n, i in outputs)
+        )
         graph.lint()
         inputs = tuple(self.value(ref, values) for ref in fed)
         program = torch.export.export(fx.GraphModule(self.module, graph), inputs)

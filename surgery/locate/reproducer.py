@@ -88,18 +88,29 @@ def tolerances(sub: Subprogram) -> list[float]:
 
 
 def script_text(title: str, info: NodeInfo, failure: str, uses_torchvision: bool, tolerance: list[float]) -> str:
-    details = (f"Operator: {info.call} -> {info.output}\nNode {info.name!r}; {info.where()}\n"
-               f"Failure seen: {failure}\n")
-    return SCRIPT.format(title=title, details=details, factor=ERROR_FACTOR, floor=FLOOR_ULPS, tolerance=repr(tolerance),
-                         extra_imports="import torchvision  # noqa: F401  registers torchvision's operators\n" if uses_torchvision else "")
+    details = f"Operator: {info.call} -> {info.output}\nNode {info.name!r}; {info.where()}\nFailure seen: {failure}\n"
+    return SCRIPT.format(
+        title=title,
+        details=details,
+        factor=ERROR_FACTOR,
+        floor=FLOOR_ULPS,
+        tolerance=repr(tolerance),
+        extra_imports="import torchvision  # noqa: F401  registers torchvision's operators\n"
+        if uses_torchvision
+        else "",
+    )
 
 
 def save(directory: Path, sub: Subprogram, info: NodeInfo, failure: str, scope: str, context: dict) -> dict:
     """Write a reproducer directory (each file atomically); returns its paths and description."""
     directory = Path(directory)
-    uses_torchvision = any(str(n.target).startswith("torchvision.") for n in sub.program.graph.nodes if n.op == "call_function")
+    uses_torchvision = any(
+        str(n.target).startswith("torchvision.") for n in sub.program.graph.nodes if n.op == "call_function"
+    )
     tolerance = tolerances(sub)
-    program_path, inputs_path, script_path, case_path = (directory / name for name in ("program.pt2", "inputs.pt", "reproduce.py", "case.json"))
+    program_path, inputs_path, script_path, case_path = (
+        directory / name for name in ("program.pt2", "inputs.pt", "reproduce.py", "case.json")
+    )
     with atomic_path(program_path, suffix=".pt2") as tmp:
         torch.export.save(sub.program, tmp)
     with atomic_path(inputs_path, suffix=".pt") as tmp:
@@ -107,22 +118,42 @@ def save(directory: Path, sub: Subprogram, info: NodeInfo, failure: str, scope: 
     step = failure.split(":", 1)[0]
     title = f"{info.op} ({scope}): {'wrong numbers' if step == 'numbers' else step + ' fails'}"
     write_text(script_path, script_text(title, info, failure, uses_torchvision, tolerance))
-    case = {"format": CASE_FORMAT, "operator": info.op, "node": vars(info), "failure": failure, "scope": scope,
-            "operators": [u.name for u in sub.units], "tolerance": tolerance, **context}
+    case = {
+        "format": CASE_FORMAT,
+        "operator": info.op,
+        "node": vars(info),
+        "failure": failure,
+        "scope": scope,
+        "operators": [u.name for u in sub.units],
+        "tolerance": tolerance,
+        **context,
+    }
     write_text(case_path, json.dumps(case, indent=2) + "\n")
-    return {"dir": str(directory), "program": str(program_path), "inputs": str(inputs_path), "script": str(script_path),
-            "case": str(case_path), "scope": scope, "operators": len(sub.units)}
+    return {
+        "dir": str(directory),
+        "program": str(program_path),
+        "inputs": str(inputs_path),
+        "script": str(script_path),
+        "case": str(case_path),
+        "scope": scope,
+        "operators": len(sub.units),
+    }
 
 
 def run_script(script: str | Path, timeout: float = SCRIPT_TIMEOUT_S) -> dict:
     """Run a reproducer script in a fresh interpreter: does stock TVM fail on it?"""
     try:
-        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, timeout=timeout, check=False
+        )
     except subprocess.TimeoutExpired:
         return {"reproduces": False, "exit": None, "output": f"timed out after {timeout:.0f} s"}
     lines = [line for line in done.stdout.splitlines() if line.strip()]
-    return {"reproduces": done.returncode == 1, "exit": done.returncode,
-            "output": "\n".join(lines[-6:]) or (done.stderr.strip().splitlines() or [""])[-1]}
+    return {
+        "reproduces": done.returncode == 1,
+        "exit": done.returncode,
+        "output": "\n".join(lines[-6:]) or (done.stderr.strip().splitlines() or [""])[-1],
+    }
 
 
 def keep_as_probe(directory: str | Path, rewrite: str, name: str | None = None, root: Path | None = None):
@@ -137,7 +168,9 @@ def keep_as_probe(directory: str | Path, rewrite: str, name: str | None = None, 
         raise ProbeCaseError(f"{str(directory)!r} is not a reproducer directory: {exc}") from None
     before = program_problem(program, inputs)
     if before is None:
-        raise ProbeCaseError(f"stock TVM gets {str(directory)!r} right: as a probe case it would never ask for {rewrite}")
+        raise ProbeCaseError(
+            f"stock TVM gets {str(directory)!r} right: as a probe case it would never ask for {rewrite}"
+        )
     fixed, log = rewrite_with_log(program, [rewrite])
     if not any(result.modified for _, result in log):
         raise ProbeCaseError(f"{rewrite} replaces none of the operators in {str(directory)!r}")

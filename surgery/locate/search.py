@@ -112,8 +112,10 @@ def _wrong_output_type(program: torch.export.ExportedProgram, mod) -> str | None
             continue
         torch_dtype = str(value.dtype).replace("torch.", "")
         if (shape is not None and shape != tuple(value.shape)) or dtype != torch_dtype:
-            return (f"TVM's converter makes output {position} {dtype}{list(shape) if shape is not None else '[?]'}, "
-                    f"PyTorch computes {torch_dtype}{list(value.shape)}")
+            return (
+                f"TVM's converter makes output {position} {dtype}{list(shape) if shape is not None else '[?]'}, "
+                f"PyTorch computes {torch_dtype}{list(value.shape)}"
+            )
     return None
 
 
@@ -148,7 +150,9 @@ class Search:
     def fails(self, sub: Subprogram, steps: tuple[str, ...]) -> Failure | None:
         """How ``sub`` fails within ``steps`` (numbers judged when "numbers" is among them)."""
         importing = steps == ("import",)
-        outputs, failure = self.tvm.attempt(sub.program, sub.inputs, "import" if importing else "run", check_types=importing)
+        outputs, failure = self.tvm.attempt(
+            sub.program, sub.inputs, "import" if importing else "run", check_types=importing
+        )
         if failure is not None:
             return failure if failure.step in steps else None
         return numbers_failure(judge_outputs(sub.program.module(), sub.inputs, outputs)) if "numbers" in steps else None
@@ -182,8 +186,17 @@ class Search:
             elif failure is not None:
                 unit = group[0]
                 self.progress(f"  {unit.name} ({unit.target}) fails alone: {failure.message}")
-                found.append(Suspect(unit, failure, f"{failure.step} fails with the operator alone",
-                                     groups[signature(unit)][1:], sub, failure, "the operator alone"))
+                found.append(
+                    Suspect(
+                        unit,
+                        failure,
+                        f"{failure.step} fails with the operator alone",
+                        groups[signature(unit)][1:],
+                        sub,
+                        failure,
+                        "the operator alone",
+                    )
+                )
         self.progress(f"  {tried} TVM {'/'.join(steps)} attempts")
         return sorted(found, key=lambda s: self.graph.position[s.unit])
 
@@ -193,7 +206,9 @@ class Search:
         while bad - good > 1:
             middle = (good + bad) // 2
             result = failing(middle)
-            self.progress(f"  first {middle} of {len(self.graph.units)} operators: {'FAIL ' + result.message if result else 'ok'}")
+            self.progress(
+                f"  first {middle} of {len(self.graph.units)} operators: {'FAIL ' + result.message if result else 'ok'}"
+            )
             if result is None:
                 good = middle
             else:
@@ -224,11 +239,18 @@ class Search:
         unit, graph = suspect.unit, self.graph
         attempts = [("the operator alone", [unit], graph.refs(unit))]
         for depth in (1, 2, 3):
-            attempts.append((f"the operator with its producers {depth} step{'s' if depth > 1 else ''} back",
-                             graph.producers(unit, depth), graph.refs(unit)))
+            attempts.append(
+                (
+                    f"the operator with its producers {depth} step{'s' if depth > 1 else ''} back",
+                    graph.producers(unit, depth),
+                    graph.refs(unit),
+                )
+            )
         attempts.append(("the operator with everything it depends on", graph.ancestors(unit), graph.refs(unit)))
         if prefix_count is not None:
-            attempts.append((f"the first {prefix_count} operators", graph.units[:prefix_count], graph.frontier(prefix_count)))
+            attempts.append(
+                (f"the first {prefix_count} operators", graph.units[:prefix_count], graph.frontier(prefix_count))
+            )
         tried = []
         for scope, units, outputs in attempts:
             if units in tried:
@@ -236,7 +258,9 @@ class Search:
             tried.append(units)
             sub = self.cut(units, outputs)
             failure = None if sub is None else self.fails(sub, steps)
-            self.progress(f"  reproducer: {scope} ({len(units)} operators): {'fails: ' + failure.message if failure else 'passes'}")
+            self.progress(
+                f"  reproducer: {scope} ({len(units)} operators): {'fails: ' + failure.message if failure else 'passes'}"
+            )
             if failure is not None:
                 suspect.reproducer, suspect.reproducer_failure, suspect.scope = sub, failure, scope
                 return suspect
@@ -251,7 +275,9 @@ class Search:
         for name in sorted(rejected):
             units = [u for u in self.graph.units if getattr(u.target, "__name__", "") == name]
             if units:
-                failure = Failure("import", f"no converter: TVM's importer says 'Unsupported function types' for {name}")
+                failure = Failure(
+                    "import", f"no converter: TVM's importer says 'Unsupported function types' for {name}"
+                )
                 suspect = Suspect(units[0], failure, "named by TVM's importer", units[1:])
                 suspects.append(self.reduce(suspect, ("import",)))
         rest = [u for u in self.graph.units if getattr(u.target, "__name__", "") not in rejected]
@@ -260,8 +286,9 @@ class Search:
 
     def build_failures(self, message: str) -> list[Suspect]:
         """Operators whose lowering breaks TVM's build (or whose compiled code fails to run)."""
-        return self.explained(message, self.isolated_failures(self.graph.units, ("import", "build", "run")),
-                              ("import", "build", "run"))
+        return self.explained(
+            message, self.isolated_failures(self.graph.units, ("import", "build", "run")), ("import", "build", "run")
+        )
 
     def explained(self, message: str, suspects: list[Suspect], steps: tuple[str, ...]) -> list[Suspect]:
         """The suspects, and when none of them fails the way the whole program does (the error
@@ -282,8 +309,12 @@ class Search:
         """The first operator TVM computes wrongly from its inputs (see the module docstring)."""
         graph = self.graph
         self.reference = evaluate_graph(graph.module, inputs, float64=True, keep_all=True)[1]
-        marked_bytes = sum(v.numel() * v.element_size() for u in graph.units for r in graph.refs(u)
-                           if isinstance(v := graph.value(r, self.values), torch.Tensor))
+        marked_bytes = sum(
+            v.numel() * v.element_size()
+            for u in graph.units
+            for r in graph.refs(u)
+            if isinstance(v := graph.value(r, self.values), torch.Tensor)
+        )
         if marked_bytes <= MARK_ALL_BYTES:
             suspect = self.marked_search()
             if suspect is not None:
@@ -317,8 +348,12 @@ class Search:
         for unit in graph.units:
             failure = numbers_failure(self.judge_locally(unit))
             if failure is not None:
-                candidates.append(Suspect(unit, failure, "first operator TVM computes wrongly from its own inputs (marked build)"))
-                self.progress(f"  {unit.name} ({unit.target}) wrong from its own inputs: {candidates[-1].failure.message}")
+                candidates.append(
+                    Suspect(unit, failure, "first operator TVM computes wrongly from its own inputs (marked build)")
+                )
+                self.progress(
+                    f"  {unit.name} ({unit.target}) wrong from its own inputs: {candidates[-1].failure.message}"
+                )
                 if len(candidates) == CANDIDATES:
                     break
         for suspect in candidates:
@@ -344,8 +379,16 @@ class Search:
         except Exception:  # noqa: BLE001 - TVM's inputs are unusable (judged wrong upstream)
             return []
         scale = largest_magnitude(graph.value(r, self.tvm_values) for r in graph.input_refs(unit))
-        return [judge(graph.value(r, self.tvm_values), eager if i is None else eager[i],
-                      reference if i is None else reference[i], scale) for r in graph.refs(unit) for i in [r[1]]]
+        return [
+            judge(
+                graph.value(r, self.tvm_values),
+                eager if i is None else eager[i],
+                reference if i is None else reference[i],
+                scale,
+            )
+            for r in graph.refs(unit)
+            for i in [r[1]]
+        ]
 
     def path(self, suspect: Suspect, limit: int = 8) -> list[dict]:
         """Error statistics along the path: the suspect's inputs, the suspect, and on towards
@@ -359,9 +402,12 @@ class Search:
             node = ref[0]
             value = graph.value(ref, values) if node in values else None
             verdict = self.judge_ref(ref, value) if isinstance(value, torch.Tensor) else None
-            return {"node": node.name if ref[1] is None else f"{node.name}[{ref[1]}]",
-                    "op": str(node.target) if node.op == "call_function" else "program input",
-                    "role": role, "judgement": verdict}
+            return {
+                "node": node.name if ref[1] is None else f"{node.name}[{ref[1]}]",
+                "op": str(node.target) if node.op == "call_function" else "program input",
+                "role": role,
+                "judgement": verdict,
+            }
 
         rows = [row(r, "input") for r in graph.input_refs(suspect.unit)]
         rows += [row(r, "suspect") for r in graph.refs(suspect.unit)]

@@ -20,16 +20,28 @@ from .where_scalar import WhereScalarToFull
 # rewrite must then still find: roi_align emits grid_sampler_2d, so it runs before grid_sample;
 # scatter emits where(match, position, -1), so it runs before where_scalar; and replacements
 # call zeros_like/full_like and where with numbers, so full_like and where_scalar run last.
-ORDER: list[type[Rewrite]] = [RoiAlignToGridSample, GridSampleToGather, ScatterToSelect, FloorDivideToFmod,
-                              FullLikeToFull, WhereScalarToFull]
+ORDER: list[type[Rewrite]] = [
+    RoiAlignToGridSample,
+    GridSampleToGather,
+    ScatterToSelect,
+    FloorDivideToFmod,
+    FullLikeToFull,
+    WhereScalarToFull,
+]
 
 # Speed rewrites: TVM converts their operators correctly, so the probe never asks for them; they
 # make the compiled program faster (``surgery.tvm_backend`` applies them for the shipped build,
 # after the rewrites above). roi_align_separable takes the feature map back channels-last, a
 # round trip layout_round_trips then removes; gather_through_permute moves gathers before the
 # permutes left after that; matmul_packing runs last, as the others emit products it packs.
-SPEED_ORDER: list[type[Rewrite]] = [RoiAlignSeparable, ConvAsMatmul, AttentionReassociation, LayoutRoundTrips,
-                                    GatherThroughPermute, MatmulPacking]
+SPEED_ORDER: list[type[Rewrite]] = [
+    RoiAlignSeparable,
+    ConvAsMatmul,
+    AttentionReassociation,
+    LayoutRoundTrips,
+    GatherThroughPermute,
+    MatmulPacking,
+]
 
 # name -> class, in ORDER; instantiated with default settings when named by a string.
 REGISTRY: dict[str, type[Rewrite]] = {cls.name: cls for cls in ORDER}
@@ -68,7 +80,27 @@ def strategy_for(rewrite_name: str, dtype=None):
     return cls.cases(dtype)
 
 
-__all__ = ["ORDER", "REGISTRY", "SPEED_ORDER", "SPEED_REWRITES", "Rewrite", "RewriteError", "RewriteResult", "op_census",
-           "resolve", "strategy_for",
-           "AttentionReassociation", "ConvAsMatmul", "FloorDivideToFmod", "FullLikeToFull", "GatherThroughPermute", "GridSampleToGather", "LayoutRoundTrips",
-           "MatmulPacking", "RoiAlignSeparable", "RoiAlignToGridSample", "ScatterToSelect", "WhereScalarToFull"]
+__all__ = [
+    "ORDER",
+    "REGISTRY",
+    "SPEED_ORDER",
+    "SPEED_REWRITES",
+    "Rewrite",
+    "RewriteError",
+    "RewriteResult",
+    "op_census",
+    "resolve",
+    "strategy_for",
+    "AttentionReassociation",
+    "ConvAsMatmul",
+    "FloorDivideToFmod",
+    "FullLikeToFull",
+    "GatherThroughPermute",
+    "GridSampleToGather",
+    "LayoutRoundTrips",
+    "MatmulPacking",
+    "RoiAlignSeparable",
+    "RoiAlignToGridSample",
+    "ScatterToSelect",
+    "WhereScalarToFull",
+]

@@ -40,10 +40,12 @@ from .base import LAYOUT_OPS, GraphRewrite, node_value
 
 aten = torch.ops.aten
 
-CONTRACT = ("multi-head attention whose keys/values are a projection of many tokens met by few queries "
-            "(heads x queries < embedding width): projections reassociated onto the queries; same terms "
-            "summed in another order (float64: 1e-12 relative to the sum of |terms|; float32: 1e-5 absolute "
-            "on unit-scale inputs); fully masked rows stay zero; anything else is left as it is")
+CONTRACT = (
+    "multi-head attention whose keys/values are a projection of many tokens met by few queries "
+    "(heads x queries < embedding width): projections reassociated onto the queries; same terms "
+    "summed in another order (float64: 1e-12 relative to the sum of |terms|; float32: 1e-5 absolute "
+    "on unit-scale inputs); fully masked rows stay zero; anything else is left as it is"
+)
 
 
 @dataclasses.dataclass
@@ -81,7 +83,9 @@ def _projection(operand: fx.Node) -> _Projection | None:
         bias, (tokens, weight_t) = None, node.args
     else:
         return None
-    if not (isinstance(weight_t, fx.Node) and weight_t.target is aten.permute.default and list(weight_t.args[1]) == [1, 0]):
+    if not (
+        isinstance(weight_t, fx.Node) and weight_t.target is aten.permute.default and list(weight_t.args[1]) == [1, 0]
+    ):
         return None
     return _Projection(bias, tokens, weight_t.args[0], list(reversed(chain)), scale)
 
@@ -313,6 +317,7 @@ class _Attention(torch.nn.Module):
 def attention_cases(dtype=None):
     """Hypothesis strategy of ``AttentionCase``: 1-6 queries over 5-40 tokens, batch 1-3, 1-4
     heads of width 4-8, with and without key padding masks (including fully masked rows)."""
+
     @st.composite
     def cases(draw):
         dt = draw(dtypes) if dtype is None else dtype

@@ -13,7 +13,8 @@ import collections
 import copy
 import dataclasses
 import functools
-from typing import Callable, ClassVar, Mapping
+from collections.abc import Callable, Mapping
+from typing import ClassVar
 
 import torch
 from torch._ops import OpOverload
@@ -133,11 +134,20 @@ class Rewrite:
 
 # Operators that only change how a tensor's elements are viewed or laid out, never their values:
 # the graph rewrites walk through them to find where an operand comes from.
-LAYOUT_OPS = frozenset({
-    torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.reshape.default,
-    torch.ops.aten.permute.default, torch.ops.aten.expand.default, torch.ops.aten.clone.default,
-    torch.ops.aten.alias.default, torch.ops.aten.unsqueeze.default, torch.ops.aten.squeeze.dim,
-    torch.ops.aten.squeeze.dims})
+LAYOUT_OPS = frozenset(
+    {
+        torch.ops.aten.view.default,
+        torch.ops.aten._unsafe_view.default,
+        torch.ops.aten.reshape.default,
+        torch.ops.aten.permute.default,
+        torch.ops.aten.expand.default,
+        torch.ops.aten.clone.default,
+        torch.ops.aten.alias.default,
+        torch.ops.aten.unsqueeze.default,
+        torch.ops.aten.squeeze.dim,
+        torch.ops.aten.squeeze.dims,
+    }
+)
 
 
 def node_value(node):

@@ -30,15 +30,23 @@ from .base import Rewrite, RewriteResult, decomposed, op_census
 
 aten = torch.ops.aten
 
-CONTRACT = ("2-d convolutions whose kernel covers the whole unpadded input (stride and dilation "
-            "irrelevant, groups 1, not transposed) become one matrix product; same terms summed in "
-            "another order (float64: within 1e-12 relative to the sum of |terms|; float32: 1e-5 "
-            "absolute on unit-scale inputs); every other convolution is left as it is")
+CONTRACT = (
+    "2-d convolutions whose kernel covers the whole unpadded input (stride and dilation "
+    "irrelevant, groups 1, not transposed) become one matrix product; same terms summed in "
+    "another order (float64: within 1e-12 relative to the sum of |terms|; float32: 1e-5 "
+    "absolute on unit-scale inputs); every other convolution is left as it is"
+)
 
 
 def covers_input(input: Tensor, weight: Tensor, padding, transposed: bool, groups: int) -> bool:
-    return (input.dim() == 4 and weight.dim() == 4 and not transposed and groups == 1
-            and all(int(p) == 0 for p in padding) and tuple(weight.shape[2:]) == tuple(input.shape[2:]))
+    return (
+        input.dim() == 4
+        and weight.dim() == 4
+        and not transposed
+        and groups == 1
+        and all(int(p) == 0 for p in padding)
+        and tuple(weight.shape[2:]) == tuple(input.shape[2:])
+    )
 
 
 def conv_as_matmul(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -109,8 +117,11 @@ class ConvCase:
     def scale(self) -> float:
         """The largest sum of |terms|: the natural scale of a reassociated sum's error."""
         bias = self.bias.abs() if self.bias is not None else None
-        return float(torch.nn.functional.conv2d(self.input.abs(), self.weight.abs(), bias, padding=self.padding,
-                                                groups=self.groups).max())
+        return float(
+            torch.nn.functional.conv2d(
+                self.input.abs(), self.weight.abs(), bias, padding=self.padding, groups=self.groups
+            ).max()
+        )
 
 
 class _ConvModule(torch.nn.Module):
@@ -126,6 +137,7 @@ def conv_cases(dtype=None):
     """Hypothesis strategy of ``ConvCase``: kernels covering the input (1x1 up to 7x7 maps,
     SAM3's box projection among them), with and without bias, plus convolutions the rewrite
     must leave alone (padded, grouped, kernel smaller than the input)."""
+
     @st.composite
     def cases(draw):
         dt = draw(dtypes) if dtype is None else dtype

@@ -29,9 +29,11 @@ from .base import Rewrite
 
 aten = torch.ops.aten
 
-CONTRACT = ("bit-exact for floating operands (tensor or number), including division by zero, "
-            "signed zeros, subnormals, inf, NaN and overflowing quotients; integer floor division "
-            "is left as it is")
+CONTRACT = (
+    "bit-exact for floating operands (tensor or number), including division by zero, "
+    "signed zeros, subnormals, inf, NaN and overflowing quotients; integer floor division "
+    "is left as it is"
+)
 
 
 def floor_divide(a: Tensor, b: Tensor | float | int) -> Tensor:
@@ -124,8 +126,12 @@ def floor_divide_cases(dtype=None):
     and tensors, with zeros, signed zeros, inf, NaN, exact multiples and near-multiples,
     subnormals and quotients that overflow."""
     specials = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1.0, -1.0, 0.1, 3.0, 1e-30, 1e30]
-    values = st.one_of(st.floats(-1e6, 1e6, width=32), st.sampled_from(specials), st.integers(-50, 50).map(float),
-                       st.floats(-2**-126, 2**-126, width=32))  # subnormals and tiny normals: overflowing quotients
+    values = st.one_of(
+        st.floats(-1e6, 1e6, width=32),
+        st.sampled_from(specials),
+        st.integers(-50, 50).map(float),
+        st.floats(-(2**-126), 2**-126, width=32),
+    )  # subnormals and tiny normals: overflowing quotients
 
     @st.composite
     def cases(draw):

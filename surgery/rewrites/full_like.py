@@ -34,18 +34,28 @@ from .base import Rewrite
 
 aten = torch.ops.aten
 
-CONTRACT = ("bit-exact for every shape (zero-sized and 0-d included), every input and output dtype and "
-            "every fill value the output dtype holds (inf, NaN, -0.0 included); the result is contiguous")
+CONTRACT = (
+    "bit-exact for every shape (zero-sized and 0-d included), every input and output dtype and "
+    "every fill value the output dtype holds (inf, NaN, -0.0 included); the result is contiguous"
+)
 
 
 def full_like(input: Tensor, fill_value, *, dtype: torch.dtype | None = None) -> Tensor:
     """``torch.full_like(input, fill_value, dtype=dtype)`` as ``torch.full`` of ``input``'s shape."""
-    return torch.full(tuple(input.shape), fill_value, dtype=input.dtype if dtype is None else dtype, device=input.device)
+    return torch.full(
+        tuple(input.shape), fill_value, dtype=input.dtype if dtype is None else dtype, device=input.device
+    )
 
 
-def _full_like_decomposition(input, fill_value, *, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
-    return torch.full(tuple(input.shape), fill_value, dtype=input.dtype if dtype is None else dtype,
-                      device=input.device if device is None else device)
+def _full_like_decomposition(
+    input, fill_value, *, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None
+):
+    return torch.full(
+        tuple(input.shape),
+        fill_value,
+        dtype=input.dtype if dtype is None else dtype,
+        device=input.device if device is None else device,
+    )
 
 
 def _zeros_like_decomposition(input, *, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
@@ -65,16 +75,22 @@ class FullLikeToFull(Rewrite):
     def cases(dtype=None):
         return full_like_cases(dtype)
 
-    probe_note = "zeros_like(bool mask, dtype=float32).masked_fill(mask, -inf) (nn.MultiheadAttention's key padding mask)"
+    probe_note = (
+        "zeros_like(bool mask, dtype=float32).masked_fill(mask, -inf) (nn.MultiheadAttention's key padding mask)"
+    )
 
     def probe_case(self):
         mask = torch.tensor([[False, True, False, True], [True, False, False, False]])
-        return FullLikeCase("canonical_mask", mask, 0, torch.float32, values=torch.arange(8, dtype=torch.float32).reshape(2, 4) - 3.5)
+        return FullLikeCase(
+            "canonical_mask", mask, 0, torch.float32, values=torch.arange(8, dtype=torch.float32).reshape(2, 4) - 3.5
+        )
 
     def decompositions(self):
-        return {aten.zeros_like.default: _zeros_like_decomposition,
-                aten.ones_like.default: _ones_like_decomposition,
-                aten.full_like.default: _full_like_decomposition}
+        return {
+            aten.zeros_like.default: _zeros_like_decomposition,
+            aten.ones_like.default: _ones_like_decomposition,
+            aten.full_like.default: _full_like_decomposition,
+        }
 
 
 # ----------------------------------------------------------------------------- strategy
@@ -125,7 +141,9 @@ class _FullLikeModule(torch.nn.Module):
         self.op, self.fill_value, self.dtype = op, fill_value, dtype
 
     def forward(self, input, values=None):
-        return FullLikeCase(self.op, input, self.fill_value, self.dtype, values)._call(_torch_op("zeros_like" if self.op == "canonical_mask" else self.op))
+        return FullLikeCase(self.op, input, self.fill_value, self.dtype, values)._call(
+            _torch_op("zeros_like" if self.op == "canonical_mask" else self.op)
+        )
 
 
 def full_like_cases(dtype=None):
@@ -133,12 +151,15 @@ def full_like_cases(dtype=None):
     pattern; shapes of rank 0-4 with zero-sized dimensions; input and output dtypes among bool,
     int32, int64, float32, float64 (output dtype also unset); fill values 0, 1, -1, large
     integers, fractions, inf, -inf, NaN, -0.0, True/False, each where the output dtype holds it."""
+
     def fits(value, dt: torch.dtype) -> bool:
         if dt == torch.bool:
             return isinstance(value, bool) or value in (0, 1)
         if dt.is_floating_point:
             return True
-        if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf")) or value != int(value)):
+        if isinstance(value, float) and (
+            value != value or value in (float("inf"), float("-inf")) or value != int(value)
+        ):
             return False
         info = torch.iinfo(dt)
         return info.min <= int(value) <= info.max
@@ -156,8 +177,27 @@ def full_like_cases(dtype=None):
         out_dtype = draw(st.one_of(st.none(), st.sampled_from(ALL_DTYPES))) if dtype is None else dtype
         input = (seeded_tensor(shape, torch.float64, seed) * 10).to(in_dtype)
         target = in_dtype if out_dtype is None else out_dtype
-        candidates = [0, 1, -1, 7, 2**31 + 5, 0.5, -2.25, float("inf"), float("-inf"), float("nan"), -0.0, True, False, 1e30]
-        value = {"zeros_like": 0, "ones_like": 1}.get(op) if op != "full_like" else draw(st.sampled_from([v for v in candidates if fits(v, target)]))
+        candidates = [
+            0,
+            1,
+            -1,
+            7,
+            2**31 + 5,
+            0.5,
+            -2.25,
+            float("inf"),
+            float("-inf"),
+            float("nan"),
+            -0.0,
+            True,
+            False,
+            1e30,
+        ]
+        value = (
+            {"zeros_like": 0, "ones_like": 1}.get(op)
+            if op != "full_like"
+            else draw(st.sampled_from([v for v in candidates if fits(v, target)]))
+        )
         return FullLikeCase(op, input, value, out_dtype)
 
     return cases()

@@ -33,9 +33,11 @@ from .layout_round_trips import _chain, replayed_index
 
 aten = torch.ops.aten
 
-CONTRACT = ("gather with the same index for every position of the other dimensions, from a tensor that "
-            "is one permute of another, becomes an index_select of that other tensor and a permute of the "
-            "rows selected: bit-exact; anything else is left as it is")
+CONTRACT = (
+    "gather with the same index for every position of the other dimensions, from a tensor that "
+    "is one permute of another, becomes an index_select of that other tensor and a permute of the "
+    "rows selected: bit-exact; anything else is left as it is"
+)
 
 
 def _broadcast_index(index: fx.Node, dim: int, rank: int) -> fx.Node | None:
@@ -158,6 +160,7 @@ def gather_cases(dtype=None):
     """Hypothesis strategy of ``GatherCase``: sources of rank 2-4 (SAM3's [HW, 1, C] among them),
     every permutation and gather dimension, 1-5 indices (repeats and the edges included), the
     index broadcast over the other dimensions or varying along them."""
+
     @st.composite
     def cases(draw):
         dt = draw(dtypes) if dtype is None else dtype
@@ -172,7 +175,11 @@ def gather_cases(dtype=None):
         permuted = [shape[p] for p in perm]
         n = permuted[dim]
         count = draw(st.integers(1, 5))
-        picks = draw(st.lists(st.sampled_from(sorted({0, n - 1, n // 2})) | st.integers(0, n - 1), min_size=count, max_size=count))
+        picks = draw(
+            st.lists(
+                st.sampled_from(sorted({0, n - 1, n // 2})) | st.integers(0, n - 1), min_size=count, max_size=count
+            )
+        )
         broadcast = draw(st.booleans())
         index_shape = [1] * len(shape) if broadcast else list(permuted)
         index_shape[dim] = count

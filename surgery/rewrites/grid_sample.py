@@ -57,9 +57,7 @@ def grid_sample(
     if mode not in MODES:
         raise ValueError(f"grid_sample: mode must be one of {sorted(MODES)}, got {mode!r}")
     if padding_mode not in PADDINGS:
-        raise ValueError(
-            f"grid_sample: padding_mode must be one of {sorted(PADDINGS)}, got {padding_mode!r}"
-        )
+        raise ValueError(f"grid_sample: padding_mode must be one of {sorted(PADDINGS)}, got {padding_mode!r}")
     return grid_sampler_2d(input, grid, MODES[mode], PADDINGS[padding_mode], bool(align_corners))
 
 
@@ -238,7 +236,9 @@ def grid_sample_cases(dtype=None):
         grid = (seeded_tensor((N, oH, oW, 2), dt, seed + 1, uniform=True) * 2 - 1) * spread
         # Pin some coordinates to values where the rules change (edges, centres, far out).
         flat = grid.view(-1)
-        for pos, value in draw(st.lists(st.tuples(st.integers(0, flat.numel() - 1), st.sampled_from(specials)), max_size=8)):
+        for pos, value in draw(
+            st.lists(st.tuples(st.integers(0, flat.numel() - 1), st.sampled_from(specials)), max_size=8)
+        ):
             flat[pos] = value
         # Snap some coordinates exactly onto pixel centres / pixel edges of this map; or put
         # inf/NaN into the input. Not both: a snapped coordinate lands within a rounding error of
@@ -291,4 +291,3 @@ class GridSampleCase:
         """Magnitude of the data the output interpolates, for relative errors."""
         finite = self.input[torch.isfinite(self.input)]
         return float(finite.abs().max()) if finite.numel() else 1.0
-

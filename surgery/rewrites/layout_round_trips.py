@@ -30,10 +30,12 @@ from .base import LAYOUT_OPS, GraphRewrite, node_value
 
 aten = torch.ops.aten
 
-CONTRACT = ("chains of layout operators (view, reshape, permute, clone, select/squeeze/unsqueeze of a "
-            "size-1 axis) whose result lists its source's elements in the source's memory order become "
-            "one view of the source: bit-exact; chains that reorder elements or start at a program input are "
-            "left as they are")
+CONTRACT = (
+    "chains of layout operators (view, reshape, permute, clone, select/squeeze/unsqueeze of a "
+    "size-1 axis) whose result lists its source's elements in the source's memory order become "
+    "one view of the source: bit-exact; chains that reorder elements or start at a program input are "
+    "left as they are"
+)
 
 _LAYOUT = LAYOUT_OPS | {aten.squeeze.default, aten.select.int}  # select: of a size-1 axis only (_is_layout)
 MAX_REPLAY_ELEMENTS = 1 << 24  # index tensors are float64 copies of the source's shape
@@ -181,6 +183,7 @@ def layout_cases(dtype=None):
     at random sizes, permutes followed by their inverses (with clones and unsqueezes between),
     and random chains of permutes, reshapes, clones and size-1 selects, most of which reorder
     elements and must be left alone."""
+
     @st.composite
     def cases(draw):
         dt = draw(dtypes) if dtype is None else dtype
@@ -188,8 +191,14 @@ def layout_cases(dtype=None):
         if draw(st.booleans()):
             h, w, c = draw(st.integers(1, 6)), draw(st.integers(1, 6)), draw(st.integers(1, 6))
             x = seeded_tensor((h * w, 1, c), dt, seed)  # [HW, 1, C]
-            steps = (("permute", (1, 2, 0)), ("reshape", (1, c, h, w)), ("select0",), ("permute", (1, 2, 0)),
-                     ("clone",), ("reshape", (h, w * c)))
+            steps = (
+                ("permute", (1, 2, 0)),
+                ("reshape", (1, c, h, w)),
+                ("select0",),
+                ("permute", (1, 2, 0)),
+                ("clone",),
+                ("reshape", (h, w * c)),
+            )
             return LayoutCase(x, steps)
         shape = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=4)))
         x = seeded_tensor(shape, dt, seed)

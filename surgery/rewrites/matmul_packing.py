@@ -43,11 +43,13 @@ from .base import GraphRewrite, node_value
 
 aten = torch.ops.aten
 
-CONTRACT = ("mm/addmm/bmm (batch 1) whose right-hand side is wider than one register tile: B packed "
-            "into column panels [N/nb, K, nb] and multiplied panel by panel; the same products summed "
-            "over k (float64: within 1e-12 relative to the sum of |terms|; float32: 1e-5 absolute on "
-            "unit-scale inputs); activations are packed only for reductions of 64 or more; anything "
-            "else is left as it is")
+CONTRACT = (
+    "mm/addmm/bmm (batch 1) whose right-hand side is wider than one register tile: B packed "
+    "into column panels [N/nb, K, nb] and multiplied panel by panel; the same products summed "
+    "over k (float64: within 1e-12 relative to the sum of |terms|; float32: 1e-5 absolute on "
+    "unit-scale inputs); activations are packed only for reductions of 64 or more; anything "
+    "else is left as it is"
+)
 
 MIN_ACTIVATION_DEPTH = 64  # shorter reductions read an activation's strided rows about as fast as a copy
 
@@ -144,8 +146,11 @@ class MatmulPacking(GraphRewrite):
 
     def rewrite_graph(self, graph, program):
         signature = program.graph_signature
-        weights = set(signature.inputs_to_parameters) | set(signature.inputs_to_buffers) | set(
-            getattr(signature, "inputs_to_lifted_tensor_constants", {}))
+        weights = (
+            set(signature.inputs_to_parameters)
+            | set(signature.inputs_to_buffers)
+            | set(getattr(signature, "inputs_to_lifted_tensor_constants", {}))
+        )
         return {"matrix products": pack(graph, weights)}
 
 
@@ -205,6 +210,7 @@ def packing_cases(dtype=None):
     activation threshold, and right at it), 16-400 columns (one panel, several panels, and widths that are no
     multiple of a vector, which the rewrite must leave alone), with and without bias, B a
     weight (parameter) or an activation (input)."""
+
     @st.composite
     def cases(draw):
         dt = draw(dtypes) if dtype is None else dtype

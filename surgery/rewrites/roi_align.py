@@ -28,7 +28,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, ClassVar, Sequence
+from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -70,8 +71,15 @@ def roi_align(
     rois = boxes if isinstance(boxes, Tensor) else convert_boxes_to_roi_format(list(boxes))
     PH, PW = _pair(output_size)
     return roi_align_grid_sample(
-        input, rois, spatial_scale, PH, PW, sampling_ratio, aligned,
-        max_samples_per_bin=max_samples_per_bin, check_contract=True,
+        input,
+        rois,
+        spatial_scale,
+        PH,
+        PW,
+        sampling_ratio,
+        aligned,
+        max_samples_per_bin=max_samples_per_bin,
+        check_contract=True,
     )
 
 
@@ -105,7 +113,9 @@ def sample_positions(
 ) -> SamplePositions:
     """The C++ kernel's sample positions over a static layout of GH x GW slots per bin."""
     torch._check(input.dim() == 4, lambda: f"roi_align: expected 4-D input, got {input.dim()}-D")
-    torch._check(rois.dim() == 2 and rois.shape[1] == 5, lambda: f"roi_align: rois must be [K, 5], got {list(rois.shape)}")
+    torch._check(
+        rois.dim() == 2 and rois.shape[1] == 5, lambda: f"roi_align: rois must be [K, 5], got {list(rois.shape)}"
+    )
     torch._check(PH > 0 and PW > 0, lambda: "roi_align: output_size must be positive")
     N, C, H, W = input.shape
     adaptive = sampling_ratio <= 0
@@ -144,14 +154,12 @@ def sample_positions(
     iy = torch.arange(GH, dtype=input.dtype, device=input.device) + 0.5  # [GH]
     ix = torch.arange(GW, dtype=input.dtype, device=input.device) + 0.5  # [GW]
     # Unused samples (iy >= grid_h) are masked; dividing by >= 1 keeps them finite.
-    y = (
-        (start_h[:, None, None] + ph[None, :, None] * bin_h[:, None, None])
-        + (iy[None, None, :] * bin_h[:, None, None]) / grid_h.clamp(min=1)[:, None, None]
-    )  # [K, PH, GH]
-    x = (
-        (start_w[:, None, None] + pw[None, :, None] * bin_w[:, None, None])
-        + (ix[None, None, :] * bin_w[:, None, None]) / grid_w.clamp(min=1)[:, None, None]
-    )  # [K, PW, GW]
+    y = (start_h[:, None, None] + ph[None, :, None] * bin_h[:, None, None]) + (
+        iy[None, None, :] * bin_h[:, None, None]
+    ) / grid_h.clamp(min=1)[:, None, None]  # [K, PH, GH]
+    x = (start_w[:, None, None] + pw[None, :, None] * bin_w[:, None, None]) + (
+        ix[None, None, :] * bin_w[:, None, None]
+    ) / grid_w.clamp(min=1)[:, None, None]  # [K, PW, GW]
     # The kernel's boundary rule: a sample beyond -1 or the map's size contributes 0.
     used_y = (iy[None, :] < grid_h[:, None])[:, None, :] & (y >= -1) & (y <= H)  # [K, PH, GH]
     used_x = (ix[None, :] < grid_w[:, None])[:, None, :] & (x >= -1) & (x <= W)  # [K, PW, GW]
@@ -180,8 +188,17 @@ def roi_align_with(
     kernel's sample positions, pooled by ``pool``."""
     _, C, _, _ = input.shape
     rois = rois.to(input.dtype)
-    at = sample_positions(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
-                          max_samples_per_bin, check_contract)
+    at = sample_positions(
+        input,
+        rois,
+        spatial_scale,
+        pooled_height,
+        pooled_width,
+        sampling_ratio,
+        aligned,
+        max_samples_per_bin,
+        check_contract,
+    )
     if rois.shape[0] == 0:
         return input.new_zeros(0, C, pooled_height, pooled_width)
     return pool(input, rois, at)
@@ -213,7 +230,9 @@ def grid_sample_pool(input: Tensor, rois: Tensor, at: SamplePositions) -> Tensor
         maps = input.expand(K, C, H, W)  # [K, C, H, W]
     else:
         maps = input.index_select(0, rois[:, 0].to(torch.int64))  # [K, C, H, W]
-    samples = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # [K, C, PH*GH, PW*GW]
+    samples = F.grid_sample(
+        maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )  # [K, C, PH*GH, PW*GW]
     sums = samples.reshape(K, C, PH, GH, PW, GW).sum(dim=(3, 5))  # [K, C, PH, PW]
     return sums / count[:, None, None, None]  # [K, C, PH, PW]
 
@@ -257,7 +276,14 @@ class RoiAlignRewrite(Rewrite):
     def decompositions(self):
         def roi_align_decomposition(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
             return roi_align_with(
-                self.pool, input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned,
+                self.pool,
+                input,
+                rois,
+                spatial_scale,
+                pooled_height,
+                pooled_width,
+                sampling_ratio,
+                aligned,
                 max_samples_per_bin=self.max_samples_per_bin,
             )
 
@@ -300,8 +326,12 @@ class RoiAlignCase:
     kinds: tuple[str, ...]
 
     def kwargs(self):
-        return dict(output_size=self.output_size, spatial_scale=self.spatial_scale,
-                    sampling_ratio=self.sampling_ratio, aligned=self.aligned)
+        return dict(
+            output_size=self.output_size,
+            spatial_scale=self.spatial_scale,
+            sampling_ratio=self.sampling_ratio,
+            aligned=self.aligned,
+        )
 
     def reference(self) -> Tensor:
         return torchvision.ops.roi_align(self.input, self.boxes, **self.kwargs())
@@ -346,6 +376,7 @@ def roi_align_cases(dtype=None):
     inside, straddling and outside the map, degenerate, tiny and inverted ones, boxes exactly at
     the contract's edge and just beyond it, several images with batch indices, spatial scales
     1, 1/2, 1/4, 1/16 and 0.3, fixed and adaptive sampling, both ``aligned``, both box formats."""
+
     @st.composite
     def box(draw, H, W, scale, PH, PW, aligned):
         """One box in image coordinates (feature-map pixels / scale)."""
@@ -353,7 +384,8 @@ def roi_align_cases(dtype=None):
         u = st.floats(0, 1)
         GH, GW = default_bound(H, W, PH, PW)
         if kind == "inside":
-            x1, x2 = sorted([draw(u) * W, draw(u) * W]); y1, y2 = sorted([draw(u) * H, draw(u) * H])
+            x1, x2 = sorted([draw(u) * W, draw(u) * W])
+            y1, y2 = sorted([draw(u) * H, draw(u) * H])
         elif kind == "straddling":
             x1, y1 = draw(st.floats(-3, 0.5)), draw(st.floats(-3, 0.5))
             x2, y2 = x1 + draw(st.floats(0, W)), y1 + draw(st.floats(0, H))
@@ -364,7 +396,9 @@ def roi_align_cases(dtype=None):
             y1 = draw(st.floats(-4, H + 4))
             x2, y2 = x1 + draw(st.floats(0, 4)), y1 + draw(st.floats(0, 4))
         elif kind == "degenerate":
-            x1 = x2 = draw(u) * W; y1 = draw(u) * H; y2 = y1 + draw(st.sampled_from([0.0, 1.0]))
+            x1 = x2 = draw(u) * W
+            y1 = draw(u) * H
+            y2 = y1 + draw(st.sampled_from([0.0, 1.0]))
         elif kind == "tiny":
             x1, y1 = draw(u) * W, draw(u) * H
             x2, y2 = x1 + draw(st.sampled_from([1e-3, 0.1, 0.5])), y1 + draw(st.sampled_from([1e-3, 0.1, 0.5]))

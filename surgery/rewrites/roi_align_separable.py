@@ -48,7 +48,9 @@ def axis_weights(pos: Tensor, used: Tensor, grid: Tensor, size: int) -> Tensor:
     w_low = torch.where(used, 1 - frac, zero)  # [K, P, G]
     w_high = torch.where(used, frac, zero)  # [K, P, G]
     pixels = torch.arange(size, dtype=pos.dtype, device=pos.device)  # [size]
-    weights = (w_low[..., None] * (pixels == low[..., None]) + w_high[..., None] * (pixels == high[..., None]))  # [K, P, G, size]
+    weights = w_low[..., None] * (pixels == low[..., None]) + w_high[..., None] * (
+        pixels == high[..., None]
+    )  # [K, P, G, size]
     return weights.sum(2) / grid.clamp(min=1)[:, None, None]  # [K, P, size]
 
 
@@ -98,11 +100,20 @@ class SeparableCase(RoiAlignCase):
 
     def rewritten(self) -> Tensor:
         check_roi_boxes_shape(self.boxes)
-        return roi_align_separable(self.input, self.rois().to(self.input.dtype), self.spatial_scale,
-                                   *_pair(self.output_size), self.sampling_ratio, self.aligned, check_contract=True)
+        return roi_align_separable(
+            self.input,
+            self.rois().to(self.input.dtype),
+            self.spatial_scale,
+            *_pair(self.output_size),
+            self.sampling_ratio,
+            self.aligned,
+            check_contract=True,
+        )
 
 
 def separable_cases(dtype=None):
     """The roi_align strategy (boxes inside, straddling, outside, degenerate, tiny, inverted,
     whole-map, at and beyond the contract's edge; scales; both box formats; several images)."""
-    return roi_align_cases(dtype).map(lambda case: SeparableCase(**{f: getattr(case, f) for f in case.__dataclass_fields__}))
+    return roi_align_cases(dtype).map(
+        lambda case: SeparableCase(**{f: getattr(case, f) for f in case.__dataclass_fields__})
+    )

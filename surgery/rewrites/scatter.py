@@ -61,8 +61,10 @@ def scatter(
     if not is_tracing(input, index) and index.numel():
         size = input.shape[dim] if input.dim() else 1
         if bool(((index < 0) | (index >= size)).any()):
-            raise IndexError(f"scatter: index out of range [0, {size}) along dim {dim}: "
-                             f"min {int(index.min())}, max {int(index.max())}")
+            raise IndexError(
+                f"scatter: index out of range [0, {size}) along dim {dim}: "
+                f"min {int(index.min())}, max {int(index.max())}"
+            )
     return scatter_by_select(input, dim, index, src, max_intermediate_elements=max_intermediate_elements)
 
 
@@ -71,8 +73,13 @@ def scatter_by_select(
 ) -> Tensor:
     torch._check(index.dim() == input.dim(), lambda: "scatter: index must have as many dims as input")
     if input.dim() == 0:  # a scalar is a 1-element vector along dim 0
-        return scatter_by_select(input.reshape(1), 0, index.reshape(1), src.reshape(1) if isinstance(src, Tensor) else src,
-                                 max_intermediate_elements=max_intermediate_elements).reshape(())
+        return scatter_by_select(
+            input.reshape(1),
+            0,
+            index.reshape(1),
+            src.reshape(1) if isinstance(src, Tensor) else src,
+            max_intermediate_elements=max_intermediate_elements,
+        ).reshape(())
     dim = dim % input.dim()
     if isinstance(src, Tensor):
         torch._check(src.dim() == input.dim(), lambda: "scatter: src must have as many dims as input")
@@ -86,7 +93,7 @@ def scatter_by_select(
     if index.numel() == 0:
         return input.clone()
     S = input.shape[dim]
-    I = index.shape[dim]
+    I = index.shape[dim]  # noqa: E741 - the I of the shape comments below
     comparisons = index.numel() * S
     if comparisons > max_intermediate_elements:
         raise ScatterTooLarge(
@@ -212,7 +219,7 @@ def scatter_cases(dtype=None):
         index_shape = [draw(st.integers(1, n)) if j != d else draw(st.integers(0, S)) for j, n in enumerate(shape)]
         if draw(st.booleans()) and rank > 1:  # an empty index somewhere off dim, now and then
             index_shape[draw(st.sampled_from([j for j in range(rank) if j != d]))] = draw(st.integers(0, 1))
-        I = index_shape[d]
+        I = index_shape[d]  # noqa: E741 - as in scatter()
         kind = draw(st.sampled_from(["shifted_range", "permutation", "random_distinct"]))
         lines = 1
         for j, n in enumerate(index_shape):
@@ -242,7 +249,11 @@ def scatter_cases(dtype=None):
                 for pos in draw(st.lists(st.integers(0, src.numel() - 1), max_size=3)):
                     src.view(-1)[pos] = draw(st.sampled_from(specials))
         else:
-            src = draw(st.sampled_from([2.5, -1.0, float("nan"), float("inf")])) if dt.is_floating_point else draw(st.integers(-3, 3))
+            src = (
+                draw(st.sampled_from([2.5, -1.0, float("nan"), float("inf")]))
+                if dt.is_floating_point
+                else draw(st.integers(-3, 3))
+            )
         if dt.is_floating_point and input.numel():
             for pos in draw(st.lists(st.integers(0, input.numel() - 1), max_size=2)):
                 input.view(-1)[pos] = draw(st.sampled_from(specials))

@@ -28,8 +28,10 @@ from .base import Rewrite
 
 aten = torch.ops.aten
 
-CONTRACT = ("bit-exact for every broadcastable condition and tensor, every real dtype and every number the result "
-            "dtype holds (inf, NaN, -0.0 included); number in either or both operands")
+CONTRACT = (
+    "bit-exact for every broadcastable condition and tensor, every real dtype and every number the result "
+    "dtype holds (inf, NaN, -0.0 included); number in either or both operands"
+)
 
 
 def _scalars_dtype(a, b) -> torch.dtype:
@@ -73,12 +75,16 @@ class WhereScalarToFull(Rewrite):
     probe_note = "three int64 selects with different numbers, where(m, x, -1 / 3 / 0), in one program"
 
     def probe_case(self):
-        return WhereScalarCase(torch.tensor([True, False, True, False]), torch.tensor([5, 6, 7, 8]), "other", (-1, 3, 0))
+        return WhereScalarCase(
+            torch.tensor([True, False, True, False]), torch.tensor([5, 6, 7, 8]), "other", (-1, 3, 0)
+        )
 
     def decompositions(self):
-        return {aten.where.ScalarOther: _where_scalar_other,
-                aten.where.ScalarSelf: _where_scalar_other,
-                aten.where.Scalar: _where_scalar_other}
+        return {
+            aten.where.ScalarOther: _where_scalar_other,
+            aten.where.ScalarSelf: _where_scalar_other,
+            aten.where.Scalar: _where_scalar_other,
+        }
 
 
 # ----------------------------------------------------------------------------- strategy

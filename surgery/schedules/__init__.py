@@ -47,7 +47,7 @@ from .relax_passes import absorb_matmul_broadcasts
 from .row_reduction import RowReduction
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def rules() -> tuple:
     return (Matmul(), RowReduction(), dlight.cpu.Reduction(), Injective(), ParallelOuter())
 
@@ -99,6 +99,19 @@ def pipeline(target: tvm.target.Target):
     return _pipeline
 
 
-__all__ = ["FMA_ANNOTATION", "MAX_ACCUMULATORS", "VECTOR_LANES", "VECTOR_REGISTERS", "Injective", "Matmul", "MatmulPlan",
-           "ParallelOuter", "RowReduction", "absorb_matmul_broadcasts", "is_fma_kernel", "pipeline", "plan_matmul",
-           "rules"]
+__all__ = [
+    "FMA_ANNOTATION",
+    "MAX_ACCUMULATORS",
+    "VECTOR_LANES",
+    "VECTOR_REGISTERS",
+    "Injective",
+    "Matmul",
+    "MatmulPlan",
+    "ParallelOuter",
+    "RowReduction",
+    "absorb_matmul_broadcasts",
+    "is_fma_kernel",
+    "pipeline",
+    "plan_matmul",
+    "rules",
+]

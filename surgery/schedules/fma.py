@@ -66,7 +66,11 @@ def _contractible(expr, contracted: set) -> bool:
 
     def visit(node):
         nonlocal found
-        if isinstance(node, (tirx.Add, tirx.Sub)) and _is_float(node) and any(isinstance(x, tirx.Mul) for x in (node.a, node.b)):
+        if (
+            isinstance(node, (tirx.Add, tirx.Sub))
+            and _is_float(node)
+            and any(isinstance(x, tirx.Mul) for x in (node.a, node.b))
+        ):
             found = True
         elif loaded_buffer_name(node) in contracted:
             found = True

@@ -116,7 +116,7 @@ class Matmul(dlight.ScheduleRule):
             sch.annotate(block, FMA_ANNOTATION, 1)
         init = sch.decompose_reduction(block, k)  # last: TVM only vectorises complete reduction blocks
         sch.vectorize(sch.get_loops(init)[-1])
-        write_back = sch.get_loops(accumulator)[len(sch.get_loops(accumulator)) - 2:]
+        write_back = sch.get_loops(accumulator)[len(sch.get_loops(accumulator)) - 2 :]
         vectorize_inner(sch, write_back[-1], VECTOR_LANES)
         if final is not None:
             self._schedule_sum_of_parts(sch, final)
@@ -137,7 +137,9 @@ class Matmul(dlight.ScheduleRule):
     @staticmethod
     def _inline_consumers(sch, producer) -> None:
         """Elementwise consumers (bias add, activation, layout) run on the tile just written."""
-        for consumer in [b for b in root_blocks(sch) if is_spatial(sch, b) and not sch.get(b).same_as(sch.get(producer))]:
+        for consumer in [
+            b for b in root_blocks(sch) if is_spatial(sch, b) and not sch.get(b).same_as(sch.get(producer))
+        ]:
             try:
                 sch.reverse_compute_inline(consumer)
             except Exception:  # noqa: BLE001 - left as its own loop nest, scheduled after
