@@ -39,8 +39,6 @@ def _list(args) -> int:
         descriptions = {name: (build.__doc__ or "").strip().splitlines()[0] for name, build in MODELS.items()}
         print(catalog_markdown(descriptions, contracts=not args.brief), end="")
         return 0
-    from .rewrites import REGISTRY
-
     print("models (python -m surgery apply NAME, or apply PATH.pt2 for a saved ExportedProgram):")
     for name, build in MODELS.items():
         print(f"  {name:16s} {(build.__doc__ or '').strip().splitlines()[0]}")
@@ -121,8 +119,6 @@ def _rewrite_mode(args):
 def _model_spec(args):
     """The ModelSpec the model options name (a model, or a saved .pt2), the padded-prompt limits
     when --max-* are given, and the seconds building it took."""
-    from models import MODELS
-
     limits = None
     if (args.max_points, args.max_boxes, args.max_batch) != (None, None, None):  # one module for varying counts
         if args.target != "geometry_encoder":
@@ -213,8 +209,6 @@ def _apply(args) -> int:
 
 
 def _locate(args) -> int:
-    from .rewrites import REGISTRY
-
     rewrites = _rewrite_mode(args)
     if args.save_probe is not None and args.save_probe not in REGISTRY:
         raise UsageError(f"--save-probe: unknown rewrite {args.save_probe!r}; known: {', '.join(REGISTRY)}")
@@ -252,8 +246,6 @@ def _locate(args) -> int:
 
 def _save_probe(location, rewrite: str) -> None:
     """--save-probe: the first reproducer of an operator ``rewrite`` replaces (else the first)."""
-    from .probes import ProbeCaseError
-
     with_reproducer = [c for c in location.culprits if c.reproducer]
     if not with_reproducer:
         print("--save-probe: no reproducer to keep", file=sys.stderr)
@@ -269,8 +261,6 @@ def _save_probe(location, rewrite: str) -> None:
 
 
 def _probe_add(args) -> int:
-    from .probes import ProbeCaseError
-
     try:
         case = keep_as_probe(args.reproducer, args.rewrite, args.name)
     except ProbeCaseError as exc:

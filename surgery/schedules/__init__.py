@@ -30,6 +30,8 @@ from __future__ import annotations
 import functools
 
 import tvm
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu
 from tvm.s_tir import dlight
 
 from ..matmul_tiling import (
@@ -67,9 +69,6 @@ def pipeline(target: tvm.target.Target):
       (``analysis.simplified``, inside the rules);
     - compiles Matmul and RowReduction kernels with fused multiply-add where no step function
       reads a contracted value (``fma``)."""
-
-    from tvm import relax
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod, _ctx):

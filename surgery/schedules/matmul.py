@@ -12,6 +12,7 @@ from __future__ import annotations
 import tvm
 from tvm import tirx
 from tvm.s_tir import dlight
+from tvm.target import codegen
 
 from ..matmul_tiling import VECTOR_LANES, VECTOR_REGISTERS, plan_matmul
 from .analysis import (
@@ -35,8 +36,6 @@ PARALLEL_MIN_MACS = 1 << 17  # below this many multiply-adds a thread-pool launc
 def _vector_registers(target) -> int:
     """16-float vectors the host keeps in registers: 32 with AVX-512 (zmm0-31); on an AVX2-only
     CPU each is two of its 16 ymm registers, so 8 (tiles shrink instead of spilling)."""
-    from tvm.target import codegen
-
     host = tvm.target.Target({"kind": "llvm", "mcpu": str(target.attrs.get("mcpu", codegen.llvm_get_system_cpu()))})
     try:
         return VECTOR_REGISTERS if codegen.target_has_features("avx512f", host) else 8

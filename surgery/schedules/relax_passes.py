@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from tvm import tirx
+from tvm import relax, tirx
+from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
 from .compat import relax_type
 
@@ -23,9 +24,6 @@ def absorb_matmul_broadcasts(mod, _ctx):
     broadcast (relax's matmul broadcasts them itself). PyTorch's ``bmm`` needs equal batches, so
     an exported ``matmul([1, M, K], [T, K, N])`` arrives as an ``expand`` of the shared operand,
     which TVM would otherwise materialise as a copy per batch before the product."""
-    from tvm import relax
-    from tvm.relax.dpl import is_op, rewrite_call, wildcard
-
     lhs, rhs = wildcard(), wildcard()
     lhs_b, rhs_b = is_op("relax.broadcast_to")(lhs, wildcard()), is_op("relax.broadcast_to")(rhs, wildcard())
     pattern = is_op("relax.matmul")(lhs_b | wildcard(), rhs_b | wildcard())
