@@ -11,6 +11,7 @@ python -m surgery probe add REPRO --rewrite NAME   # make --rewrite auto check a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -402,3 +403,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("surgery: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (python -m surgery list | head): stop quietly, as Python's docs
+        # advise, pointing stdout at devnull so the interpreter's final flush does not fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

@@ -367,7 +367,9 @@ class Search:
         return None
 
     def judge_locally(self, unit: fx.Node) -> list[Judgement]:
-        """TVM's output(s) of ``unit`` against the operator run by PyTorch on TVM's inputs."""
+        """TVM's output(s) of ``unit`` against the operator run by PyTorch on TVM's inputs; only
+        the outputs something reads (a layer norm's unread mean and rstd cannot make a program
+        wrong, and TVM 0.25/0.26 shape them wrongly)."""
         graph = self.graph
 
         def tvm_value(node):
@@ -387,6 +389,7 @@ class Search:
                 scale,
             )
             for r in graph.refs(unit)
+            if graph.users(r)
             for i in [r[1]]
         ]
 
