@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli_in_process
 
 from models.geometry_encoder import (
     CHECKPOINT_PREFIX,
@@ -18,6 +19,8 @@ from models.geometry_encoder import (
     load_checkpoint,
     pin_memory_passthrough,
 )
+
+pytestmark = [pytest.mark.sam3]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,13 +152,14 @@ def test_broken_checkpoints_name_the_problem(tmp_path, encoder):
     ],
 )
 def test_bad_input_is_one_clear_line(args, message, tmp_path):
-    result = run_cli(*args, "--out", str(tmp_path / "out"), "--reports", str(tmp_path / "reports"))
+    result = run_cli_in_process(*args, "--out", str(tmp_path / "out"), "--reports", str(tmp_path / "reports"))
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "reports").exists()
 
 
+@pytest.mark.slow
 def test_corrupt_pt2_and_broken_checkpoint(tmp_path):
     corrupt = tmp_path / "corrupt.pt2"
     corrupt.write_bytes(b"PK\x03\x04 not really a zip")
@@ -184,6 +188,8 @@ def applied(tmp_path_factory):
     return tmp, result
 
 
+@pytest.mark.tvm
+@pytest.mark.slow
 def test_apply_geometry_encoder_end_to_end(applied):
     tmp, result = applied
     assert result.returncode == 0, result.stdout + result.stderr
@@ -208,6 +214,8 @@ def test_apply_geometry_encoder_end_to_end(applied):
     assert "Verdict: **PASSED" in markdown and "Contracts of the rewrites applied" in markdown
 
 
+@pytest.mark.tvm
+@pytest.mark.slow
 def test_apply_artifacts_load_and_run(applied):
     tmp, result = applied
     from models.geometry_encoder import PromptShape
@@ -232,6 +240,8 @@ def test_apply_artifacts_load_and_run(applied):
     assert not list((tmp / "out").glob(".*.tmp*")), "a temporary file was left behind"
 
 
+@pytest.mark.tvm
+@pytest.mark.slow
 def test_apply_saved_program(applied, tmp_path):
     tmp, _ = applied
     result = run_cli(
@@ -249,6 +259,8 @@ def test_apply_saved_program(applied, tmp_path):
     assert report["passed"] and "saved ExportedProgram" in report["description"]["model"]
 
 
+@pytest.mark.tvm
+@pytest.mark.slow
 def test_apply_without_rewrites_fails_on_tvm_and_says_why(tmp_path):
     result = run_cli(
         "apply",

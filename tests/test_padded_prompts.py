@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+from helpers import run_cli_in_process
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from test_geometry_encoder import run_cli
@@ -29,6 +30,8 @@ from models.padded_prompts import (
     varying_prompts,
 )
 from surgery.equivalence import assert_equivalent
+
+pytestmark = [pytest.mark.sam3]
 
 LIMITS = PromptLimits(max_points=16, max_boxes=8, max_batch=4)
 SMALL = (8, 8)  # feature map for the PyTorch-only tests: the padding logic doesn't depend on its size
@@ -149,6 +152,8 @@ def _examples():
     return max(6, settings.default.max_examples // 100)  # dev 6, ci 20: each runs the model 1 + B times
 
 
+@pytest.mark.tvm
+@pytest.mark.slow
 def test_one_tvm_module_serves_every_count(compiled):
     wrapper, padded_tvm = compiled
 
@@ -172,6 +177,8 @@ def test_one_tvm_module_serves_every_count(compiled):
     check()
 
 
+@pytest.mark.tvm
+@pytest.mark.slow
 def test_extreme_counts_on_tvm(compiled):
     """The corners, explicitly: 1 point and 0 boxes at batch 1, and everything at the maximum."""
     wrapper, padded_tvm = compiled
@@ -196,7 +203,7 @@ def test_extreme_counts_on_tvm(compiled):
     ],
 )
 def test_apply_rejects_bad_limits(options, message, tmp_path):
-    result = run_cli(
+    result = run_cli_in_process(
         "apply", "geometry_encoder", *options, "--out", str(tmp_path / "out"), "--reports", str(tmp_path / "reports")
     )
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
@@ -204,10 +211,12 @@ def test_apply_rejects_bad_limits(options, message, tmp_path):
 
 
 def test_apply_rejects_limits_for_saved_programs(tmp_path):
-    result = run_cli("apply", str(tmp_path / "x.pt2"), "--max-points", "4")
+    result = run_cli_in_process("apply", str(tmp_path / "x.pt2"), "--max-points", "4")
     assert result.returncode == 2 and "apply to geometry_encoder only" in result.stderr
 
 
+@pytest.mark.tvm
+@pytest.mark.slow
 def test_apply_with_limits_end_to_end(tmp_path):
     """Small limits and a small feature map keep it quick; the full-size case is the property test above."""
     result = run_cli(

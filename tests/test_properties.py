@@ -41,6 +41,7 @@ def test_function_form(name, data):
     assert_equivalent(case.rewritten(), expected, scale=case.scale, context=repr(case))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", REWRITES)
 @settings(max_examples=graph_examples())
 @given(data=st.data())
@@ -65,6 +66,7 @@ def test_graph_form(name, data):
 from surgery.rewrites import SPEED_REWRITES  # noqa: E402
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SPEED_REWRITES))
 @settings(max_examples=graph_examples())  # attention's function form exports and rewrites a module
 @given(data=st.data())
@@ -79,6 +81,7 @@ def test_speed_rewrite_function_form(name, data):
     assert_equivalent(case.rewritten(), case.reference(), scale=case.scale, context=repr(case))
 
 
+@pytest.mark.slow
 @settings(max_examples=graph_examples())
 @given(data=st.data())
 def test_conv_as_matmul_graph_form(data):
@@ -95,6 +98,8 @@ def test_conv_as_matmul_graph_form(data):
     assert_equivalent(rewritten.module()(*case.args()), expected, scale=case.scale, context=repr(case))
 
 
+@pytest.mark.sam3
+@pytest.mark.slow
 def test_attention_reassociation_rewrites_every_cross_attention_product_of_the_geometry_encoder():
     """Both products (scores, values) of all three layers' cross-attention; self-attention (one
     packed projection) is left alone. Outputs within the float32 bound."""
@@ -111,6 +116,7 @@ def test_attention_reassociation_rewrites_every_cross_attention_product_of_the_g
     assert torch.equal(actual[1], expected[1])
 
 
+@pytest.mark.slow
 @settings(max_examples=graph_examples())
 @given(data=st.data())
 def test_roi_align_separable_graph_form(data):
@@ -123,6 +129,7 @@ def test_roi_align_separable_graph_form(data):
     assert_equivalent(rewritten.module()(*case.args()), case.reference(), scale=case.scale, context=repr(case))
 
 
+@pytest.mark.slow
 @settings(max_examples=graph_examples())
 @given(data=st.data())
 def test_matmul_packing_graph_form(data):
@@ -144,6 +151,8 @@ def test_matmul_packing_graph_form(data):
     )
 
 
+@pytest.mark.sam3
+@pytest.mark.slow
 def test_layout_round_trips_removes_the_geometry_encoders_feature_round_trip():
     """SAM3's [HW, 1, C] -> NCHW -> [H, W*C] (roi_align_separable) becomes one view of the layer
     norm's output; a chain that reorders elements (NCHW for the point sampling) stays."""
@@ -169,6 +178,7 @@ def test_layout_round_trips_removes_the_geometry_encoders_feature_round_trip():
     assert not log[0][1].modified
 
 
+@pytest.mark.slow
 @settings(max_examples=graph_examples())
 @given(data=st.data())
 def test_gather_through_permute_graph_form(data):

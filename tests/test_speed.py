@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from helpers import run_cli_in_process
 
 from models.geometry_encoder import IMAGE_INPUTS, geometry_encoder_spec
 from surgery import tvm_backend
@@ -32,6 +33,7 @@ def _image_rows(node) -> int | None:
     return val.shape[0] if val is not None and val.dim() == 2 else None
 
 
+@pytest.mark.sam3
 def test_split_hoists_every_key_value_projection_out_of_the_prompt_stage(staged):
     program, split = staged
     mm = (torch.ops.aten.addmm.default, torch.ops.aten.mm.default)
@@ -42,6 +44,7 @@ def test_split_hoists_every_key_value_projection_out_of_the_prompt_stage(staged)
     assert split.stage_inputs == (6, 7) and split.rest_inputs == (0, 1, 2, 3, 4, 5)
 
 
+@pytest.mark.sam3
 def test_split_is_bit_exact_in_pytorch(spec, staged):
     program, split = staged
     composed = split.compose(split.stage.module(), split.rest.module())
@@ -54,6 +57,7 @@ def test_split_is_bit_exact_in_pytorch(spec, staged):
         assert all(torch.equal(a, e) for a, e in zip(actual, expected))
 
 
+@pytest.mark.sam3
 def test_split_rejects_what_it_cannot_do(staged, spec):
     program, _ = staged
     with pytest.raises(StageError, match="unknown input"):
@@ -77,6 +81,7 @@ class _MLP(torch.nn.Module):
         return torch.softmax(self.b(torch.relu(self.a(x))), -1).transpose(0, 1)
 
 
+@pytest.mark.tvm
 def test_our_schedules_match_pytorch_and_the_cache_is_reused_and_keyed_on_weights(tmp_path):
     torch.manual_seed(0)
     model, x = _MLP().eval(), torch.randn(48, 64)
@@ -95,22 +100,15 @@ def test_our_schedules_match_pytorch_and_the_cache_is_reused_and_keyed_on_weight
 
 
 def test_cli_split_option_rejects_unknown_inputs(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "surgery",
-            "apply",
-            "geometry_encoder",
-            "--split",
-            "image",
-            "--out",
-            str(tmp_path / "out"),
-            "--reports",
-            str(tmp_path / "rep"),
-        ],
-        capture_output=True,
-        text=True,
+    result = run_cli_in_process(
+        "apply",
+        "geometry_encoder",
+        "--split",
+        "image",
+        "--out",
+        str(tmp_path / "out"),
+        "--reports",
+        str(tmp_path / "rep"),
     )
     assert result.returncode == 2
     assert "--split" in result.stderr and "img_feats" in result.stderr
@@ -134,6 +132,7 @@ def _scheduled_kernels(module, x):
     return _scheduled_kernels_of(module, (x,))
 
 
+@pytest.mark.tvm
 def test_only_matmuls_without_step_functions_are_compiled_with_fma():
     """FMA rounds a*b+c once: harmless in a matmul's accumulation, not where the value then meets
     a floor or a comparison (the ROI pooling counterexample)."""
@@ -147,6 +146,7 @@ def test_only_matmuls_without_step_functions_are_compiled_with_fma():
     assert not any(is_fma_kernel(f) for f in stepped.values())
 
 
+@pytest.mark.tvm
 def test_constants_are_folded_after_fusion():
     """Weight transposes are evaluated at build time, not run as kernels on every call (stock TVM
     leaves a transpose of one slice of a split constant as a kernel)."""
@@ -164,6 +164,7 @@ def test_constants_are_folded_after_fusion():
     assert not any("transpose" in name or "split" in name for name in kernels), list(kernels)
 
 
+@pytest.mark.tvm
 def test_fma_build_matches_pytorch_and_survives_export(tmp_path):
     x = torch.randn(128, 64)
     module = _MatmulThen(torch.relu).eval()
@@ -176,6 +177,7 @@ def test_fma_build_matches_pytorch_and_survives_export(tmp_path):
         assert_equivalent(compiled(x)[0], expected)
 
 
+@pytest.mark.tvm
 def test_softmax_and_layer_norm_get_fma_but_not_a_floor_of_their_result():
     """Row reductions (softmax with its fast_exp, layer norm) are compiled with FMA like matmuls;
     a step function reading a contracted value in the same kernel still turns it off."""
@@ -196,6 +198,8 @@ def test_softmax_and_layer_norm_get_fma_but_not_a_floor_of_their_result():
     assert not any(is_fma_kernel(f) for n, f in stepped.items() if "floor" in n)
 
 
+@pytest.mark.tvm
+@pytest.mark.slow
 def test_tvm_runs_on_every_core_unless_told_otherwise():
     """TVM's runtime defaults to hardware_concurrency / 2 threads on x86 (it assumes
     hyper-threads): one thread on a 2-core machine. TvmFunction sets one per core; a
@@ -247,6 +251,7 @@ def test_matmul_plans_stay_within_the_registers_and_read_small_products_once():
     assert plan_matmul(1, 256, 112, 5184, threads=1).k_parts == 1
 
 
+@pytest.mark.tvm
 def test_a_shared_matmul_operand_is_not_copied_per_batch():
     """matmul([1, M, K] expanded, [T, K, N]): PyTorch's bmm needs the expand, TVM's matmul
     broadcasts itself; no broadcast kernel may be left (it copied 17 MB per call)."""
@@ -260,6 +265,7 @@ def test_a_shared_matmul_operand_is_not_copied_per_batch():
     assert any("matmul" in name for name in kernels)
 
 
+@pytest.mark.tvm
 def test_inlined_reshapes_leave_simple_index_arithmetic():
     """A transpose through reshapes: after our schedule, no division or modulo per element."""
 

@@ -27,6 +27,8 @@ from surgery.equivalence import assert_equivalent
 from surgery.rewrites import REGISTRY
 from surgery.stages import hoist
 
+pytestmark = [pytest.mark.tvm, pytest.mark.slow]
+
 
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory):
@@ -104,6 +106,7 @@ def _whole_model_examples():
     return max(5, settings.default.max_examples // 100)
 
 
+@pytest.mark.sam3
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"batch{s.batch}")
 def test_whole_model_original_rewritten_tvm_agree(compiled, shape):
     wrapper, rewritten, tvm_fns = compiled[shape]
@@ -125,6 +128,7 @@ def test_whole_model_original_rewritten_tvm_agree(compiled, shape):
     check()
 
 
+@pytest.mark.sam3
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"batch{s.batch}")
 def test_points_on_the_image_corner(compiled, shape):
     """Hypothesis's shrunk counterexample, kept: every point at (0, 0), boxes all masked out.
