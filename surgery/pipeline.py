@@ -200,7 +200,7 @@ def _stats_text(stats: dict[str, ErrorStats]) -> str:
     return "; ".join(f"{k}: {v}" for k, v in stats.items())
 
 
-def _stage_done(name: str, start: float, progress: Callable[[str], None], detail: str = "") -> float:
+def stage_done(name: str, start: float, progress: Callable[[str], None], detail: str = "") -> float:
     """Seconds since ``start``, for the report's ``stages_s``, after printing the stage's line."""
     seconds = time.perf_counter() - start
     progress(f"[{name:10s}] {seconds:7.2f} s  {detail}".rstrip())
@@ -286,7 +286,7 @@ def export(spec: ModelSpec, *, progress: Callable[[str], None] = print) -> Expor
         with torch.no_grad():
             program = torch.export.export(spec.module, spec.example_args)
         detail = f"{len(program.graph.nodes)} nodes"
-    seconds = _stage_done("export", start, progress, detail)
+    seconds = stage_done("export", start, progress, detail)
     reference = spec.module if spec.module is not None else program.module()
     return Exported(program, reference, op_census(program), {"export": seconds})
 
@@ -299,7 +299,7 @@ def rewrite(
     names, reasons = choose_rewrites(rewrites, progress=lambda m: progress(f"             {m}"))
     program, log = rewrite_with_log(exported.program, names)
     applied = {rw.name: dict(res.replaced) for rw, res in log if res.modified}
-    seconds = _stage_done(
+    seconds = stage_done(
         "rewrite", start, progress, ", ".join(f"{k} ({sum(v.values())})" for k, v in applied.items()) or "none"
     )
     mode = rewrites if isinstance(rewrites, str) else list(rewrites)
@@ -321,7 +321,7 @@ def verify(
     stats = _check(
         spec, exported.reference, rewritten.module, examples, seed, "original vs rewritten (PyTorch)", failures
     )
-    seconds = _stage_done("verify", start, progress, f"{examples} examples: " + _stats_text(stats))
+    seconds = stage_done("verify", start, progress, f"{examples} examples: " + _stats_text(stats))
     return Verified(stats, examples, seed, tuple(failures), {"verify": seconds})
 
 
@@ -363,7 +363,7 @@ def compile_with_tvm(
                 "rest_nodes": staged.rest_nodes,
                 "frontier": staged.frontier,
             }
-        stages_s[current] = _stage_done(current, start, progress, detail)
+        stages_s[current] = stage_done(current, start, progress, detail)
         start, current = time.perf_counter(), "TVM build"
         parts = {"stage": staged.stage, "rest": staged.rest} if staged else {"whole": for_tvm}
         built, cached = {}, []
@@ -377,11 +377,11 @@ def compile_with_tvm(
             if all(cached)
             else f"target {host_target(schedules)}, {schedules} schedules"
         )
-        stages_s[current] = info["build_s"] = _stage_done(current, start, progress, how)
+        stages_s[current] = info["build_s"] = stage_done(current, start, progress, how)
         fn = staged.compose(built["stage"], built["rest"]) if staged else built["whole"]
     except Exception as exc:
         message = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1][:500]}"
-        stages_s[current] = _stage_done(current, start, progress, f"FAILED: {message}")
+        stages_s[current] = stage_done(current, start, progress, f"FAILED: {message}")
         info["error"] = message
         failures.append({"check": current, "error": message})
     return Compiled(fn, staged, info, tuple(log), tuple(failures), stages_s)
@@ -408,7 +408,7 @@ def verify_compiled(
         return Verified({}, 0, seed, tuple(failures), {})
     start = time.perf_counter()
     stats = _check(spec, exported.reference, compiled.fn, examples, seed, "original vs TVM", failures)
-    seconds = _stage_done("TVM run", start, progress, f"{examples} examples: " + _stats_text(stats))
+    seconds = stage_done("TVM run", start, progress, f"{examples} examples: " + _stats_text(stats))
     return Verified(stats, examples, seed, tuple(failures), {"TVM run": seconds})
 
 

@@ -26,7 +26,7 @@ import torch
 
 from ..atomic import write_text
 from ..equivalence.judge import Judgement, evaluate_graph, judge_outputs, rule_text
-from ..pipeline import ModelSpec, export, rewrite
+from ..pipeline import ModelSpec, export, rewrite, stage_done
 from ..rewrites import REGISTRY
 from ..tvm_backend import (
     cache_root,
@@ -87,10 +87,8 @@ class _Stages:
         self.progress, self.seconds, self.start = progress, {}, time.perf_counter()
 
     def done(self, name: str, detail: str = "") -> None:
-        now = time.perf_counter()
-        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.start
-        self.progress(f"[{name:10s}] {now - self.start:7.2f} s  {detail}".rstrip())
-        self.start = now
+        self.seconds[name] = self.seconds.get(name, 0.0) + stage_done(name, self.start, self.progress, detail)
+        self.start = time.perf_counter()
 
 
 def rewrites_replacing(node: torch.fx.Node) -> list[str]:
