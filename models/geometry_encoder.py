@@ -26,12 +26,10 @@ from torch import Tensor, nn
 
 from surgery.pipeline import ModelSpec
 
+from .checkpoint import CheckpointError
+
 D_MODEL = 256
 CHECKPOINT_PREFIX = "detector.geometry_encoder."
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that can't be loaded into the encoder: the message says why."""
 
 
 def _import_sam3():

@@ -11,13 +11,13 @@ python -m surgery probe add REPRO --rewrite NAME   # make --rewrite auto check a
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 import time
 from pathlib import Path
 
 from models import MODELS
-from models.geometry_encoder import CheckpointError
 from models.padded_prompts import check_compiled, limits_from_options
 
 from .catalog import catalog_markdown
@@ -78,7 +78,7 @@ def _verify(args) -> int:
     return 0 if all(r.passed for r in results) else 1
 
 
-def _feat_size(text: str) -> tuple[int, int]:
+def _size(text: str) -> tuple[int, int]:
     try:
         parts = [int(p) for p in text.lower().split("x")]
     except ValueError:
@@ -117,6 +117,39 @@ def _rewrite_mode(args):
     return rewrites
 
 
+# Model options: each named model takes those its adapter has a keyword for (``--feat-size``
+# sets ``feat_size``); the others are refused for it, naming the ones it takes.
+MODEL_OPTIONS = ("points", "boxes", "batch", "feat_size", "image_size", "variant")
+
+
+def _option_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _model_options(args, build) -> dict:
+    """The model options given on the command line, as keywords for ``build``."""
+    accepted = inspect.signature(build).parameters
+    given = {name: getattr(args, name) for name in MODEL_OPTIONS if getattr(args, name) is not None}
+    refused = [name for name in given if name not in accepted]
+    if refused:
+        takes = [_option_flag(n) for n in MODEL_OPTIONS if n in accepted]
+        raise UsageError(
+            f"{_option_flag(refused[0])} does not apply to {args.target}; its options: {', '.join(takes)}, --checkpoint, --seed"
+        )
+    return given
+
+
+def _geometry_encoder_option(args, name: str):
+    """A geometry-encoder option as given, else its adapter's default."""
+    value = getattr(args, name)
+    return inspect.signature(MODELS["geometry_encoder"]).parameters[name].default if value is None else value
+
+
+def _prompt_counts(args) -> tuple[int, int, int]:
+    """--points/--boxes/--batch for the geometry encoder, its defaults where not given."""
+    return tuple(_geometry_encoder_option(args, name) for name in ("points", "boxes", "batch"))
+
+
 def _model_spec(args):
     """The ModelSpec the model options name (a model, or a saved .pt2), the padded-prompt limits
     when --max-* are given, and the seconds building it took."""
@@ -125,32 +158,25 @@ def _model_spec(args):
         if args.target != "geometry_encoder":
             raise UsageError("--max-points/--max-boxes/--max-batch apply to geometry_encoder only")
         try:
-            limits = limits_from_options(
-                args.max_points, args.max_boxes, args.max_batch, args.points, args.boxes, args.batch
-            )
+            limits = limits_from_options(args.max_points, args.max_boxes, args.max_batch, *_prompt_counts(args))
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-    counts = (
-        (args.points, args.boxes, args.batch)
-        if limits is None
-        else (limits.max_points, limits.max_boxes, limits.max_batch)
-    )
     start = time.perf_counter()
     if args.target in MODELS:
+        build = MODELS[args.target]
+        options = _model_options(args, build)
+        if limits is not None:
+            options.update(points=limits.max_points, boxes=limits.max_boxes, batch=limits.max_batch)
         try:
-            spec = MODELS[args.target](
-                points=counts[0],
-                boxes=counts[1],
-                batch=counts[2],
-                feat_size=args.feat_size,
-                seed=args.seed,
-                checkpoint=args.checkpoint,
-            )
-        except (CheckpointError, ValueError) as exc:
+            spec = build(**options, seed=args.seed, checkpoint=args.checkpoint)
+        except ValueError as exc:  # models.CheckpointError is one
             raise UsageError(str(exc)) from None
     elif args.target.endswith(".pt2") or Path(args.target).exists():
         if args.checkpoint:
             raise UsageError("--checkpoint applies to named models; a .pt2 holds its own weights")
+        given = [_option_flag(name) for name in MODEL_OPTIONS if getattr(args, name) is not None]
+        if given:
+            raise UsageError(f"{given[0]} applies to named models; a .pt2 holds its own input shapes")
         try:
             spec = saved_program_spec(args.target, seed=args.seed)
         except ValueError as exc:
@@ -189,10 +215,10 @@ def _apply(args) -> int:
         result = check_compiled(
             result,
             limits,
-            args.feat_size,
+            _geometry_encoder_option(args, "feat_size"),
             args.examples if args.tvm_examples is None else args.tvm_examples,
             args.seed,
-            (args.points, args.boxes, args.batch),
+            _prompt_counts(args),
             progress=lambda m: print(m, flush=True),
         )
     report = result.report.with_earlier_stage("build", build_s)
@@ -354,23 +380,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_arguments(parser) -> None:
-    """What to operate on and with which inputs: shared by apply and locate."""
+    """What to operate on and with which inputs: shared by apply and locate. The model options
+    default to None: each model's adapter has its own defaults (see ``python -m surgery list``)."""
     parser.add_argument("target", help="a model name (see 'list') or the path of a saved ExportedProgram (.pt2)")
     parser.add_argument(
-        "--checkpoint", help="SAM3 checkpoint or bare encoder state_dict (default: seeded random weights)"
+        "--checkpoint",
+        help="weights: a SAM3 checkpoint or bare encoder state_dict (geometry_encoder), a save_pretrained "
+        "directory (rt_detr, deformable_detr); default: seeded random weights",
     )
-    parser.add_argument("--points", type=int, default=3, help="number of points (static, right-padded by masks)")
-    parser.add_argument("--boxes", type=int, default=2, help="number of boxes")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--points", type=int, help="geometry_encoder: number of points (default 3)")
+    parser.add_argument("--boxes", type=int, help="geometry_encoder: number of boxes (default 2)")
+    parser.add_argument("--batch", type=int, help="batch size (default 1)")
     parser.add_argument(
-        "--feat-size", type=_feat_size, default=(72, 72), help="image feature map, N or HxW (SAM3 at 1008 px: 72)"
+        "--feat-size", type=_size, help="geometry_encoder: image feature map, N or HxW (default 72: SAM3 at 1008 px)"
     )
+    parser.add_argument(
+        "--image-size", type=_size, help="rt_detr, deformable_detr: input image, N or HxW (default 640 and 512)"
+    )
+    parser.add_argument("--variant", help="rt_detr: the released architecture, r18vd (default) or r50vd")
     parser.add_argument("--seed", type=int, default=0, help="weights, example inputs and hypothesis seed")
     for name, default in (("points", 16), ("boxes", 8), ("batch", 4)):
         parser.add_argument(
             f"--max-{name}",
             type=int,
-            help=f"compile one module serving up to this many {name} (default {default} "
+            help=f"geometry_encoder: compile one module serving up to this many {name} (default {default} "
             "once any --max-* is given); shorter prompts are right-padded with SAM3's masks",
         )
 

@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from .compare import ErrorStats, compare
+
 ERROR_FACTOR = 16  # another summation order or contraction costs a few times eager's rounding
 FLOOR_ULPS = 8  # of the value's scale, for values eager computes exactly
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -95,6 +97,59 @@ def judge(candidate: torch.Tensor, eager: torch.Tensor, reference: torch.Tensor,
     return Judgement(
         not mismatched and error <= tolerance, dtype, elements, error, eager_error, tolerance, scale, problem
     )
+
+
+@dataclasses.dataclass
+class JudgedStats(ErrorStats):
+    """``ErrorStats`` against eager float32, judged by ``judge`` against float64: within bounds
+    when, in every example, the candidate's error stays within the tolerance eager's own error
+    sets. ``error``/``eager_error``/``tolerance`` are those of the example closest to failing."""
+
+    error: float = 0.0
+    eager_error: float = 0.0
+    tolerance: float = 0.0
+    problem: str = ""
+
+    @classmethod
+    def of(cls, candidate: torch.Tensor, eager: torch.Tensor, reference: torch.Tensor, scale: float) -> JudgedStats:
+        stats, verdict = compare(candidate, eager), judge(candidate, eager, reference, scale)
+        return cls(
+            **dataclasses.asdict(stats),
+            error=verdict.error,
+            eager_error=verdict.eager_error,
+            tolerance=verdict.tolerance,
+            problem=verdict.problem,
+        )
+
+    @property
+    def ratio(self) -> float:
+        if self.problem or self.shape_mismatch:
+            return math.inf
+        return self.error / self.tolerance if self.tolerance > 0 else (0.0 if self.error == 0 else math.inf)
+
+    def within_bounds(self) -> bool:
+        if self.dtype not in map(str, FLOAT_DTYPES):
+            return super().within_bounds()
+        return not self.nonfinite_mismatches and self.ratio <= 1
+
+    def bound(self) -> str:
+        if self.dtype not in map(str, FLOAT_DTYPES):
+            return super().bound()
+        return (
+            f"|x - float64| <= {ERROR_FACTOR} x |eager - float64| + {FLOOR_ULPS} ulp x scale "
+            f"(worst: {self.error:.3g} vs tolerance {self.tolerance:.3g}, eager's error {self.eager_error:.3g})"
+        )
+
+    def merge(self, other: ErrorStats) -> JudgedStats:
+        merged = super().merge(other)
+        worst = max((self, other), key=lambda s: s.ratio if isinstance(s, JudgedStats) else 0.0)
+        return JudgedStats(
+            **dataclasses.asdict(merged),
+            error=worst.error,
+            eager_error=worst.eager_error,
+            tolerance=worst.tolerance,
+            problem=self.problem or getattr(other, "problem", ""),
+        )
 
 
 def largest_magnitude(values) -> float:
