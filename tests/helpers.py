@@ -2,6 +2,7 @@ import contextlib
 import dataclasses
 import io
 
+import torch
 from hypothesis import settings
 
 from surgery.cli import main
@@ -11,6 +12,16 @@ GRAPH_FRACTION = 1 / 20
 
 def graph_examples() -> int:
     return max(25, int(settings.default.max_examples * GRAPH_FRACTION))
+
+
+def assert_identical(actual: torch.Tensor, expected: torch.Tensor, context: str = "") -> None:
+    """The same dtype, shape and values: NaN where NaN, zeros of the same sign (what a
+    bit-exact contract promises; NaN payloads aside)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, context
+    nan = expected.isnan()
+    assert torch.equal(actual.isnan(), nan), context
+    assert torch.equal(actual.masked_fill(nan, 0), expected.masked_fill(nan, 0)), context
+    assert torch.equal(actual.signbit() & ~nan, expected.signbit() & ~nan), context
 
 
 @dataclasses.dataclass(frozen=True)

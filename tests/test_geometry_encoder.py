@@ -198,7 +198,9 @@ def test_apply_geometry_encoder_end_to_end(applied):
     report = json.loads((tmp / "reports" / "geometry_encoder.json").read_text())
     assert report["passed"] and not report["failures"]
     assert report["versions"]["torch"].startswith("2.14.1") and report["versions"]["sam3"] == "0.1.4"
-    assert set(report["rewrites"]["applied"]) == {"grid_sample", "floor_divide"}  # what TVM 0.27 needs
+    # what TVM 0.27 needs of the encoder's operators (its probe also asks for div_rounding and
+    # bool_arithmetic, which find nothing to replace there)
+    assert set(report["rewrites"]["applied"]) == {"grid_sample", "floor_divide"}
     assert "wrong numbers" in report["rewrites"]["reasons"]["grid_sample"]
     assert (
         report["census_before"]["aten.grid_sampler.default"] == 1

@@ -19,7 +19,7 @@ import torch
 from surgery import probes, tvm_backend
 from surgery.cli import main
 from surgery.equivalence.judge import evaluate_graph, judge
-from surgery.locate import NOTHING, locate, search
+from surgery.locate import NOTHING, locate, next_step, search
 from surgery.locate.reproducer import keep_as_probe
 from surgery.locate.search import Failure, Search
 from surgery.pipeline import ModelSpec
@@ -135,7 +135,13 @@ def test_build_failure_names_the_bool_product(located):
     assert found.verdict == "build failure" and [c.node.op for c in found.culprits] == ["aten.mul.Tensor"]
     culprit = found.culprits[0]
     assert "(x > 0) * (x < 1)" in culprit.node.source and "bool" in culprit.node.call
-    assert culprit.rewrites == [] and "upstream" in culprit.next_step
+    assert culprit.rewrites == ["bool_arithmetic"] and "--rewrite bool_arithmetic" in culprit.next_step
+
+
+def test_next_step_without_a_rewrite_is_an_upstream_report():
+    step = next_step("aten.erfinv.default", [], {}, "out/repro_erfinv")
+    assert step.startswith("no registered rewrite replaces aten.erfinv.default") and "upstream" in step
+    assert "out/repro_erfinv/reproduce.py" in step
 
 
 @pytest.mark.tvm

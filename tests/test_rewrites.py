@@ -1,9 +1,12 @@
 """Unit tests: the rewrite API, each rewrite's edges and choices, and the comparison metrics."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import assert_identical
 
 import surgery
 from surgery.equivalence import assert_equivalent, compare, ulp_distance
@@ -86,7 +89,8 @@ def test_rewrite_reports_untouched_program():
 def test_unknown_rewrite_lists_known_ones(program):
     with pytest.raises(
         RewriteError,
-        match="unknown rewrite 'roialign'; known rewrites: roi_align, grid_sample, scatter, floor_divide, full_like, where_scalar",
+        match="unknown rewrite 'roialign'; known rewrites: roi_align, grid_sample, scatter, floor_divide, "
+        "div_rounding, bool_arithmetic, full_like, where_scalar",
     ):
         surgery.rewrite(program, ["roialign"])
 
@@ -291,6 +295,131 @@ def test_floor_divide_rounds_like_pytorch_not_like_floor_of_quotient():
     a, b = torch.tensor([1.0], dtype=torch.float64), 0.1
     assert torch.floor(a / b).item() == 10.0 and torch.floor_divide(a, b).item() == 9.0
     assert floor_divide(a, b).item() == 9.0
+
+
+# ------------------------------------------------------------------ div_rounding
+
+NONFINITE = [float("inf"), float("-inf"), float("nan")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rounding_mode", ["floor", "trunc"])
+def test_div_rounding_edges_are_bit_exact(rounding_mode, dtype):
+    """Signed zeros, inf, NaN, division by zero (number and tensor), subnormals, quotients that
+    overflow, near multiples; 18+ elements, so PyTorch takes its vectorized path."""
+    from surgery.rewrites.div_rounding import div_rounding
+
+    a = torch.tensor(
+        [-0.5, 0.5, -0.0, 0.0, 1.0, -1.0, 7.0, -7.0, 1e-45, -3e-41, 1e30, 0.3, *NONFINITE] * 2, dtype=dtype
+    )
+    tensor_divisors = [
+        torch.tensor([2.0, -2.0, 3.0, -3.0, 0.1, 0.1, 0.0, -0.0, 1e-42, 1e-42, 1e-30, 0.1, 2.0, -0.0, 1.0] * 2),
+        torch.tensor(2),
+        torch.tensor(-0.0, dtype=torch.float64),
+    ]
+    for b in [2, -2, 0, 0.1, -0.3, 0.0, -0.0, float("inf"), *[t.to(dtype) if t.ndim else t for t in tensor_divisors]]:
+        assert_identical(div_rounding(a, b, rounding_mode), torch.div(a, b, rounding_mode=rounding_mode), f"{b!r}")
+
+
+def test_div_rounding_known_values():
+    from surgery.rewrites.div_rounding import div_rounding
+
+    def div(a, b, mode):
+        return div_rounding(torch.tensor([a]), b, mode).item()
+
+    assert div(1.0, 0.1, "floor") == 9.0 and torch.floor(torch.tensor([1.0]) / 0.1).item() == 10.0
+    assert div(-0.5, 2, "trunc") == 0.0 and math.copysign(1, div(-0.5, 2, "trunc")) == -1  # -0.0
+    assert div(-0.5, 2, "floor") == -1.0
+    assert div(-7.0, 2, "trunc") == -3.0 and div(-7.0, 2, "floor") == -4.0
+    assert div(1.0, 0, "trunc") == math.inf and div(-1.0, 0.0, "floor") == -math.inf
+    assert math.isnan(div(0.0, 0, "trunc")) and math.isnan(div(0.0, -0.0, "floor"))
+
+
+class _Divisions(torch.nn.Module):
+    def forward(self, x, y, i):
+        return (
+            torch.div(x, 2, rounding_mode="floor"),  # Deformable DETR: div.Tensor_mode
+            x // 2,  # floor_divide, the floor_divide rewrite's
+            torch.div(x, y, rounding_mode="trunc"),
+            torch.div(i, 2, rounding_mode="floor"),  # integer: left alone
+            torch.div(x, y, rounding_mode=None),  # true division: left alone
+            torch.div(x.half(), 3, rounding_mode="trunc"),  # reduced precision: left alone
+            x.clone().div_(y, rounding_mode="floor"),  # in place
+        )
+
+
+def test_div_rounding_takes_float_floor_and_trunc_only():
+    args = (torch.tensor([1.0, -0.5, 7.0, -0.0]), torch.tensor([0.1, 2.0, -2.0, 3.0]), torch.tensor([7, -7, 3, 0]))
+    program = torch.export.export(_Divisions(), args)
+    census = surgery.op_census(program)
+    assert census["aten.div.Tensor_mode"] == 5 and census["aten.floor_divide.default"] == 1
+    assert census["aten.div_.Tensor_mode"] == 1
+    rewritten, log = surgery.rewrite_with_log(program, ["div_rounding"])
+    assert dict(log[0][1].replaced) == {"aten.div.Tensor_mode": 2, "aten.div_.Tensor_mode": 1}
+    after = surgery.op_census(rewritten)
+    assert after["aten.div.Tensor_mode"] == 3 and after["aten.floor_divide.default"] == 1
+    for actual, expected in zip(rewritten.module()(*args), _Divisions()(*args)):
+        assert_identical(actual, expected)
+
+
+# ------------------------------------------------------------------ bool_arithmetic
+
+
+class _Masks(torch.nn.Module):
+    """RT-DETR's anchor valid mask among float, integer and mixed products and sums."""
+
+    def forward(self, anchors, weight, counts):
+        valid = (anchors > 0.01) * (anchors < 0.99)  # bool * bool
+        either = (anchors > 0.5) + (weight > 0)  # bool + bool
+        scaled = anchors * weight + weight  # float
+        masked = anchors * valid  # float * bool
+        counted = counts * valid + counts  # int * bool, int + int
+        flagged = valid * True  # bool * number: TVM builds it, left alone
+        kept = torch.add(valid, either, alpha=0)  # alpha 0: valid itself, left alone
+        return valid, either, scaled, masked, counted, flagged, kept, torch.maximum(valid, either)
+
+
+def test_bool_arithmetic_replaces_only_boolean_operands():
+    g = torch.Generator().manual_seed(0)
+    args = (torch.rand(6, 4, generator=g), torch.randn(6, 4, generator=g), torch.arange(24).reshape(6, 4))
+    program = torch.export.export(_Masks(), args)
+    before = surgery.op_census(program)
+    rewritten, log = surgery.rewrite_with_log(program, ["bool_arithmetic"])
+    assert dict(log[0][1].replaced) == {"aten.add.Tensor": 1, "aten.maximum.default": 1, "aten.mul.Tensor": 1}
+    after = surgery.op_census(rewritten)
+    assert after["aten.mul.Tensor"] == before["aten.mul.Tensor"] - 1 == 4
+    assert after["aten.add.Tensor"] == before["aten.add.Tensor"] - 1 == 3
+    assert after["aten.logical_and.default"] == 1 and after["aten.logical_or.default"] == 2
+    for actual, expected in zip(rewritten.module()(*args), _Masks()(*args)):
+        assert actual.dtype == expected.dtype and torch.equal(actual, expected)
+
+
+def test_bool_arithmetic_follows_pytorch_alpha():
+    """a + alpha * b of booleans is a | b for any non-zero alpha, a for alpha 0."""
+    from surgery.rewrites.bool_arithmetic import bool_arithmetic
+
+    a = torch.tensor([True, True, False, False])
+    b = torch.tensor([True, False, True, False])
+    for alpha in [True, 1, 2, -1]:
+        assert torch.equal(torch.add(a, b, alpha=alpha), bool_arithmetic("add", a, b))
+    assert torch.equal(torch.add(a, b, alpha=0), a)
+    with pytest.raises(RuntimeError, match="Subtraction.*bool tensors is not supported"):
+        torch.sub(a, b)  # nothing to rewrite
+
+
+def test_inplace_bool_product_is_rewritten():
+    class InPlace(torch.nn.Module):
+        def forward(self, x):
+            mask = x > 0
+            mask.mul_(x < 1)
+            return mask
+
+    x = torch.tensor([-1.0, 0.5, 2.0, 0.0])
+    program = torch.export.export(InPlace(), (x,))
+    assert surgery.op_census(program)["aten.mul_.Tensor"] == 1
+    rewritten = surgery.rewrite(program, ["bool_arithmetic"])
+    assert not any(op.startswith("aten.mul") for op in surgery.op_census(rewritten))
+    assert torch.equal(rewritten.module()(x), InPlace()(x))
 
 
 # ------------------------------------------------------------------ full_like

@@ -41,7 +41,21 @@ def test_probe_finds_the_known_converter_bugs(probe):
     assert probe.findings["grid_sample"].needed and "wrong numbers" in probe.findings["grid_sample"].reason
     assert probe.findings["floor_divide"].needed and "fails" in probe.findings["floor_divide"].reason
     assert not probe.findings["roi_align"].needed and not probe.findings["scatter"].needed
-    assert sorted(probe.needed()) == ["floor_divide", "grid_sample"]
+    assert sorted(probe.needed()) == ["bool_arithmetic", "div_rounding", "floor_divide", "grid_sample"]
+
+
+def test_probe_finds_float_division_with_rounding_mode_fails_to_import(probe):
+    # torch.div(x, 2, rounding_mode="floor") (Deformable DETR): the 2 becomes an int32 constant.
+    finding = probe.findings["div_rounding"]
+    assert finding.needed and "converter fails" in finding.reason
+    assert "Binary operators must have the same datatype" in finding.reason
+
+
+def test_probe_finds_arithmetic_of_booleans_fails_to_build(probe):
+    # (anchors > eps) * (anchors < 1 - eps) (RT-DETR) imports, then LLVM code generation fails.
+    finding = probe.findings["bool_arithmetic"]
+    assert finding.needed and "converter fails" in finding.reason
+    assert "MatchesCode(DLDataTypeCode::kDLFloat)" in finding.reason
 
 
 def test_probe_is_cached(probe, tmp_path):

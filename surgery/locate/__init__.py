@@ -92,10 +92,14 @@ class _Stages:
 
 
 def rewrites_replacing(node: torch.fx.Node) -> list[str]:
-    """Registered rewrites whose targets include the node's operator, or the operator the
-    program called before decomposition made this one (``floor_divide`` -> ``div.Tensor_mode``)."""
-    ops = {node.target, node.meta.get("original_aten")}
-    return [name for name, cls in REGISTRY.items() if ops & set(cls().targets())]
+    """Registered rewrites that replace the node's call (not every call of its operator:
+    bool_arithmetic takes only products of booleans); for a call that decomposition made, those
+    replacing the operator the program called (``floor_divide`` -> ``div.Tensor_mode``: the
+    rewrites run on the program as exported, where the call is still ``floor_divide``)."""
+    original = node.meta.get("original_aten")
+    if original is not None and original != node.target:
+        return [name for name, cls in REGISTRY.items() if original in cls().targets()]
+    return [name for name, cls in REGISTRY.items() if cls().replaces(node)]
 
 
 def next_step(culprit_op: str, rewrites: list[str], reasons: dict[str, str], reproducer_dir: str | None) -> str:

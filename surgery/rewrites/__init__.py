@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from .attention_reassociation import AttentionReassociation
 from .base import Rewrite, RewriteError, RewriteResult, op_census
+from .bool_arithmetic import BoolArithmeticToLogical
 from .conv_as_matmul import ConvAsMatmul
+from .div_rounding import DivRoundingToArithmetic
 from .floor_divide import FloorDivideToFmod
 from .full_like import FullLikeToFull
 from .gather_through_permute import GatherThroughPermute
@@ -20,11 +22,15 @@ from .where_scalar import WhereScalarToFull
 # rewrite must then still find: roi_align emits grid_sampler_2d, so it runs before grid_sample;
 # scatter emits where(match, position, -1), so it runs before where_scalar; and replacements
 # call zeros_like/full_like and where with numbers, so full_like and where_scalar run last.
+# div_rounding and bool_arithmetic emit no other rewrite's operator, and no replacement emits
+# theirs (a division with a rounding mode, arithmetic of two booleans).
 ORDER: list[type[Rewrite]] = [
     RoiAlignToGridSample,
     GridSampleToGather,
     ScatterToSelect,
     FloorDivideToFmod,
+    DivRoundingToArithmetic,
+    BoolArithmeticToLogical,
     FullLikeToFull,
     WhereScalarToFull,
 ]
@@ -92,7 +98,9 @@ __all__ = [
     "resolve",
     "strategy_for",
     "AttentionReassociation",
+    "BoolArithmeticToLogical",
     "ConvAsMatmul",
+    "DivRoundingToArithmetic",
     "FloorDivideToFmod",
     "FullLikeToFull",
     "GatherThroughPermute",

@@ -25,11 +25,14 @@ class RewriteError(RuntimeError):
     """A rewrite could not do what it promises (unknown name, operator left behind, ...)."""
 
 
-def op_census(program: torch.export.ExportedProgram) -> collections.Counter:
-    """How many times each operator is called in the program's graph, keyed by its name."""
+def op_census(
+    program: torch.export.ExportedProgram, where: Callable[[torch.fx.Node], bool] = lambda node: True
+) -> collections.Counter:
+    """How many times each operator is called in the program's graph (the calls ``where``
+    accepts), keyed by its name."""
     census: collections.Counter = collections.Counter()
     for node in program.graph.nodes:
-        if node.op == "call_function":
+        if node.op == "call_function" and where(node):
             census[_op_name(node.target)] += 1
     return census
 
@@ -93,6 +96,13 @@ class Rewrite:
     def functionalized_variants(self) -> tuple[OpOverload, ...]:
         return ()
 
+    def replaces(self, node: torch.fx.Node) -> bool:
+        """Whether the rewrite replaces this call: every call of its targets, unless its
+        decompositions decline some (return ``NotImplemented``, so the call stays), as
+        bool_arithmetic declines every product that is not of two booleans; such a rewrite
+        says which calls it takes from the values export recorded (``argument_values``)."""
+        return node.target in self.targets()
+
     def decompositions(self) -> dict[OpOverload, Callable]:
         raise NotImplementedError
 
@@ -116,16 +126,14 @@ class Rewrite:
         return {}
 
     def __call__(self, program: torch.export.ExportedProgram) -> RewriteResult:
-        names = {_op_name(op) for op in self.targets()}
-        before = op_census(program)
-        replaced = {name: before[name] for name in sorted(names) if before[name]}
-        if not replaced:
+        before = op_census(program, self.replaces)
+        if not before:
             return RewriteResult(program, {})
         rewritten = program.run_decompositions(self.decompositions())
-        left = {name: n for name, n in op_census(rewritten).items() if name in names}
+        left = op_census(rewritten, self.replaces)
         if left:
-            raise RewriteError(f"rewrite {self.name!r} left operators behind: {left}")
-        return RewriteResult(rewritten, replaced)
+            raise RewriteError(f"rewrite {self.name!r} left operators behind: {dict(left)}")
+        return RewriteResult(rewritten, dict(sorted(before.items())))
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
@@ -153,6 +161,12 @@ LAYOUT_OPS = frozenset(
 def node_value(node):
     """The example value export recorded for a graph node (``meta["val"]``); None for a non-node."""
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def argument_values(node: torch.fx.Node) -> tuple[tuple, dict]:
+    """A call's arguments as its operator sees them: each argument node's recorded value (a
+    fake tensor of the right shape and dtype), numbers and strings as they are."""
+    return torch.fx.node.map_arg((node.args, node.kwargs), node_value)
 
 
 class GraphRewrite(Rewrite):

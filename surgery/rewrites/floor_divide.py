@@ -36,13 +36,19 @@ CONTRACT = (
 )
 
 
+def floating_operands(a: Tensor, b: Tensor | float | int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``a`` and ``b`` as tensors of the floating result dtype: a number becomes a constant of
+    that dtype (TVM's converter pairs a float tensor with an int32 constant and fails)."""
+    b = torch.as_tensor(b, dtype=dtype, device=a.device) if not isinstance(b, Tensor) else b.to(dtype)
+    return a.to(dtype), b
+
+
 def floor_divide(a: Tensor, b: Tensor | float | int) -> Tensor:
     """``torch.floor_divide(a, b)`` for floating ``a``, from fmod/floor/where."""
     dtype = torch.result_type(a, b)
     if not dtype.is_floating_point:
         return aten.div.Tensor_mode(a, b, rounding_mode="floor")
-    a = a.to(dtype)
-    b = torch.as_tensor(b, dtype=dtype, device=a.device) if not isinstance(b, Tensor) else b.to(dtype)
+    a, b = floating_operands(a, b, dtype)
     mod = torch.fmod(a, b)
     div = (a - mod) / b
     # fmod takes the sign of a; floor needs one step down when mod != 0 and its sign differs
@@ -51,9 +57,10 @@ def floor_divide(a: Tensor, b: Tensor | float | int) -> Tensor:
     div = torch.where(signs_differ, div - 1, div)
     floor = torch.floor(div)
     floor = torch.where(div - floor > 0.5, floor + 1, floor)  # (a - mod) / b can land just below
-    # A zero quotient takes the sign of a / b. (a / b) * 0 is that signed zero wherever it is
-    # used (div == 0 means |a / b| < 1, finite); copysign would do, but TVM can't import it.
-    zero = (a / b) * 0
+    # A zero quotient takes the sign of a / b. Where it is used (div == 0: |a / b| <= 1 once
+    # rounded, finite), trunc of half of a / b is that signed zero. Not (a / b) * 0: TVM
+    # simplifies x * 0 to +0; not copysign: TVM can't import it.
+    zero = torch.trunc(a / b * 0.5)
     quotient = torch.where(div != 0, floor, zero)
     # A quotient beyond the largest float floors to +-inf, as in PyTorch; fmod can't tell (its
     # vectorized form returns NaN there). Comparisons with finfo.max, not isinf/isfinite, keep
@@ -121,31 +128,38 @@ class _FloorDivideModule(torch.nn.Module):
         return input // (self.other if other is None else other)
 
 
+# Numbers a division is drawn with: divisors of either kind, and tensor elements with zeros,
+# signed zeros, inf, NaN, exact multiples and near-multiples, subnormals and tiny normals
+# (quotients that overflow).
+INT_DIVISORS = [2, 3, -2, 1, 7, 0]
+FLOAT_DIVISORS = [0.1, 2.5, -0.3, 1e-3, float("inf"), 0.0, -0.0]
+SPECIALS = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1.0, -1.0, 0.1, 3.0, 1e-30, 1e30]
+division_operands = st.one_of(
+    st.floats(-1e6, 1e6, width=32),
+    st.sampled_from(SPECIALS),
+    st.integers(-50, 50).map(float),
+    st.floats(-(2**-126), 2**-126, width=32),
+)
+
+
 def floor_divide_cases(dtype=None):
     """Hypothesis strategy of ``FloorDivideCase``: float tensors against int and float scalars
     and tensors, with zeros, signed zeros, inf, NaN, exact multiples and near-multiples,
     subnormals and quotients that overflow."""
-    specials = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1.0, -1.0, 0.1, 3.0, 1e-30, 1e30]
-    values = st.one_of(
-        st.floats(-1e6, 1e6, width=32),
-        st.sampled_from(specials),
-        st.integers(-50, 50).map(float),
-        st.floats(-(2**-126), 2**-126, width=32),
-    )  # subnormals and tiny normals: overflowing quotients
 
     @st.composite
     def cases(draw):
         dt = draw(dtypes) if dtype is None else dtype
         shape = draw(hnp.array_shapes(min_dims=1, max_dims=3, max_side=5))
         np_dtype = "float32" if dt == torch.float32 else "float64"
-        input = torch.from_numpy(draw(hnp.arrays(np_dtype, shape, elements=values)))
+        input = torch.from_numpy(draw(hnp.arrays(np_dtype, shape, elements=division_operands)))
         kind = draw(st.sampled_from(["int", "float", "tensor"]))
         if kind == "int":
-            other = draw(st.sampled_from([2, 3, -2, 1, 7, 0]))
+            other = draw(st.sampled_from(INT_DIVISORS))
         elif kind == "float":
-            other = draw(st.sampled_from([0.1, 2.5, -0.3, 1e-3, float("inf"), 0.0, -0.0]))
+            other = draw(st.sampled_from(FLOAT_DIVISORS))
         else:
-            other = torch.from_numpy(draw(hnp.arrays(np_dtype, shape, elements=values)))
+            other = torch.from_numpy(draw(hnp.arrays(np_dtype, shape, elements=division_operands)))
         return FloorDivideCase(input, other)
 
     return cases()
