@@ -12,9 +12,17 @@ from ..atomic import write_text
 from ..rewrites import REGISTRY, SPEED_REWRITES
 from ..versions import installed_versions
 from .compare import FLOAT32_MAX_ABS, FLOAT64_MAX_REL, ErrorStats
+from .judge import JudgedStats, rule_text
 
 
-def bounds_text() -> str:
+def bounds_text(judged: bool = False) -> str:
+    """The bounds the checks hold outputs to; ``judged``: those of a model judged against a float64
+    run of its original program (``ModelSpec.judged``), whose table columns are against eager."""
+    if judged:
+        return (
+            f"judged against the original program run in float64: {rule_text()}. The max abs/rel/ULP columns "
+            "are against eager float32."
+        )
     return (
         f"float64: normwise relative error <= {FLOAT64_MAX_REL:g}; float32: absolute error <= "
         f"{FLOAT32_MAX_ABS:g} on unit-scale data; integers and masks: identical; inf/NaN exactly "
@@ -142,7 +150,8 @@ def write_rewrite_report(verifications, out_dir: str | Path = "reports", stem: s
 def write_model_report(report: SurgeryReport, out_dir: str | Path = "reports") -> tuple[Path, Path]:
     """``<model>.md`` and ``<model>.json`` for one ``surgery.pipeline.operate`` run."""
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    data = {"generated": now, "versions": installed_versions(), "bounds": bounds_text(), **report.to_json()}
+    judged = any(isinstance(s, JudgedStats) for stats in report.equivalence.values() for s in stats.values())
+    data = {"generated": now, "versions": installed_versions(), "bounds": bounds_text(judged), **report.to_json()}
     name = report.model
     verdict = "PASSED: every equivalence check within bounds" if report.passed else "FAILED"
     lines = [f"# Surgery report: `{name}`", "", f"Generated {now}. Verdict: **{verdict}**.", ""]
