@@ -92,10 +92,8 @@ class _Stages:
 
 
 def rewrites_replacing(node: torch.fx.Node) -> list[str]:
-    """Registered rewrites whose targets include the node's operator, or the operator the
-    program called before decomposition made this one (``floor_divide`` -> ``div.Tensor_mode``)."""
-    ops = {node.target, node.meta.get("original_aten")}
-    return [name for name, cls in REGISTRY.items() if ops & set(cls().targets())]
+    """Registered rewrites that replace the node (``Rewrite.replaces``)."""
+    return [name for name, cls in REGISTRY.items() if cls().replaces(node)]
 
 
 def next_step(culprit_op: str, rewrites: list[str], reasons: dict[str, str], reproducer_dir: str | None) -> str:

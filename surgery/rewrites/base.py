@@ -93,6 +93,12 @@ class Rewrite:
     def functionalized_variants(self) -> tuple[OpOverload, ...]:
         return ()
 
+    def replaces(self, node: torch.fx.Node) -> bool:
+        """Whether this rewrite replaces the graph node: its operator, or the operator the program
+        called before decomposition made this one (``floor_divide`` -> ``div.Tensor_mode``), is
+        one of ``targets()``."""
+        return bool({node.target, node.meta.get("original_aten")} & set(self.targets()))
+
     def decompositions(self) -> dict[OpOverload, Callable]:
         raise NotImplementedError
 
