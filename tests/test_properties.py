@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import surgery
 from surgery.equivalence import assert_equivalent
 from surgery.rewrites import REGISTRY, resolve, strategy_for
+from surgery.rewrites.base import GraphRewrite
 
 REWRITES = list(REGISTRY)
 
@@ -25,6 +26,11 @@ def _replaceable_calls(program) -> set[str]:
     products of booleans: float products of other replacements stay)."""
     rewrites = resolve()
     return set(surgery.op_census(program, lambda node: any(rw.replaces(node) for rw in rewrites)))
+
+
+# Those that remove operators; a graph rewrite (negative_index) changes arguments and has a
+# graph-form test of its own.
+OPERATOR_REWRITES = [name for name, cls in REGISTRY.items() if not issubclass(cls, GraphRewrite)]
 
 
 def _within_contract(case) -> bool:
@@ -57,7 +63,7 @@ def test_function_form_is_bit_exact(name, data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", REWRITES)
+@pytest.mark.parametrize("name", OPERATOR_REWRITES)
 @settings(max_examples=graph_examples())
 @given(data=st.data())
 def test_graph_form(name, data):
@@ -73,6 +79,35 @@ def test_graph_form(name, data):
     expected = program.module()(*case.args())
     assert_equivalent(rewritten.module()(*case.args()), expected, scale=case.scale, context=repr(case))
     assert_equivalent(expected, case.reference(), scale=case.scale, context="export changed the op?")
+
+
+@pytest.mark.slow
+@settings(max_examples=graph_examples())
+@given(data=st.data())
+def test_negative_index_graph_form(data):
+    """Every negative select and possibly negative index tensor normalised, the others left as
+    they were, nothing left to normalise after all rewrites, and the outputs bit for bit."""
+    from surgery.rewrites.negative_index import needs_normalising
+
+    case = data.draw(strategy_for("negative_index"), label="case")
+    program = torch.export.export(case.module(), case.args())
+    shape = case.input.shape
+    selects = sorted((n.args[1], n.args[2] % shape[n.args[1]]) for n in program.graph.nodes if _is_select(n))
+    rewritten, log = surgery.rewrite_with_log(program)
+    replaced = dict(log[-1][1].replaced)
+    event(f"replaced {sorted(replaced)}")
+    negative_selects = sum(1 for pick in case.picks if pick[0] == "select" and pick[2] < 0)
+    assert replaced.get("aten.select.int", 0) == negative_selects
+    assert replaced.get("aten.index.Tensor", 0) == sum(1 for pick in case.picks if pick[0] == "index")
+    # each select at the same position, counted from the start
+    assert sorted((n.args[1], n.args[2]) for n in rewritten.graph.nodes if _is_select(n)) == selects
+    assert not any(needs_normalising(n) for n in rewritten.graph.nodes)
+    assert torch.equal(rewritten.module()(*case.args()), program.module()(*case.args()))
+    assert torch.equal(program.module()(*case.args()), case.reference())
+
+
+def _is_select(node) -> bool:
+    return node.target is torch.ops.aten.select.int
 
 
 # ------------------------------------------------------------------ speed rewrites

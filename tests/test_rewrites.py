@@ -90,7 +90,7 @@ def test_unknown_rewrite_lists_known_ones(program):
     with pytest.raises(
         RewriteError,
         match="unknown rewrite 'roialign'; known rewrites: roi_align, grid_sample, scatter, floor_divide, "
-        "div_rounding, bool_arithmetic, full_like, where_scalar",
+        "div_rounding, bool_arithmetic, full_like, where_scalar, negative_index",
     ):
         surgery.rewrite(program, ["roialign"])
 
@@ -272,6 +272,52 @@ def test_compare_flags_what_differs():
     assert not compare(f32 + 2e-5, f32).within_bounds() and compare(f32 + 5e-6, f32).within_bounds()
     with pytest.raises(AssertionError, match="not equivalent"):
         assert_equivalent(f32 + 1, f32)
+
+
+# ------------------------------------------------------------------ negative_index
+
+
+class _Indexed(torch.nn.Module):
+    """RT-DETR's ``outputs_class[:, -1]``, an index tensor of unknown sign, and index tensors
+    known to be non-negative (topk's indices, arange)."""
+
+    def forward(self, x, i):
+        _, top = x.sum(2).topk(2, dim=1)  # [B, 2]
+        return x[:, -1], x[:, 1], x[:, i], x[:, top], x[torch.arange(2), 3]
+
+
+def test_negative_index_normalises_only_what_may_be_negative():
+    from surgery.locate import rewrites_replacing
+
+    x, i = torch.randn(2, 5, 4), torch.tensor([-1, 0, -3])
+    program = torch.export.export(_Indexed(), (x, i))
+    select = next(n for n in program.graph.nodes if n.target is torch.ops.aten.select.int and n.args[2] == -1)
+    assert rewrites_replacing(select) == ["negative_index"]
+    rewritten, log = surgery.rewrite_with_log(program, ["negative_index"])
+    assert dict(log[0][1].replaced) == {"aten.select.int": 1, "aten.index.Tensor": 1}
+    assert surgery.op_census(rewritten)["aten.where.self"] == 1  # i only: topk and arange left alone
+    for a, b in zip(rewritten.module()(x, i), _Indexed()(x, i)):
+        assert torch.equal(a, b)
+    again, log = surgery.rewrite_with_log(rewritten, ["negative_index"])
+    assert not log[0][1].modified and again is rewritten  # its own normalisation is known non-negative
+
+
+def test_negative_index_looks_in_core_aten():
+    """torch.take accepts negative indices and is index.Tensor only once decomposed, as TVM's
+    importer decomposes it; a program with nothing to normalise comes back in core ATen, uncopied."""
+
+    class Take(torch.nn.Module):
+        def forward(self, x, i):
+            return torch.take(x, i), x[:, 1]
+
+    x, i = torch.randn(3, 4), torch.tensor([-1, 2, -12])
+    program = torch.export.export(Take(), (x, i))
+    rewritten, log = surgery.rewrite_with_log(program, ["negative_index"])
+    assert dict(log[0][1].replaced) == {"aten.index.Tensor": 1}
+    assert all(torch.equal(a, b) for a, b in zip(rewritten.module()(x, i), Take()(x, i)))
+    core = torch.export.export(Take(), (x, i)).run_decompositions()
+    core = surgery.rewrite(core, ["negative_index"])  # i normalised: nothing left to do
+    assert surgery.rewrite(core, ["negative_index"]) is core
 
 
 # ------------------------------------------------------------------ floor_divide

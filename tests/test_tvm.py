@@ -37,11 +37,19 @@ def probe(tmp_path_factory):
 
 def test_probe_finds_the_known_converter_bugs(probe):
     # apache-tvm 0.27 (pinned): grid_sampler_2d takes the grid in the wrong layout, and float
-    # floor_divide by an int scalar fails to import. Its roi_align and scatter converters are right.
+    # floor_divide by an int scalar fails to import, and select/index with a negative index read
+    # out of bounds (take, mode="fast"). Its roi_align and scatter converters are right.
     assert probe.findings["grid_sample"].needed and "wrong numbers" in probe.findings["grid_sample"].reason
     assert probe.findings["floor_divide"].needed and "fails" in probe.findings["floor_divide"].reason
+    assert probe.findings["negative_index"].needed and "wrong numbers" in probe.findings["negative_index"].reason
     assert not probe.findings["roi_align"].needed and not probe.findings["scatter"].needed
-    assert sorted(probe.needed()) == ["bool_arithmetic", "div_rounding", "floor_divide", "grid_sample"]
+    assert sorted(probe.needed()) == [
+        "bool_arithmetic",
+        "div_rounding",
+        "floor_divide",
+        "grid_sample",
+        "negative_index",
+    ]
 
 
 def test_probe_finds_float_division_with_rounding_mode_fails_to_import(probe):

@@ -13,6 +13,7 @@ from .gather_through_permute import GatherThroughPermute
 from .grid_sample import GridSampleToGather
 from .layout_round_trips import LayoutRoundTrips
 from .matmul_packing import MatmulPacking
+from .negative_index import NegativeIndex
 from .roi_align import RoiAlignToGridSample
 from .roi_align_separable import RoiAlignSeparable
 from .scatter import ScatterToSelect
@@ -21,9 +22,11 @@ from .where_scalar import WhereScalarToFull
 # The order the rewrites run in. A replacement may call another rewrite's operator, which that
 # rewrite must then still find: roi_align emits grid_sampler_2d, so it runs before grid_sample;
 # scatter emits where(match, position, -1), so it runs before where_scalar; and replacements
-# call zeros_like/full_like and where with numbers, so full_like and where_scalar run last.
+# call zeros_like/full_like and where with numbers, so full_like and where_scalar run late.
 # div_rounding and bool_arithmetic emit no other rewrite's operator, and no replacement emits
-# theirs (a division with a rounding mode, arithmetic of two booleans).
+# theirs (a division with a rounding mode, arithmetic of two booleans). negative_index runs
+# last: it emits only lt/add/where.self on index tensors, which no rewrite replaces, and it
+# normalises any negative select or index tensor another replacement emits.
 ORDER: list[type[Rewrite]] = [
     RoiAlignToGridSample,
     GridSampleToGather,
@@ -33,6 +36,7 @@ ORDER: list[type[Rewrite]] = [
     BoolArithmeticToLogical,
     FullLikeToFull,
     WhereScalarToFull,
+    NegativeIndex,
 ]
 
 # Speed rewrites: TVM converts their operators correctly, so the probe never asks for them; they
@@ -107,6 +111,7 @@ __all__ = [
     "GridSampleToGather",
     "LayoutRoundTrips",
     "MatmulPacking",
+    "NegativeIndex",
     "RoiAlignSeparable",
     "RoiAlignToGridSample",
     "ScatterToSelect",
