@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 from . import op_census, rewrite_with_log
 from .atomic import atomic_path
 from .equivalence.compare import ErrorStats, accumulate, compare
-from .equivalence.judge import JudgedStats, evaluate_graph, largest_magnitude
+from .equivalence.judge import JudgedStats, evaluate_along, largest_magnitude
 from .equivalence.report import SurgeryReport
 from .equivalence.verify import PropertyFailed, check_property
 from .paths import display_path
@@ -197,11 +197,12 @@ def _check(
 
 
 def _float64_reference(spec: ModelSpec, exported: Exported) -> Callable | None:
-    """The original program run in float64, for specs judged against it (else None)."""
+    """The original program run in float64 along eager float32's path (``evaluate_along``: topk
+    and the like choose as float32 did), for specs judged against it (else None)."""
     if not spec.judged:
         return None
     graph = exported.program.module()
-    return lambda *args: evaluate_graph(graph, args, float64=True)[0]
+    return lambda *args: evaluate_along(graph, args)[1]
 
 
 def _describe_inputs(spec: ModelSpec, args) -> dict:

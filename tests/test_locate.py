@@ -18,7 +18,7 @@ import torch
 
 from surgery import probes, tvm_backend
 from surgery.cli import main
-from surgery.equivalence.judge import evaluate_graph, judge
+from surgery.equivalence.judge import evaluate_along, evaluate_graph, judge, judge_outputs
 from surgery.locate import NOTHING, locate, next_step, search
 from surgery.locate.reproducer import keep_as_probe
 from surgery.locate.search import Failure, Search
@@ -270,6 +270,34 @@ def test_float64_reference_casts_dtype_arguments():
     program = torch.export.export(Zeros(), (torch.ones(3),)).run_decompositions()
     (value,), _ = evaluate_graph(program.module(), (torch.ones(3),), float64=True)
     assert value.dtype == torch.float64 and value[0].item() == 1 + 1 / 3
+
+
+class NearTieSelection(torch.nn.Module):
+    """Picks one of two scores that tie in float32 and not in float64 (1 + 1e-9), as topk may at
+    a near-tie, and returns what the choice selects."""
+
+    def __init__(self):
+        super().__init__()
+        self.nudge = torch.nn.Parameter(torch.tensor([0.0, 1e-9]))
+
+    def forward(self, scores, payload):
+        chosen = (scores + self.nudge).topk(1).indices  # [1]
+        return payload[chosen] + 0.0 * scores.max(dim=0).values  # [1]
+
+
+def test_float64_reference_follows_float32_choices_at_near_ties():
+    """In float64 the nudged second score wins, in float32 the two tie and the first wins: a
+    plain float64 run selects another payload (20 vs 10), so eager's own "error" would excuse
+    anything. The float64 run along float32's path chooses as float32 did: a candidate that
+    chose otherwise is judged wrong, one that chose the same is right."""
+    module = torch.export.export(NearTieSelection(), (torch.ones(2), torch.tensor([10.0, 20.0]))).module()
+    inputs = (torch.ones(2), torch.tensor([10.0, 20.0]))
+    (plain,), _ = evaluate_graph(module, inputs, float64=True)
+    assert plain.item() == 20.0  # the path float64 alone takes
+    eager, along = evaluate_along(module, inputs)
+    assert eager[0].item() == 10.0 and along[0].item() == 10.0
+    assert judge_outputs(module, inputs, (torch.tensor([10.0]),))[0].ok
+    assert not judge_outputs(module, inputs, (torch.tensor([20.0]),))[0].ok
 
 
 def test_bisection_finds_the_first_failing_prefix():
