@@ -193,21 +193,23 @@ def _model_spec(args):
 
 def _apply(args) -> int:
     rewrites = _rewrite_mode(args)
-    if args.examples < 1 or (args.tvm_examples is not None and args.tvm_examples < 0):
+    if (args.examples is not None and args.examples < 1) or (args.tvm_examples is not None and args.tvm_examples < 0):
         raise UsageError("--examples must be >= 1 and --tvm-examples >= 0")
     spec, limits, build_s = _model_spec(args)
+    examples = spec.examples if args.examples is None else args.examples
+    tvm_examples = examples if args.tvm_examples is None else args.tvm_examples
     stage_inputs = _stage_inputs(args, spec)
     out_dir = Path(args.out) if args.out else Path("out") / spec.name
     result = operate(
         spec,
         rewrites=rewrites,
-        examples=args.examples,
-        tvm_examples=args.tvm_examples,
+        examples=examples,
+        tvm_examples=tvm_examples,
         seed=args.seed,
         out_dir=out_dir,
         compile_tvm=not args.no_tvm,
         progress=lambda m: print(m, flush=True),
-        schedules=args.schedules,
+        schedules=args.schedules or spec.schedules,
         stage_inputs=stage_inputs,
         cache_dir=args.cache,
     )
@@ -216,7 +218,7 @@ def _apply(args) -> int:
             result,
             limits,
             _geometry_encoder_option(args, "feat_size"),
-            args.examples if args.tvm_examples is None else args.tvm_examples,
+            tvm_examples,
             args.seed,
             _prompt_counts(args),
             progress=lambda m: print(m, flush=True),
@@ -331,8 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     apply = sub.add_parser("apply", help="export, rewrite, verify, compile with TVM, run, report")
     _add_model_arguments(apply)
-    _add_tvm_arguments(apply, schedules="ours")
-    apply.add_argument("--examples", type=int, default=20, help="hypothesis examples for original vs rewritten")
+    _add_tvm_arguments(apply, schedules=None)
+    apply.add_argument(
+        "--examples", type=int, help="hypothesis examples for original vs rewritten (default: the model's, 20 or 3)"
+    )
     apply.add_argument(
         "--tvm-examples", type=int, default=None, help="hypothesis examples for original vs TVM (default: --examples)"
     )
@@ -408,8 +412,9 @@ def _add_model_arguments(parser) -> None:
         )
 
 
-def _add_tvm_arguments(parser, schedules: str) -> None:
-    """Which rewrites, which TVM build, which cache: shared by apply and locate."""
+def _add_tvm_arguments(parser, schedules: str | None) -> None:
+    """Which rewrites, which TVM build, which cache: shared by apply and locate. ``schedules``
+    None: the model's own (``ModelSpec.schedules``)."""
     parser.add_argument(
         "--rewrite", action="append", help="auto (probe TVM; default), all, none, or rewrite names (repeatable)"
     )
@@ -418,7 +423,7 @@ def _add_tvm_arguments(parser, schedules: str) -> None:
         choices=["ours", "default"],
         default=schedules,
         help="ours: speed rewrites + surgery.schedules for this CPU (shipped); default: stock TVM's CPU pipeline "
-        f"(default: {schedules})",
+        + (f"(default: {schedules})" if schedules else "(default: the model's; ours, stock TVM's for the detectors)"),
     )
     parser.add_argument(
         "--cache", metavar="DIR", help="compiled-library cache (default: $SURGERY_CACHE or ~/.cache/surgery)"

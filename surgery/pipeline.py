@@ -75,6 +75,10 @@ class ModelSpec:
     # Judge float outputs against a float64 run of the original program (surgery.equivalence.judge)
     # instead of the fixed bound of 1e-5: for deep networks whose own float32 noise exceeds it.
     judged: bool = False
+    # What apply does unless told otherwise: hypothesis examples per check (each runs the original
+    # and the candidate, and a judged spec the original in float64 too) and the TVM build.
+    examples: int = 20
+    schedules: str = "ours"
 
     @classmethod
     def from_module(
