@@ -1,19 +1,20 @@
-"""Stock TVM 0.25, 0.26 and 0.27 side by side: ``apply geometry_encoder`` under each.
+"""Stock TVM 0.25, 0.26 and 0.27 side by side: ``apply MODEL`` under each, for each model.
 
 Each version is installed with pip into its own target directory (``--root``, default
 ``~/.cache/surgery/tvm/<version>``; skipped when already there), together with the
 apache-tvm-ffi it runs with, and used through ``PYTHONPATH``: nothing is installed system-wide
 and the apache-tvm in site-packages is left alone. Then, per version, in a fresh process:
 
-    PYTHONPATH=<target> python -m surgery apply geometry_encoder --out out/tvm_compat/<v>/out --reports out/tvm_compat/<v>/reports
+    PYTHONPATH=<target> python -m surgery apply MODEL --out out/tvm_compat/<v>/<model>/out --reports out/tvm_compat/<v>/<model>/reports
 
 (its own directories, so the main reports are never overwritten). The rewrites are chosen by the
 default target-aware probe of that TVM, as for any user. Writes ``reports/tvm_compat.md`` and
-``.json``: per version the rewrites applied (and why), import/build status, max error against
-PyTorch, latency, wall time. Exit 0 when every version passed, 1 otherwise, 2 on bad input.
+``.json``: per version and model the rewrites applied (and why), import/build status, max error
+against PyTorch per output, latency, wall time. Exit 0 when every run passed, 1 otherwise, 2 on
+bad input.
 
-    python scripts/tvm_compat.py                       # the three versions, default examples
-    python scripts/tvm_compat.py --versions 0.26.0 --examples 5
+    python scripts/tvm_compat.py                       # the three versions, every model
+    python scripts/tvm_compat.py --models geometry_encoder --versions 0.26.0 --examples 5
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ from surgery.atomic import write_text  # noqa: E402
 from surgery.paths import display_path  # noqa: E402
 
 VERSIONS = ("0.25.0", "0.26.0", "0.27.0")
+# Each model at a size that keeps a run to minutes (the detectors compile ~2,000 and ~7,500
+# operators); examples as the model's apply defaults unless --examples is given.
+MODEL_ARGS = {
+    "geometry_encoder": [],
+    "rt_detr": ["--image-size", "320"],
+    "deformable_detr": ["--image-size", "256"],
+}
 # The apache-tvm-ffi each wheel runs with. The wheels only say ">=": 0.25.0's libtvm_runtime
 # needs a symbol (tvm::ffi::json::Stringify(Any, Optional<int>)) that apache-tvm-ffi 0.1.13.post3,
 # 0.1.14.post1 and 0.1.15.post2 no longer export, and imports with 0.1.12; 0.26/0.27 run with
@@ -98,41 +106,32 @@ def importable(target: Path) -> tuple[bool, str]:
     return True, run.stdout.strip()
 
 
-def run_apply(version: str, target: Path, work: Path, args) -> dict:
-    out, reports = work / version / "out", work / version / "reports"
-    command = [
-        sys.executable,
-        "-m",
-        "surgery",
-        "apply",
-        "geometry_encoder",
-        "--out",
-        out,
-        "--reports",
-        reports,
-        "--examples",
-        str(args.examples),
-        "--tvm-examples",
-        str(args.tvm_examples),
-        "--seed",
-        str(args.seed),
-        "--schedules",
-        args.schedules,
-    ] + (["--no-split"] if args.schedules == "default" else [])
+def run_apply(version: str, model: str, target: Path, work: Path, args) -> dict:
+    runs = work / version / model
+    out, reports = runs / "out", runs / "reports"
+    examples = [] if args.examples is None else ["--examples", str(args.examples)]
+    examples += [] if args.tvm_examples is None else ["--tvm-examples", str(args.tvm_examples)]
+    command = (
+        [sys.executable, "-m", "surgery", "apply", model, *MODEL_ARGS[model], "--out", out, "--reports", reports]
+        + examples
+        + ["--seed", str(args.seed), "--schedules", args.schedules]
+        + (["--no-split"] if args.schedules == "default" else [])
+    )
     start = time.perf_counter()
     run = subprocess.run(command, env=env_for(target), capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
-    (work / version).mkdir(parents=True, exist_ok=True)
-    write_text(work / version / "apply.log", run.stdout + "\n--- stderr ---\n" + run.stderr)
+    runs.mkdir(parents=True, exist_ok=True)
+    write_text(runs / "apply.log", run.stdout + "\n--- stderr ---\n" + run.stderr)
     row = {
         "version": version,
+        "model": model,
         "exit_code": run.returncode,
         "wall_s": wall,
-        "log": shown(work / version / "apply.log"),
+        "log": shown(runs / "apply.log"),
         "command": f"PYTHONPATH={shown(target)} python "
         + " ".join(shown(a) if isinstance(a, Path) else a for a in command[1:]),
     }
-    report_path = reports / "geometry_encoder.json"
+    report_path = reports / f"{model}.json"
     if not report_path.is_file():
         row["error"] = (run.stderr.strip().splitlines() or ["no report written"])[-1][:300]
         return row
@@ -159,14 +158,30 @@ def run_apply(version: str, target: Path, work: Path, args) -> dict:
             "import_s": sum(p.get("import_s", 0.0) for p in parts) if parts else None,
             "build_s": sum(p.get("build_s", 0.0) for p in parts) if parts else report["tvm"].get("build_s"),
             "cached": bool(parts) and all(p.get("cached") for p in parts),
-            "max_abs_embeddings": tvm_stats.get("embeddings", {}).get("max_abs"),
-            "max_abs_padding_mask": tvm_stats.get("padding_mask", {}).get("max_abs"),
+            "outputs": {name: _output_error(stats) for name, stats in tvm_stats.items()},
             "tvm_examples": report.get("tvm_examples"),
             "latency_ms": report.get("latency", {}),
             "failures": [f.get("check") + ": " + f.get("error", "")[:300] for f in report.get("failures", [])],
         }
     )
     return row
+
+
+def _output_error(stats: dict) -> dict:
+    """One output's error, TVM vs the original: max abs against eager; for judged models also
+    the worst error against float64 and its tolerance."""
+    error = {"max_abs": stats.get("max_abs"), "dtype": stats.get("dtype")}
+    if "tolerance" in stats:
+        error.update(error_vs_float64=stats["error"], tolerance=stats["tolerance"])
+    return error
+
+
+def _error_text(error: dict) -> str:
+    if error.get("dtype") not in ("torch.float32", "torch.float64"):
+        return "identical" if error["max_abs"] == 0 else f"{fmt(error['max_abs'])} differ"
+    if "tolerance" in error:
+        return f"{fmt(error['error_vs_float64'])} (tolerance {fmt(error['tolerance'])})"
+    return fmt(error["max_abs"])
 
 
 def shown(path: Path) -> str:
@@ -180,43 +195,52 @@ def fmt(value, spec=".3g", missing="-"):
 
 def write_report(rows: list[dict], args, total_s: float) -> tuple[Path, Path]:
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    examples = (
+        "as each model's apply defaults (20 for the geometry encoder, 3 for the detectors)"
+        if args.examples is None
+        else f"{args.examples} (original vs rewritten PyTorch)"
+    )
     lines = [
-        "# Stock TVM versions: `apply geometry_encoder` under each",
+        "# Stock TVM versions: `apply MODEL` under each",
         "",
         f"Generated {now} by `python scripts/tvm_compat.py` in {total_s:.0f} s on {platform.machine()} "
         f"({os.cpu_count()} cores). Each version is installed in its own pip target directory and run in a fresh "
         "process through PYTHONPATH; rewrites chosen by the default target-aware probe of that TVM. "
-        f"Examples: {args.examples} (original vs rewritten PyTorch), {args.tvm_examples} (original vs TVM), seed {args.seed}. "
-        "Shape: 3 points, 2 boxes, batch 1, 72x72 features (the command's defaults). "
-        "Error bounds: embeddings float32 max abs <= 1e-05, padding mask identical.",
+        f"Examples: {examples}; seed {args.seed}. "
+        "Shapes: the geometry encoder at its defaults (3 points, 2 boxes, batch 1, 72x72 features), RT-DETR r18vd "
+        "at 320x320, Deformable DETR at 256x256. Error bounds: the geometry encoder's float32 outputs max abs <= 1e-05 "
+        "from eager, its mask identical; the detectors' outputs judged against the original run in float64 "
+        "(|TVM - float64| <= 16 x |eager - float64| + 8 ulp x scale; shown: TVM's worst error against float64 and "
+        "its tolerance).",
         "",
-        "| apache-tvm | apache-tvm-ffi | rewrites applied (calls replaced) | import | build | max abs error, embeddings | "
-        "padding mask | TVM latency | eager latency | verdict | wall |",
-        "|---|---|---|---|---|---:|---|---:|---:|---|---:|",
+        "| model | apache-tvm | apache-tvm-ffi | rewrites applied (calls replaced) | import | build | "
+        "error per output, TVM vs PyTorch | TVM latency | eager latency | verdict | wall |",
+        "|---|---|---|---|---|---|---|---:|---:|---|---:|",
     ]
     for r in rows:
         if "passed" not in r:
             lines.append(
-                f"| {r['version']} | - | - | - | - | - | - | - | - | FAILED: {r.get('error', '')} | {fmt(r.get('wall_s'), '.0f')} s |"
+                f"| {r.get('model', '-')} | {r['version']} | - | - | - | - | - | - | - | FAILED: {r.get('error', '')} "
+                f"| {fmt(r.get('wall_s'), '.0f')} s |"
             )
             continue
         applied = ", ".join(f"`{k}` ({v})" for k, v in r["rewrites_applied"].items()) or "none"
-        mask = "identical" if r["max_abs_padding_mask"] == 0 else fmt(r["max_abs_padding_mask"])
         build = "ok" if r["build"] == "ok" else "FAILED"
         imp = f"ok ({fmt(r['import_s'], '.1f')} s)" if r["import"] == "ok" else "FAILED"
         build = f"{build} ({fmt(r['build_s'], '.1f')} s)"
         if r.get("cached"):
             imp = build = "ok (compiled library reused from the cache)"
+        errors = "; ".join(f"{name}: {_error_text(e)}" for name, e in r["outputs"].items()) or "-"
         lines.append(
-            f"| {r['tvm']} | {r['versions'].get('apache-tvm-ffi', '-')} | {applied} | {imp} | {build} "
-            f"| {fmt(r['max_abs_embeddings'])} | {mask} | "
+            f"| {r['model']} | {r['tvm']} | {r['versions'].get('apache-tvm-ffi', '-')} | {applied} | {imp} | {build} "
+            f"| {errors} | "
             f"{fmt(r['latency_ms'].get('tvm_ms'), '.0f')} ms | {fmt(r['latency_ms'].get('eager_ms'), '.0f')} ms | "
             f"{'passed' if r['passed'] else 'FAILED'} | {r['wall_s']:.0f} s |"
         )
     lines += ["", "Why each rewrite was applied or skipped (the probe's findings):", ""]
     for r in rows:
         if "reasons" in r:
-            lines += [f"- **{r['tvm']}**"] + [f"  - `{k}`: {v}" for k, v in r["reasons"].items()]
+            lines += [f"- **{r['model']}, {r['tvm']}**"] + [f"  - `{k}`: {v}" for k, v in r["reasons"].items()]
             lines += [f"  - failure: {f}" for f in r["failures"]]
     lines += [
         "",
@@ -224,7 +248,7 @@ def write_report(rows: list[dict], args, total_s: float) -> tuple[Path, Path]:
         + (
             " `--no-split` (stock TVM CPU pipeline, one graph)."
             if args.schedules == "default"
-            else " (speed rewrites, our schedules, image/prompt split)."
+            else " (speed rewrites, our schedules, the model's split)."
         ),
         "",
         "Latencies are medians of 5 calls in the apply process, on a shared machine: compare them within one run only.",
@@ -263,8 +287,11 @@ def main(argv=None) -> int:
         "--work", default=str(ROOT / "out" / "tvm_compat"), help="per-version artifacts, logs and reports"
     )
     parser.add_argument("--reports", default=str(ROOT / "reports"), help="where tvm_compat.md/.json go")
-    parser.add_argument("--examples", type=int, default=20)
-    parser.add_argument("--tvm-examples", type=int, default=10)
+    parser.add_argument(
+        "--models", nargs="+", default=list(MODEL_ARGS), choices=list(MODEL_ARGS), help="default: %(default)s"
+    )
+    parser.add_argument("--examples", type=int, help="default: each model's apply default")
+    parser.add_argument("--tvm-examples", type=int, help="default: --examples, else each model's apply default")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--schedules",
@@ -275,7 +302,11 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     bad = [v for v in args.versions if not re.fullmatch(r"\d+\.\d+\.\d+(\.post\d+)?", v)]
-    if bad or args.examples < 1 or args.tvm_examples < 1:
+    if (
+        bad
+        or (args.examples is not None and args.examples < 1)
+        or (args.tvm_examples is not None and args.tvm_examples < 1)
+    ):
         print(
             f"tvm_compat: error: {'bad version ' + repr(bad[0]) if bad else '--examples and --tvm-examples must be >= 1'}",
             file=sys.stderr,
@@ -295,14 +326,16 @@ def main(argv=None) -> int:
         if not ok:
             rows.append({"version": version, "error": f"import tvm failed: {detail}", "wall_s": None})
             continue
-        row = run_apply(version, target, Path(args.work), args)
-        verdict = "passed" if row.get("passed") else f"FAILED ({row.get('error') or row.get('failures')})"
-        print(
-            f"  apply: {verdict}; rewrites {row.get('rewrites_applied')}; max abs {fmt(row.get('max_abs_embeddings'))}; "
-            f"tvm {fmt(row.get('latency_ms', {}).get('tvm_ms'), '.0f')} ms; {row['wall_s']:.0f} s",
-            flush=True,
-        )
-        rows.append(row)
+        for model in args.models:
+            row = run_apply(version, model, target, Path(args.work), args)
+            verdict = "passed" if row.get("passed") else f"FAILED ({row.get('error') or row.get('failures')})"
+            errors = "; ".join(f"{n}: {_error_text(e)}" for n, e in row.get("outputs", {}).items())
+            print(
+                f"  apply {model}: {verdict}; rewrites {row.get('rewrites_applied')}; {errors}; "
+                f"tvm {fmt(row.get('latency_ms', {}).get('tvm_ms'), '.0f')} ms; {row['wall_s']:.0f} s",
+                flush=True,
+            )
+            rows.append(row)
     md, js = write_report(rows, args, time.perf_counter() - start)
     print(f"report: {md} and {js} ({time.perf_counter() - start:.0f} s)")
     return 0 if all(r.get("passed") for r in rows) else 1
