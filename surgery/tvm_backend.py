@@ -134,7 +134,7 @@ def import_program(program: torch.export.ExportedProgram):
 
 
 SCHEDULES = ("ours", "default")
-SCHEDULES_FORMAT = 10  # bump when surgery.schedules changes, so cached libraries are rebuilt
+SCHEDULES_FORMAT = 11  # bump when surgery.schedules changes, so cached libraries are rebuilt
 
 
 def host_target(schedules: str = "ours", fma: bool = False):

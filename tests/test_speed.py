@@ -333,3 +333,79 @@ def test_prompt_floor_counts_the_weight_pieces_the_graph_reads(used):
     bench = _script("bench_geometry_encoder")
     program = torch.export.export(_PackedProjection(used), (torch.randn(2, 8),))
     assert bench.weight_bytes_read(program) == 4 * (8 * 8 + len(used) * 8 * 8)
+
+
+def _rows_then_a_ragged_read():
+    """Two spatial blocks: ``rows`` reads ``x`` at ``(k // 4 + i + 1) % 2`` over ``k < 12``, and
+    ``out`` copies the first 10 columns. Inlined, the index runs over ``j < 10``, which 4 does not
+    divide: the shape TVM's buffer flattening gets wrong (SAM3's box position encoding, inlined
+    into its concatenation, read the other box)."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def main(x: T.Buffer((T.int64(2),), "float32"), out: T.Buffer((T.int64(2), T.int64(10)), "float32")):
+        rows = T.sblock_alloc_buffer((T.int64(2), T.int64(12)))
+        for i, k in T.grid(T.int64(2), T.int64(12)):
+            with T.sblock("rows"):
+                vi, vk = T.axis.remap("SS", [i, k])
+                rows[vi, vk] = x[(vk // T.int64(4) + vi + T.int64(1)) % T.int64(2)]
+        for i, j in T.grid(T.int64(2), T.int64(10)):
+            with T.sblock("out"):
+                vi, vj = T.axis.remap("SS", [i, j])
+                out[vi, vj] = rows[vi, vj]
+
+    return main
+
+
+@pytest.mark.tvm
+def test_schedules_that_tvm_would_flatten_wrongly_are_declined():
+    """Our rules inline producers into consumers; where an inlined index is one TVM's
+    ``FlattenBuffer`` simplifies wrongly, the kernel keeps stock TVM's loop nests and its result."""
+    import numpy as np
+    import tvm
+    from tvm.s_tir import dlight
+
+    from surgery.schedules import rules
+
+    x = np.array([10.0, 20.0], "float32")
+    i, j = np.meshgrid(np.arange(2), np.arange(10), indexing="ij")
+    target = tvm_backend.host_target("ours")
+    with target:
+        scheduled = dlight.ApplyDefaultSchedule(*rules())(tvm.IRModule({"main": _rows_then_a_ragged_read()}))
+    out = tvm.runtime.tensor(np.zeros((2, 10), "float32"))
+    tvm.tirx.build(scheduled, target=target)["main"](tvm.runtime.tensor(x), out)
+    np.testing.assert_array_equal(out.numpy(), x[(j // 4 + i + 1) % 2])
+
+
+@pytest.mark.tvm
+def test_the_flattening_check_agrees_with_evaluating_every_point():
+    """``flattened_wrongly`` samples points; on small domains, compare with every point."""
+    import itertools
+
+    import tvm
+    from tvm import tirx
+
+    from surgery.schedules.compat import analyzer, iter_map_simplify
+    from surgery.schedules.flattening import flattened_wrongly
+
+    i, j = tirx.Var("i", "int64"), tirx.Var("j", "int64")
+
+    def c(value):
+        return tirx.const(value, "int64")
+
+    def value(expr, point):
+        at = analyzer()
+        at.bind(i, c(point[0]))
+        at.bind(j, c(point[1]))
+        return int(at.simplify(expr))
+
+    seen = set()
+    for divisor, offset, extent in itertools.product((2, 4), (0, 1, 3), (8, 10, 12)):
+        index = tirx.floormod(tirx.floordiv(j, c(divisor)) + i + c(offset), c(2))
+        domains = {i: tvm.ir.Range(c(0), c(2)), j: tvm.ir.Range(c(0), c(extent))}
+        (simplified,) = iter_map_simplify([index], domains)
+        points = itertools.product(range(2), range(extent))
+        wrong = any(value(simplified, p) != value(index, p) for p in points)
+        assert flattened_wrongly(index, domains) == wrong, (index, extent, simplified)
+        seen.add(wrong)
+    assert seen == {True, False}  # both kinds occur among these cases with this TVM

@@ -16,6 +16,8 @@ So we ship deterministic rules, applied at build time by ``pipeline`` with dligh
 - ``parallel_outer``: ``ParallelOuter``, the fallback for anything else;
 - ``analysis``: what the rules share (blocks, loops, inlining, vectorising);
 - ``fma``: which kernels may be compiled with fused multiply-add (``FMA_ANNOTATION``);
+- ``flattening``: ``Checked``, wrapping each rule: a schedule with an index TVM's buffer
+  flattening would compute wrongly is declined;
 - ``relax_passes``: ``absorb_matmul_broadcasts``, run before legalisation;
 - ``compat``: what differs between apache-tvm 0.25, 0.26 and 0.27.
 
@@ -41,6 +43,7 @@ from ..matmul_tiling import (
     MatmulPlan,
     plan_matmul,
 )
+from .flattening import Checked
 from .fma import FMA_ANNOTATION, is_fma_kernel
 from .injective import Injective
 from .matmul import Matmul
@@ -51,7 +54,8 @@ from .row_reduction import RowReduction
 
 @functools.cache
 def rules() -> tuple:
-    return (Matmul(), RowReduction(), dlight.cpu.Reduction(), Injective(), ParallelOuter())
+    rules = (Matmul(), RowReduction(), dlight.cpu.Reduction(), Injective(), ParallelOuter())
+    return tuple(Checked(rule) for rule in rules)
 
 
 def pipeline(target: tvm.target.Target):
@@ -100,6 +104,7 @@ def pipeline(target: tvm.target.Target):
 
 __all__ = [
     "FMA_ANNOTATION",
+    "Checked",
     "MAX_ACCUMULATORS",
     "VECTOR_LANES",
     "VECTOR_REGISTERS",

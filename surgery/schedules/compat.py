@@ -35,10 +35,7 @@ def loaded_buffer_name(expr) -> str | None:
     """The name of the buffer a load reads (``TensorLoad.source`` in 0.27, ``BufferLoad.buffer`` before)."""
     if type(expr).__name__ not in ("TensorLoad", "BufferLoad"):
         return None
-    buffer = getattr(expr, "source", None)
-    if buffer is None:
-        buffer = getattr(expr, "buffer", None)
-    return getattr(buffer, "name", None)
+    return getattr(accessed_buffer(expr), "name", None)
 
 
 def dtype_name(expr) -> str:
@@ -50,3 +47,19 @@ def dtype_name(expr) -> str:
 def relax_type(expr):
     """A relax expression's type (``.ty`` in 0.27, ``.struct_info`` before)."""
     return getattr(expr, "ty", None) or getattr(expr, "struct_info", None)
+
+
+def iter_map_simplify(indices, domains: dict):
+    """TVM's iterator-map simplification of ``indices`` over ``domains`` (var -> Range), as
+    ``FlattenBuffer`` applies it (``tvm.sym`` in 0.27, ``tvm.arith`` before)."""
+    try:
+        from tvm.sym import iter_map_simplify as simplify  # 0.27
+    except ImportError:
+        from tvm.arith import iter_map_simplify as simplify  # 0.25, 0.26
+    return list(simplify(indices, domains))
+
+
+def accessed_buffer(expr):
+    """The buffer a load or store accesses (``.source`` in 0.27, ``.buffer`` before), or None."""
+    buffer = getattr(expr, "source", None)
+    return buffer if buffer is not None else getattr(expr, "buffer", None)
