@@ -18,7 +18,14 @@ import torch
 
 from surgery import probes, tvm_backend
 from surgery.cli import main
-from surgery.equivalence.judge import evaluate_along, evaluate_graph, judge, judge_outputs
+from surgery.equivalence.judge import (
+    evaluate_along,
+    evaluate_graph,
+    judge,
+    judge_outputs,
+    reordered_at_ties,
+    unpermuted,
+)
 from surgery.locate import NOTHING, locate, next_step, search
 from surgery.locate.reproducer import keep_as_probe
 from surgery.locate.search import Failure, Search
@@ -298,6 +305,31 @@ def test_float64_reference_follows_float32_choices_at_near_ties():
     assert eager[0].item() == 10.0 and along[0].item() == 10.0
     assert judge_outputs(module, inputs, (torch.tensor([10.0]),))[0].ok
     assert not judge_outputs(module, inputs, (torch.tensor([20.0]),))[0].ok
+
+
+class Ranked(torch.nn.Module):
+    """Rows of a payload in the order topk ranks their scores, as a detector orders its queries."""
+
+    def forward(self, scores, payload):
+        _, order = scores.topk(3, dim=1)  # [1, 3]
+        return (payload.gather(1, order[..., None].expand(-1, -1, 2)),)  # [1, 3, 2]
+
+
+def test_reordering_is_accepted_only_at_verified_near_ties():
+    """Two scores one float32 ulp apart may be ranked either way: a candidate that swapped their
+    rows is mapped back and accepted; one that swapped rows whose scores are 0.4 apart is not."""
+    scores = torch.tensor([[0.5, 0.5 + 2**-23, 0.9]])  # ranks: 2, 1, 0
+    payload = torch.tensor([[[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]])
+    module = torch.export.export(Ranked(), (scores, payload)).module()
+    selections = []
+    eager, _ = evaluate_along(module, (scores, payload), selections)
+    assert eager[0][0, :, 0].tolist() == [3.0, 2.0, 1.0] and len(selections) == 1
+    near_tie_swapped = (eager[0][:, [0, 2, 1]],)
+    permutation = reordered_at_ties(near_tie_swapped, eager, selections)
+    assert permutation is not None and permutation.tolist() == [[0, 2, 1]]
+    assert torch.equal(unpermuted(near_tie_swapped[0], permutation), eager[0])
+    assert reordered_at_ties((eager[0][:, [1, 0, 2]],), eager, selections) is None  # 0.9 vs 0.5: no tie
+    assert reordered_at_ties((eager[0] + 1,), eager, selections) is None  # not a reordering at all
 
 
 def test_bisection_finds_the_first_failing_prefix():

@@ -109,6 +109,7 @@ class JudgedStats(ErrorStats):
     eager_error: float = 0.0
     tolerance: float = 0.0
     problem: str = ""
+    reordered: int = 0  # queries compared where eager has them, ranked otherwise at a verified tie
 
     @classmethod
     def of(cls, candidate: torch.Tensor, eager: torch.Tensor, reference: torch.Tensor, scale: float) -> JudgedStats:
@@ -137,7 +138,9 @@ class JudgedStats(ErrorStats):
             return super().bound()
         return (
             f"|x - float64| <= {ERROR_FACTOR} x |eager - float64| + {FLOOR_ULPS} ulp x scale "
-            f"(worst: {self.error:.3g} vs tolerance {self.tolerance:.3g}, eager's error {self.eager_error:.3g})"
+            f"(worst: {self.error:.3g} vs tolerance {self.tolerance:.3g}, eager's error {self.eager_error:.3g}"
+            + (f"; {self.reordered} queries ranked otherwise at verified near-ties" if self.reordered else "")
+            + ")"
         )
 
     def merge(self, other: ErrorStats) -> JudgedStats:
@@ -149,6 +152,7 @@ class JudgedStats(ErrorStats):
             eager_error=worst.eager_error,
             tolerance=worst.tolerance,
             problem=self.problem or getattr(other, "problem", ""),
+            reordered=self.reordered + getattr(other, "reordered", 0),
         )
 
 
@@ -260,7 +264,23 @@ def _chosen_as(node: torch.fx.Node, float32_value, float64_input: torch.Tensor):
     return (gathered if keepdim else gathered.squeeze(dim), indices)
 
 
-def evaluate_along(module: torch.fx.GraphModule, args) -> tuple[tuple, tuple]:
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """What a ``topk`` chose in ``evaluate_along``'s run: its sorted scores in float32 and, at the
+    same elements, in float64 ([..., k] each)."""
+
+    scores: torch.Tensor
+    scores64: torch.Tensor
+
+    def tie_tolerance(self) -> float:
+        """How far apart two scores may be and still tie within float32 rounding: the judge's
+        rule applied to the scores' own error against float64."""
+        error = float((self.scores.double() - self.scores64).abs().max()) if self.scores.numel() else 0.0
+        scale = float(self.scores64.abs().max()) if self.scores.numel() else 0.0
+        return ERROR_FACTOR * error + FLOOR_ULPS * torch.finfo(self.scores.dtype).eps * scale
+
+
+def evaluate_along(module: torch.fx.GraphModule, args, selections: list | None = None) -> tuple[tuple, tuple]:
     """Outputs of ``module``'s graph in float32 (as ``evaluate_graph``) and in float64 along the
     same path: where an operator chooses elements by value (topk, sort, max/min over a dim,
     argmax/argmin), the float64 run takes float32's choice and its own values there. So the
@@ -287,6 +307,8 @@ def evaluate_along(module: torch.fx.GraphModule, args) -> tuple[tuple, tuple]:
                 values32[node] = evaluate_node(node, values32.__getitem__)
                 if node.target in _CHOICES:
                     values64[node] = _chosen_as(node, values32[node], values64[node.args[0]])
+                    if selections is not None and node.target is aten.topk.default:
+                        selections.append(Selection(values32[node][0], values64[node][0]))
                 else:
                     values64[node] = evaluate_node(node, values64.__getitem__, float64=True)
             for used in node.all_input_nodes:
@@ -303,3 +325,43 @@ def judge_outputs(module: torch.fx.GraphModule, inputs, outputs) -> list[Judgeme
     eager, reference = evaluate_along(module, inputs)
     scale = largest_magnitude(inputs)
     return [judge(a, e, r, scale) for a, e, r in zip(outputs, eager, reference)]
+
+
+def reordered_at_ties(candidate, eager, selections: list[Selection], query_dim: int = 1):
+    """Where a candidate ranked queries that tie within float32 rounding in another order than
+    eager (their rows swapped along ``query_dim`` in every output), the permutation that maps the
+    candidate's rows back onto eager's, per batch item [B, Q]; None when the difference is not
+    such a reordering. Verified, not assumed: each row must match one eager row (nearest over all
+    outputs, a one-to-one map), and every moved query's selection score (a ``topk`` choosing that
+    many queries) must lie within the scores' tie tolerance of the score it took the place of."""
+    queries = eager[0].shape[query_dim]
+    chosen = [s for s in selections if s.scores.shape[-1] == queries]
+    if not chosen:
+        return None
+    batch = eager[0].shape[0]
+    permutation = torch.empty(batch, queries, dtype=torch.long)
+    for b in range(batch):
+        distance = sum(
+            torch.cdist(c[b].flatten(1).double(), e[b].flatten(1).double(), p=float("inf"))
+            for c, e in zip(candidate, eager)
+            if e.is_floating_point()
+        )  # [Q, Q]: candidate row i vs eager row j
+        nearest = distance.argmin(dim=1)  # [Q]
+        if nearest.unique().numel() != queries:
+            return None
+        moved = (nearest != torch.arange(queries)).nonzero().flatten()
+        for selection in chosen:
+            scores = selection.scores.reshape(batch, queries)[b]
+            gaps = (scores[moved] - scores[nearest[moved]]).abs()
+            if gaps.numel() and float(gaps.max()) > selection.tie_tolerance():
+                return None
+        permutation[b] = nearest
+    return permutation
+
+
+def unpermuted(output: torch.Tensor, permutation: torch.Tensor, query_dim: int = 1) -> torch.Tensor:
+    """``output``'s rows along ``query_dim`` put where ``permutation`` [B, Q] says eager has them."""
+    restored = torch.empty_like(output)
+    for b in range(output.shape[0]):
+        restored[b].index_copy_(query_dim - 1, permutation[b], output[b])
+    return restored
