@@ -87,5 +87,5 @@ def deformable_detr_spec(
         description=description,
         judged=True,  # deep: float32 noise past 1e-5, judged against a float64 run instead
         examples=3,  # an example runs the detector three times, once in float64 node by node
-        schedules="default",  # surgery.schedules are validated on the geometry encoder only (docs/detectors.md)
+        schedules="default",  # the shipped speed build is validated on the geometry encoder only
     )

@@ -107,6 +107,6 @@ def rt_detr_spec(
         description=description,
         judged=True,  # deep: float32 noise past 1e-5, judged against a float64 run instead
         examples=3,  # an example runs the detector three times, once in float64 node by node
-        schedules="default",  # surgery.schedules are validated on the geometry encoder only (docs/detectors.md)
+        schedules="default",  # the shipped speed build is validated on the geometry encoder only
         query_dim=1,  # queries ranked by topk: near-ties may order them otherwise (verified, docs/detectors.md)
     )
