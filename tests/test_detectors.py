@@ -168,7 +168,7 @@ def test_apply_rt_detr_end_to_end(tmp_path):
     report = json.loads((tmp_path / "reports" / "rt_detr.json").read_text())
     assert report["passed"] and report["tvm"]["schedules"] == "default"
     applied = report["rewrites"]["applied"]
-    assert applied["grid_sample"] == {"aten.grid_sampler_2d.default": 9}  # 3 decoder layers x 3 levels
+    assert applied["grid_sample"] == {"aten.grid_sampler.default": 9}  # 3 decoder layers x 3 levels
     assert applied["bool_arithmetic"] == {"aten.mul.Tensor": 1}
     assert applied["negative_index"] == {"aten.select.int": 2}  # logits and boxes of the last layer
     for check in ("original_vs_rewritten", "original_vs_tvm"):
