@@ -68,8 +68,9 @@ def _is_batch_norm(module: nn.Module) -> bool:
 def look_trained(model: nn.Module, calibration: Tensor, seed: int) -> nn.Module:
     """Make a randomly initialised detector's activations look like a trained one's (see the
     module docstring): calibrate every BatchNorm on ``calibration`` images [N, 3, H, W], in
-    execution order, and give the deformable-attention and box-head projections that start at
-    zero small random weights. Deterministic for a given seed and calibration batch."""
+    execution order; give the deformable-attention and box-head projections that start at zero
+    small random weights, and learned query embeddings unit-scale ones. Deterministic for a
+    given seed and calibration batch."""
     generator = torch.Generator().manual_seed(seed)
     calibrated: set[int] = set()
 
