@@ -97,11 +97,19 @@ class Rewrite:
         return ()
 
     def replaces(self, node: torch.fx.Node) -> bool:
-        """Whether the rewrite replaces this call: every call of its targets, unless its
-        decompositions decline some (return ``NotImplemented``, so the call stays), as
-        bool_arithmetic declines every product that is not of two booleans; such a rewrite
-        says which calls it takes from the values export recorded (``argument_values``)."""
-        return node.target in self.targets()
+        """Whether the rewrite replaces this call: a call of one of its targets whose arguments,
+        as export recorded them (``argument_values``), it ``takes``."""
+        if node.target not in self.targets():
+            return False
+        args, kwargs = argument_values(node)
+        return self.takes(*args, **kwargs)
+
+    def takes(self, *args, **kwargs) -> bool:
+        """Whether the decompositions replace a call with these arguments (tensors as fake
+        tensors of the right shape and dtype): every call, unless they decline some (return
+        ``NotImplemented``, so the call stays), as bool_arithmetic declines every product that
+        is not of two booleans."""
+        return True
 
     def decompositions(self) -> dict[OpOverload, Callable]:
         raise NotImplementedError

@@ -30,7 +30,7 @@ from hypothesis.extra import numpy as hnp
 from torch import Tensor
 
 from ..equivalence.strategies import seeded_tensor
-from .base import Rewrite, argument_values
+from .base import Rewrite
 
 aten = torch.ops.aten
 
@@ -95,11 +95,7 @@ class BoolArithmeticToLogical(Rewrite):
     def functionalized_variants(self):
         return (aten.mul_.Tensor, aten.add_.Tensor)
 
-    def replaces(self, node):
-        if node.target not in self.targets():
-            return False
-        args, kwargs = argument_values(node)
-        return _takes(*args, **kwargs)
+    takes = staticmethod(_takes)
 
 
 # ----------------------------------------------------------------------------- strategy

@@ -32,7 +32,7 @@ from hypothesis.extra import numpy as hnp
 from torch import Tensor
 
 from ..equivalence.strategies import dtypes
-from .base import Rewrite, argument_values
+from .base import Rewrite
 from .floor_divide import FLOAT_DIVISORS, INT_DIVISORS, division_operands, floating_operands, floor_divide
 
 aten = torch.ops.aten
@@ -91,11 +91,7 @@ class DivRoundingToArithmetic(Rewrite):
     def functionalized_variants(self):
         return (aten.div_.Tensor_mode, aten.div_.Scalar_mode)
 
-    def replaces(self, node):
-        if node.target not in self.targets():
-            return False
-        args, kwargs = argument_values(node)
-        return _takes(*args, **kwargs)
+    takes = staticmethod(_takes)
 
 
 # ----------------------------------------------------------------------------- strategy
