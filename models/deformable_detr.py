@@ -17,20 +17,9 @@ from pathlib import Path
 
 import torch
 
-from surgery.pipeline import ModelSpec
-
-from .detection import (
-    OUTPUT_NAMES,
-    DetectorWrapper,
-    check_image_size,
-    image_inputs,
-    load_pretrained,
-    look_trained,
-    synthetic_images,
-)
+from .detection import build_detector, detector_spec
 
 STRIDE = 64  # the extra level downsamples the stride-32 map once more: sizes are multiples of 64
-CALIBRATION_SEED = 12345
 
 
 def deformable_detr_config():
@@ -49,12 +38,14 @@ def build_deformable_detr(
     (calibrated on two synthetic images of ``calibration_size``), or a checkpoint directory."""
     from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
 
-    if checkpoint is not None:
-        return load_pretrained(DeformableDetrForObjectDetection, DeformableDetrConfig, checkpoint)
-    with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
-        torch.manual_seed(seed)
-        model = DeformableDetrForObjectDetection(deformable_detr_config()).eval()
-    return look_trained(model, synthetic_images(2, calibration_size, CALIBRATION_SEED), seed)
+    return build_detector(
+        DeformableDetrForObjectDetection,
+        DeformableDetrConfig,
+        deformable_detr_config,
+        seed,
+        checkpoint,
+        calibration_size,
+    )
 
 
 def deformable_detr_spec(
@@ -64,28 +55,13 @@ def deformable_detr_spec(
     checkpoint: str | Path | None = None,
 ):
     """Deformable DETR (transformers DeformableDetrForObjectDetection, ResNet-50), random weights made to look trained."""
-    size = check_image_size(tuple(image_size), STRIDE)
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
-    detector = build_deformable_detr(seed, checkpoint)
-    description = {
-        "model": "transformers.DeformableDetrForObjectDetection (ResNet-50)",
-        "weights": f"checkpoint {checkpoint}"
-        if checkpoint
-        else f"seeded random (seed {seed}), BatchNorm calibrated and zero projections drawn to look trained",
-        "image_size": list(size),
-        "batch": batch,
-        "parameters": sum(p.numel() for p in detector.parameters()),
-    }
-    return ModelSpec(
-        name="deformable_detr",
-        module=DetectorWrapper(detector).eval(),
-        example_args=(synthetic_images(batch, size, seed),),
-        input_names=("pixel_values",),
-        output_names=OUTPUT_NAMES,
-        input_strategy=image_inputs(batch, size),
-        description=description,
-        judged=True,  # deep: float32 noise past 1e-5, judged against a float64 run instead
-        examples=3,  # an example runs the detector three times, once in float64 node by node
-        schedules="default",  # the shipped speed build is validated on the geometry encoder only
+    return detector_spec(
+        "deformable_detr",
+        "transformers.DeformableDetrForObjectDetection (ResNet-50)",
+        lambda: build_deformable_detr(seed, checkpoint),
+        image_size,
+        STRIDE,
+        batch,
+        seed,
+        checkpoint,
     )

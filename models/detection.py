@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from hypothesis import strategies as st
 from torch import Tensor, nn
+
+from surgery.pipeline import ModelSpec
 
 from .checkpoint import CheckpointError
 
@@ -36,6 +39,7 @@ from .checkpoint import CheckpointError
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
 OUTPUT_NAMES = ("logits", "pred_boxes", "last_hidden_state")
+CALIBRATION_SEED = 12345  # calibration images, apart from the example inputs' seeds
 
 
 class DetectorWrapper(nn.Module):
@@ -54,6 +58,64 @@ class DetectorWrapper(nn.Module):
     def forward(self, pixel_values):
         out = self.detector(pixel_values=pixel_values)
         return out.logits, out.pred_boxes, out.last_hidden_state
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def build_detector(
+    model_class, config_class, config, seed: int, checkpoint: str | Path | None, calibration_size: tuple[int, int]
+) -> nn.Module:
+    """A transformers detector in eval mode: from a ``save_pretrained`` directory, or built from
+    ``config()`` with seeded random weights made to look trained (calibrated on two synthetic
+    images of ``calibration_size``)."""
+    if checkpoint is not None:
+        return load_pretrained(model_class, config_class, checkpoint)
+    with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        model = model_class(config()).eval()
+    return look_trained(model, synthetic_images(2, calibration_size, CALIBRATION_SEED), seed)
+
+
+def detector_spec(
+    name: str,
+    label: str,
+    build: Callable[[], nn.Module],
+    image_size,
+    stride: int,
+    batch: int,
+    seed: int,
+    checkpoint: str | Path | None,
+    query_dim: int | None = None,
+) -> ModelSpec:
+    """The ModelSpec of a detector ``build()`` makes, described as ``label``: its image size
+    and batch checked before it is built, synthetic images as inputs, judged against float64."""
+    size = check_image_size(tuple(image_size), stride)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    detector = build()
+    description = {
+        "model": label,
+        "weights": f"checkpoint {checkpoint}"
+        if checkpoint
+        else f"seeded random (seed {seed}), BatchNorm calibrated and zero projections drawn to look trained",
+        "image_size": list(size),
+        "batch": batch,
+        "parameters": sum(p.numel() for p in detector.parameters()),
+    }
+    return ModelSpec(
+        name=name,
+        module=DetectorWrapper(detector).eval(),
+        example_args=(synthetic_images(batch, size, seed),),
+        input_names=("pixel_values",),
+        output_names=OUTPUT_NAMES,
+        input_strategy=image_inputs(batch, size),
+        description=description,
+        judged=True,  # deep: float32 noise past 1e-5, judged against a float64 run instead
+        examples=3,  # an example runs the detector three times, once in float64 node by node
+        schedules="default",  # the shipped speed build is validated on the geometry encoder only
+        query_dim=query_dim,
+    )
 
 
 # ----------------------------------------------------------------------------- weights

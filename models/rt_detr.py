@@ -17,21 +17,10 @@ from pathlib import Path
 
 import torch
 
-from surgery.pipeline import ModelSpec
-
-from .detection import (
-    OUTPUT_NAMES,
-    DetectorWrapper,
-    check_image_size,
-    image_inputs,
-    load_pretrained,
-    look_trained,
-    synthetic_images,
-)
+from .detection import build_detector, detector_spec
 
 VARIANTS = ("r18vd", "r50vd")
 STRIDE = 32  # the backbone's largest stride: image sizes are multiples of it
-CALIBRATION_SEED = 12345  # calibration images, apart from the example inputs' seeds
 
 
 def rt_detr_config(variant: str = "r18vd"):
@@ -61,13 +50,9 @@ def build_rt_detr(
     (calibrated on two synthetic images of ``calibration_size``), or a checkpoint directory."""
     from transformers import RTDetrConfig, RTDetrForObjectDetection
 
-    if checkpoint is not None:
-        return load_pretrained(RTDetrForObjectDetection, RTDetrConfig, checkpoint)
-    config = rt_detr_config(variant)
-    with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
-        torch.manual_seed(seed)
-        model = RTDetrForObjectDetection(config).eval()
-    return look_trained(model, synthetic_images(2, calibration_size, CALIBRATION_SEED), seed)
+    return build_detector(
+        RTDetrForObjectDetection, RTDetrConfig, lambda: rt_detr_config(variant), seed, checkpoint, calibration_size
+    )
 
 
 def selection_scores(outputs) -> torch.Tensor:
@@ -84,29 +69,14 @@ def rt_detr_spec(
     checkpoint: str | Path | None = None,
 ):
     """RT-DETR (transformers RTDetrForObjectDetection, r18vd or r50vd), random weights made to look trained."""
-    size = check_image_size(tuple(image_size), STRIDE)
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
-    detector = build_rt_detr(variant, seed, checkpoint)
-    description = {
-        "model": f"transformers.RTDetrForObjectDetection ({variant if checkpoint is None else 'from checkpoint'})",
-        "weights": f"checkpoint {checkpoint}"
-        if checkpoint
-        else f"seeded random (seed {seed}), BatchNorm calibrated and zero projections drawn to look trained",
-        "image_size": list(size),
-        "batch": batch,
-        "parameters": sum(p.numel() for p in detector.parameters()),
-    }
-    return ModelSpec(
-        name="rt_detr",
-        module=DetectorWrapper(detector).eval(),
-        example_args=(synthetic_images(batch, size, seed),),
-        input_names=("pixel_values",),
-        output_names=OUTPUT_NAMES,
-        input_strategy=image_inputs(batch, size),
-        description=description,
-        judged=True,  # deep: float32 noise past 1e-5, judged against a float64 run instead
-        examples=3,  # an example runs the detector three times, once in float64 node by node
-        schedules="default",  # the shipped speed build is validated on the geometry encoder only
+    return detector_spec(
+        "rt_detr",
+        f"transformers.RTDetrForObjectDetection ({variant if checkpoint is None else 'from checkpoint'})",
+        lambda: build_rt_detr(variant, seed, checkpoint),
+        image_size,
+        STRIDE,
+        batch,
+        seed,
+        checkpoint,
         query_dim=1,  # queries ranked by topk: near-ties may order them otherwise (verified, docs/detectors.md)
     )
