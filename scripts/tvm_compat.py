@@ -15,6 +15,8 @@ bad input.
 
     python scripts/tvm_compat.py                       # the three versions, every model
     python scripts/tvm_compat.py --models geometry_encoder --versions 0.26.0 --examples 5
+
+Rerunning a subset of models or versions keeps the previous report's rows for the rest.
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ def run_apply(version: str, model: str, target: Path, work: Path, args) -> dict:
     row = {
         "version": version,
         "model": model,
+        "run_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "exit_code": run.returncode,
         "wall_s": wall,
         "log": shown(runs / "apply.log"),
@@ -194,6 +197,28 @@ def fmt(value, spec=".3g", missing="-"):
     return missing if value is None else format(value, spec)
 
 
+def with_earlier_rows(rows: list[dict], args) -> list[dict]:
+    """This run's rows, plus the previous report's rows for the (version, model) pairs not run this
+    time (``--models`` or ``--versions`` a subset), so one model can be rerun without losing the
+    others' results. Each row keeps the time it ran (``run_at``), which the report shows."""
+    earlier = Path(args.reports) / "tvm_compat.json"
+    try:
+        previous = json.loads(earlier.read_text()) if earlier.is_file() else {}
+    except (OSError, ValueError):
+        previous = {}
+    ran = {(r.get("version"), r.get("model")) for r in rows}
+    failed_versions = {r["version"] for r in rows if "model" not in r}
+    kept = [
+        dict(r, run_at=r.get("run_at") or previous.get("generated"))
+        for r in previous.get("rows", [])
+        if r.get("model") in MODEL_ARGS
+        and (r.get("version"), r["model"]) not in ran
+        and r.get("version") not in failed_versions
+    ]
+    model_order = {m: i for i, m in enumerate(MODEL_ARGS)}
+    return sorted(rows + kept, key=lambda r: (r["version"], model_order.get(r.get("model"), -1)))
+
+
 def write_report(rows: list[dict], args, total_s: float) -> tuple[Path, Path]:
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     examples = (
@@ -205,7 +230,8 @@ def write_report(rows: list[dict], args, total_s: float) -> tuple[Path, Path]:
         "# Stock TVM versions: `apply MODEL` under each",
         "",
         f"Generated {now} by `python scripts/tvm_compat.py` in {total_s:.0f} s on {platform.machine()} "
-        f"({os.cpu_count()} cores). Each version is installed in its own pip target directory and run in a fresh "
+        f"({os.cpu_count()} cores); rows for models or versions not run this time are kept from the previous "
+        "report, each with the time it ran. Each version is installed in its own pip target directory and run in a fresh "
         "process through PYTHONPATH; rewrites chosen by the default target-aware probe of that TVM. "
         f"Examples: {examples}; seed {args.seed}. "
         "Shapes: the geometry encoder at its defaults (3 points, 2 boxes, batch 1, 72x72 features), RT-DETR r18vd "
@@ -215,14 +241,14 @@ def write_report(rows: list[dict], args, total_s: float) -> tuple[Path, Path]:
         "its tolerance).",
         "",
         "| model | apache-tvm | apache-tvm-ffi | rewrites applied (calls replaced) | import | build | "
-        "error per output, TVM vs PyTorch | TVM latency | eager latency | verdict | wall |",
-        "|---|---|---|---|---|---|---|---:|---:|---|---:|",
+        "error per output, TVM vs PyTorch | TVM latency | eager latency | verdict | wall | run at |",
+        "|---|---|---|---|---|---|---|---:|---:|---|---:|---|",
     ]
     for r in rows:
         if "passed" not in r:
             lines.append(
                 f"| {r.get('model', '-')} | {r['version']} | - | - | - | - | - | - | - | FAILED: {r.get('error', '')} "
-                f"| {fmt(r.get('wall_s'), '.0f')} s |"
+                f"| {fmt(r.get('wall_s'), '.0f')} s | {r.get('run_at', '-')} |"
             )
             continue
         applied = ", ".join(f"`{k}` ({v})" for k, v in r["rewrites_applied"].items()) or "none"
@@ -236,7 +262,7 @@ def write_report(rows: list[dict], args, total_s: float) -> tuple[Path, Path]:
             f"| {r['model']} | {r['tvm']} | {r['versions'].get('apache-tvm-ffi', '-')} | {applied} | {imp} | {build} "
             f"| {errors} | "
             f"{fmt(r['latency_ms'].get('tvm_ms'), '.0f')} ms | {fmt(r['latency_ms'].get('eager_ms'), '.0f')} ms | "
-            f"{'passed' if r['passed'] else 'FAILED'} | {r['wall_s']:.0f} s |"
+            f"{'passed' if r['passed'] else 'FAILED'} | {r['wall_s']:.0f} s | {r.get('run_at', '-')} |"
         )
     lines += ["", "Why each rewrite was applied or skipped (the probe's findings):", ""]
     for r in rows:
@@ -338,6 +364,7 @@ def main(argv=None) -> int:
                 flush=True,
             )
             rows.append(row)
+    rows = with_earlier_rows(rows, args)
     md, js = write_report(rows, args, time.perf_counter() - start)
     print(f"report: {md} and {js} ({time.perf_counter() - start:.0f} s)")
     return 0 if all(r.get("passed") for r in rows) else 1

@@ -4,8 +4,10 @@ link points to a file (and heading) that exists, and reports show paths without 
 import contextlib
 import importlib.util
 import io
+import json
 import re
 import shlex
+import types
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,26 @@ def test_tvm_compat_reports_paths_relative_to_the_project():
     spec.loader.exec_module(tvm_compat)
     assert tvm_compat.shown(ROOT / "out" / "tvm_compat" / "0.25.0" / "apply.log") == "out/tvm_compat/0.25.0/apply.log"
     assert tvm_compat.shown(Path.home() / ".cache" / "surgery" / "tvm" / "0.25.0") == "~/.cache/surgery/tvm/0.25.0"
+
+
+def test_tvm_compat_keeps_the_rows_of_models_not_rerun(tmp_path):
+    spec = importlib.util.spec_from_file_location("tvm_compat", ROOT / "scripts" / "tvm_compat.py")
+    tvm_compat = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tvm_compat)
+    previous = [
+        {"version": "0.27.0", "model": "geometry_encoder", "passed": True},
+        {"version": "0.27.0", "model": "rt_detr", "passed": False},
+        {"version": "0.26.0", "model": "rt_detr", "passed": True},
+    ]
+    (tmp_path / "tvm_compat.json").write_text(json.dumps({"generated": "then", "rows": previous}))
+    args = types.SimpleNamespace(reports=str(tmp_path))
+    rerun = [{"version": "0.27.0", "model": "rt_detr", "passed": True, "run_at": "now"}]
+    rows = tvm_compat.with_earlier_rows(rerun, args)
+    assert [(r["version"], r["model"], r["passed"], r["run_at"]) for r in rows] == [
+        ("0.26.0", "rt_detr", True, "then"),
+        ("0.27.0", "geometry_encoder", True, "then"),
+        ("0.27.0", "rt_detr", True, "now"),
+    ]
+    # a version that failed to install this time loses its old rows: they would not describe it
+    failed = [{"version": "0.26.0", "error": "pip install failed (1)", "wall_s": None}]
+    assert {r.get("model") for r in tvm_compat.with_earlier_rows(failed, args) if r["version"] == "0.26.0"} == {None}
