@@ -148,6 +148,22 @@ def test_conv_as_matmul_graph_form(data):
     assert_equivalent(rewritten.module()(*case.args()), expected, scale=case.scale, context=repr(case))
 
 
+@pytest.mark.slow
+@settings(max_examples=graph_examples())
+@given(data=st.data())
+def test_conv_im2col_graph_form(data):
+    name = "conv_im2col"
+    case = data.draw(strategy_for(name), label="case")
+    program = torch.export.export(case.module(), case.args())
+    rewritten, log = surgery.rewrite_with_log(program, [name])
+    replaced = sum(result.replaced.get("aten.convolution.default", 0) for _, result in log)
+    event(f"groups={case.groups}")
+    assert replaced == (1 if case.groups == 1 else 0)
+    assert ("aten.convolution.default" in surgery.op_census(rewritten)) == (case.groups != 1)
+    expected = program.module()(*case.args())
+    assert_equivalent(rewritten.module()(*case.args()), expected, scale=case.scale, context=repr(case))
+
+
 @pytest.mark.sam3
 @pytest.mark.slow
 def test_attention_reassociation_rewrites_every_cross_attention_product_of_the_geometry_encoder():

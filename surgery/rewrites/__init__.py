@@ -6,6 +6,7 @@ from .attention_reassociation import AttentionReassociation
 from .base import Rewrite, RewriteError, RewriteResult, op_census
 from .bool_arithmetic import BoolArithmeticToLogical
 from .conv_as_matmul import ConvAsMatmul
+from .conv_im2col import ConvIm2col
 from .div_rounding import DivRoundingToArithmetic
 from .floor_divide import FloorDivideToFmod
 from .full_like import FullLikeToFull
@@ -44,9 +45,12 @@ ORDER: list[type[Rewrite]] = [
 # after the rewrites above). roi_align_separable takes the feature map back channels-last, a
 # round trip layout_round_trips then removes; gather_through_permute moves gathers before the
 # permutes left after that; matmul_packing runs last, as the others emit products it packs.
+# conv_as_matmul takes the convolutions whose kernel covers the input (one addmm) before
+# conv_im2col takes the rest.
 SPEED_ORDER: list[type[Rewrite]] = [
     RoiAlignSeparable,
     ConvAsMatmul,
+    ConvIm2col,
     AttentionReassociation,
     LayoutRoundTrips,
     GatherThroughPermute,
@@ -104,6 +108,7 @@ __all__ = [
     "AttentionReassociation",
     "BoolArithmeticToLogical",
     "ConvAsMatmul",
+    "ConvIm2col",
     "DivRoundingToArithmetic",
     "FloorDivideToFmod",
     "FullLikeToFull",

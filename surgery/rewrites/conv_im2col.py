@@ -1,0 +1,189 @@
+"""A 2-d convolution -> its input's patches as columns, times the weight as one matrix (im2col).
+
+Stock TVM compiles a convolution as a scalar loop nest over the output with a three-deep
+reduction (channel, kernel row, kernel column); the backbones of the detectors are almost all
+convolutions, and that loop nest ran RT-DETR's 30x slower than eager PyTorch here. As a matrix
+product ``[F, C*KH*KW] @ [C*KH*KW, Ho*Wo]`` it runs on our vectorised matmul schedule
+(``surgery.schedules.Matmul``), which already serves attention's products. The columns are
+``KH*KW`` strided slices of the zero-padded input, stacked, so they cost one copy of ``KH*KW``
+times the input (none for a 1x1 convolution with stride 1: a reshape).
+
+A speed rewrite: TVM converts ``convolution`` correctly, so the probe never asks for this one;
+``surgery.tvm_backend`` applies it when building the shipped configuration, after
+``conv_as_matmul`` (which turns a kernel covering its whole input into one ``addmm``).
+Grouped and transposed convolutions and those with a 1-d or 3-d input are left as they are.
+
+Contract: same products and sums as the convolution, accumulated in a different order; float64
+results agree to a few ulps of the sum of |terms|, float32 within the usual 1e-5 absolute on
+unit-scale inputs (checked by the property tests in both dtypes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from hypothesis import strategies as st
+from torch import Tensor
+
+from ..equivalence.strategies import dtypes, seeded_tensor
+from .base import Rewrite, RewriteResult, decomposed, op_census
+
+aten = torch.ops.aten
+
+CONTRACT = (
+    "2-d convolutions with groups 1, not transposed, any stride, zero padding and dilation, become "
+    "patches-as-columns times the weight as one matrix product; same terms summed in another order "
+    "(float64: within 1e-12 relative to the sum of |terms|; float32: 1e-5 absolute on unit-scale inputs); "
+    "grouped, transposed and non-2-d convolutions are left as they are"
+)
+
+
+def takes_convolution(input: Tensor, weight: Tensor, transposed: bool, groups: int) -> bool:
+    return input.dim() == 4 and weight.dim() == 4 and not transposed and groups == 1
+
+
+def output_extent(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def im2col_convolution(input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation) -> Tensor:
+    """``F.conv2d(input, weight, bias, stride, padding, dilation)`` as one matrix product:
+    ``[N, F, Ho, Wo]``."""
+    n, c, h, w = input.shape
+    f, _, kh, kw = weight.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    ho, wo = output_extent(h, kh, sh, ph, dh), output_extent(w, kw, sw, pw, dw)
+    if ph or pw:
+        input = aten.constant_pad_nd(input, [pw, pw, ph, ph])  # [N, C, H + 2ph, W + 2pw]
+    # Two stacks of KW and then KH strided slices, not one of KH*KW: a 49-way concatenation
+    # (a 7x7 stem) compiles as one kernel choosing among 49 inputs, which TVM took minutes to build.
+    input = _stack_slices(input, 3, kw, dw, sw, wo)  # [N, C, KW, H + 2ph, Wo]
+    input = _stack_slices(input, 3, kh, dh, sh, ho)  # [N, C, KH, KW, Ho, Wo]
+    # channel-major, then kernel row and column: the order of weight.reshape(F, C*KH*KW)
+    columns = input.reshape(n, c * kh * kw, ho * wo)  # [N, C*KH*KW, Ho*Wo]
+    kernel = weight.reshape(f, c * kh * kw)  # [F, C*KH*KW]
+    out = torch.matmul(kernel, columns)  # [N, F, Ho*Wo]
+    if bias is not None:
+        out = out + bias.reshape(f, 1)  # [N, F, Ho*Wo]
+    return out.reshape(n, f, ho, wo)  # [N, F, Ho, Wo]
+
+
+def _stack_slices(input: Tensor, dim: int, taps: int, dilation: int, stride: int, extent: int) -> Tensor:
+    """The ``taps`` windows of ``extent`` positions along ``dim`` that a kernel of ``taps`` taps
+    reads, stacked in a new axis at ``dim - 1``: ``out[..., t, ..., o, ...] = input[..., t *
+    dilation + o * stride, ...]``."""
+    windows = [
+        aten.slice(input, dim, t * dilation, t * dilation + stride * (extent - 1) + 1, stride) for t in range(taps)
+    ]  # taps x [..., extent along dim, ...]
+    return torch.stack(windows, dim=dim - 1) if taps > 1 else windows[0].unsqueeze(dim - 1)
+
+
+def _convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+    if not takes_convolution(input, weight, transposed, groups):
+        return NotImplemented  # run_decompositions keeps the convolution
+    return im2col_convolution(input, weight, bias, stride, padding, dilation)
+
+
+class ConvIm2col(Rewrite):
+    name = "conv_im2col"
+    summary = "aten.convolution (2-d, groups 1) -> strided slices as columns, one matmul (speed)"
+    contract = CONTRACT
+
+    @staticmethod
+    def cases(dtype=None):
+        return im2col_cases(dtype)
+
+    def decompositions(self):
+        return {aten.convolution.default: _convolution}
+
+    def __call__(self, program: torch.export.ExportedProgram) -> RewriteResult:
+        # Works on core ATen (convolution.default); convs it does not take stay, so no
+        # "operator left behind" check, and the count is of convolutions actually replaced.
+        program = decomposed(program)
+        before = op_census(program)["aten.convolution.default"]
+        if not before:
+            return RewriteResult(program, {})
+        rewritten = program.run_decompositions(self.decompositions())
+        replaced = before - op_census(rewritten)["aten.convolution.default"]
+        return RewriteResult(rewritten, {"aten.convolution.default": replaced} if replaced else {})
+
+
+# ----------------------------------------------------------------------------- strategy
+
+
+@dataclasses.dataclass
+class Im2colCase:
+    input: Tensor  # [N, C, H, W]
+    weight: Tensor  # [F, C / groups, KH, KW]
+    bias: Tensor | None  # [F]
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+    def reference(self) -> Tensor:
+        return torch.nn.functional.conv2d(
+            self.input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
+
+    def rewritten(self) -> Tensor:
+        if not takes_convolution(self.input, self.weight, False, self.groups):
+            return self.reference()  # what the rewrite leaves in place
+        return im2col_convolution(self.input, self.weight, self.bias, self.stride, self.padding, self.dilation)
+
+    def module(self) -> torch.nn.Module:
+        return _ConvModule(self.stride, self.padding, self.dilation, self.groups)
+
+    def args(self) -> tuple:
+        return (self.input, self.weight) + ((self.bias,) if self.bias is not None else ())
+
+    @property
+    def scale(self) -> float:
+        """The largest sum of |terms|: the natural scale of a reassociated sum's error."""
+        bias = self.bias.abs() if self.bias is not None else None
+        return float(
+            torch.nn.functional.conv2d(
+                self.input.abs(), self.weight.abs(), bias, self.stride, self.padding, self.dilation, self.groups
+            ).max()
+        )
+
+
+class _ConvModule(torch.nn.Module):
+    def __init__(self, stride, padding, dilation, groups: int):
+        super().__init__()
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+
+    def forward(self, input, weight, bias=None):
+        return torch.nn.functional.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def im2col_cases(dtype=None):
+    """Hypothesis strategy of ``Im2colCase``: the detectors' convolutions in small (1x1, 3x3 and
+    7x7 kernels, strides 1 and 2, padding up to the kernel's half and beyond, dilation 1 and 2,
+    odd and even maps down to a kernel as large as the padded input), with and without bias,
+    plus grouped convolutions, which the rewrite must leave alone."""
+
+    @st.composite
+    def cases(draw):
+        dt = draw(dtypes) if dtype is None else dtype
+        n, c, f = draw(st.integers(1, 2)), draw(st.integers(1, 6)), draw(st.integers(1, 6))
+        kh, kw = draw(st.sampled_from([1, 3, 7, 2])), draw(st.sampled_from([1, 3, 7, 2]))
+        stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+        dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+        padding = (draw(st.integers(0, kh)), draw(st.integers(0, kw)))
+        span_h, span_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
+        # at least one output position: the padded map is as large as the dilated kernel
+        h = draw(st.integers(max(1, span_h - 2 * padding[0]), max(1, span_h - 2 * padding[0]) + 9))
+        w = draw(st.integers(max(1, span_w - 2 * padding[1]), max(1, span_w - 2 * padding[1]) + 9))
+        groups = 1
+        if draw(st.integers(0, 7)) == 0:
+            groups = c = f = draw(st.sampled_from([2, 3]))
+        seed = draw(st.integers(0, 2**31 - 1))
+        input = seeded_tensor((n, c, h, w), dt, seed)  # [N, C, H, W]
+        fan_in = (c // groups) * kh * kw  # weights scaled as a layer's are: unit-scale outputs
+        weight = seeded_tensor((f, c // groups, kh, kw), dt, seed + 1) / fan_in**0.5  # [F, C/groups, KH, KW]
+        bias = seeded_tensor((f,), dt, seed + 2) if draw(st.booleans()) else None  # [F]
+        return Im2colCase(input, weight, bias, stride, padding, dilation, groups)
+
+    return cases()
