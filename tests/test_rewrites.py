@@ -90,7 +90,7 @@ def test_rewrite_reports_untouched_program():
 def test_unknown_rewrite_lists_known_ones(program):
     with pytest.raises(
         RewriteError,
-        match="unknown rewrite 'roialign'; known rewrites: roi_align, grid_sample, scatter, floor_divide, "
+        match="unknown rewrite 'roialign'; known rewrites: row_dispatch, roi_align, grid_sample, scatter, floor_divide, "
         "div_rounding, bool_arithmetic, full_like, where_scalar, negative_index",
     ):
         surgery.rewrite(program, ["roialign"])
