@@ -679,8 +679,9 @@ def test_row_dispatch_takes_matrix_products_within_bounds():
         lambda r: r - r.mean(0),
         lambda r: r.exp(),  # row-wise, but vectorised and scalar exp may differ in the last bit
         lambda r: F.linear(r.T, torch.ones(r.shape[0], r.shape[0])).T,  # rows mixed by a product
+        lambda r: r * r.shape[0],  # each row scaled by the number selected
     ],
-    ids=["sum over rows", "softmax over rows", "cumsum over rows", "flip", "centred", "exp", "rows mixed"],
+    ids=["sum over rows", "softmax over rows", "cumsum over rows", "flip", "centred", "exp", "rows mixed", "count"],
 )
 def test_row_dispatch_leaves_non_row_wise_computations_alone(f):
     x = torch.linspace(-2, 2, 6 * 3).reshape(6, 3).sin()

@@ -372,12 +372,22 @@ class _RowWalk:
         return None
 
     def plain_arguments(self, node: fx.Node) -> bool:
-        """No size argument other than the selected count involves an unbacked symbol (the count
-        itself becomes the mask's length)."""
+        """The selected count appears only as the leading size of a reshape or expand (where it
+        becomes the mask's length); no other argument involves an unbacked size (``r * r.shape[0]``
+        would be multiplied by another number)."""
+        args = list(node.args)
+        if node.target in _SHAPED:
+            leading = node_value(args[1][0])
+            if _unbacked(leading) and _expr(leading) != self.count:
+                return False
+            args[1] = args[1][1:]
         arguments: list[fx.Node] = []
-        fx.node.map_arg((node.args, node.kwargs), arguments.append)
-        sizes = [node_value(a) for a in arguments if isinstance(node_value(a), torch.SymInt)]
-        return all(_expr(size) == self.count or not _unbacked(size) for size in sizes)
+        fx.node.map_arg((args, node.kwargs), arguments.append)
+        return not any(isinstance(node_value(a), torch.SymInt) and _unbacked(node_value(a)) for a in arguments)
+
+
+# Layout operators whose second argument is the result's shape.
+_SHAPED = frozenset({aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default})
 
 
 def _keeps_dim_0(node: fx.Node) -> bool:
@@ -518,7 +528,7 @@ class RowDispatch(GraphRewrite):
         if node.op != "call_function":
             return False
         if node.target is aten.nonzero.default:
-            return any(row_dispatch(u) is not None and row_dispatch(u).nonzero is node for u in _descendants(node))
+            return any((d := row_dispatch(u)) is not None and d.nonzero is node for u in _descendants(node))
         return row_dispatch(node) is not None
 
     def rewrite_graph(self, graph, program):
@@ -658,7 +668,7 @@ class MultiScaleModule(torch.nn.Module):
 
 def multiscale_cases(dtype=None):
     """Hypothesis strategy of ``MultiScaleCase``: one or two images of 32-96 pixels a side, four
-    maps of 1-3 channels, 1-6 boxes an image: boxes whose size LevelMapper sends to each level,
+    maps of 1-3 channels, 1-6 boxes an image (4-10 with one on every level): boxes whose size LevelMapper sends to each level,
     boxes exactly at the level thresholds (sqrt(area) = 112, 224, 448, on integer corners and
     shifted, so rounding may take either side), zero-area padding boxes; boxes on every level,
     all on one level or drawn freely (some levels empty); 7x7, 14x14 and small pooling, sampling
