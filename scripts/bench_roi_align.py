@@ -1,5 +1,7 @@
 """Benchmark: the rewritten roi_align against torchvision's C++ kernel and its pure-PyTorch
-``_roi_align``, on SAM3-shaped inputs (256 x 72 x 72 features, 7 x 7 output, adaptive sampling).
+``_roi_align``, on SAM3-shaped inputs (256 x 72 x 72 features, 7 x 7 output, adaptive sampling);
+with ``--multiscale``, torchvision's MultiScaleRoIAlign against the program the ``row_dispatch``
+rewrite makes of it (every box pooled on every level), on Mask R-CNN shapes.
 
 Time: medians over interleaved repeats in this process, after a warm-up, all cores.
 Peak memory: one fresh subprocess per (implementation, boxes), the rise of the process's peak
@@ -8,12 +10,15 @@ numbers of this one run.
 
     python scripts/bench_roi_align.py                 # writes reports/bench_roi_align.{md,json}
     python scripts/bench_roi_align.py --boxes 1,4 --repeats 3
+    python scripts/bench_roi_align.py --multiscale    # writes reports/bench_roi_align_multiscale.{md,json}
+    python scripts/bench_roi_align.py --multiscale --boxes 100 --repeats 3 --no-tvm
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -88,22 +93,139 @@ def measure_memory(impl: str, K: int, dist: str) -> int:
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
+# ----------------------------------------------------------------------------- multiscale
+# Mask R-CNN's poolers: four FPN maps of 256 channels at strides 4-32 of an 800 x 1088 image;
+# boxes 7 x 7 and masks 14 x 14, sampling_ratio 2.
+IMAGE = (800, 1088)
+STRIDES = (4, 8, 16, 32)
+POOLERS = {"box 7x7": 7, "mask 14x14": 14}
+MULTISCALE_REPEATS = 5
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def multiscale_inputs(K: int, seed: int = 0):
+    """The maps, and K proposals: sqrt(area) log-uniform in 16-800 px (every level), aspect
+    0.5-2, inside the image."""
+    g = torch.Generator().manual_seed(seed)
+    features = tuple(torch.randn(1, C, IMAGE[0] // s, IMAGE[1] // s, generator=g) for s in STRIDES)
+    size = torch.empty(K).uniform_(math.log(16), math.log(800), generator=g).exp()
+    aspect = torch.empty(K).uniform_(0.5, 2.0, generator=g).sqrt()
+    w, h = (size * aspect).clamp(max=IMAGE[1] - 1), (size / aspect).clamp(max=IMAGE[0] - 1)
+    x1, y1 = torch.rand(K, generator=g) * (IMAGE[1] - w), torch.rand(K, generator=g) * (IMAGE[0] - h)
+    return features, torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
+
+
+def multiscale_implementations(output_size: int, features, boxes, tvm: bool):
+    """name -> callable(*features, boxes): the eager module, the rewritten program run by
+    PyTorch, and (``tvm``) that program built by the installed TVM."""
+    from surgery import rewrite
+    from surgery.rewrites.row_dispatch import MultiScaleModule
+
+    pooler = torchvision.ops.MultiScaleRoIAlign([str(i) for i in range(len(STRIDES))], output_size, 2)
+    module = MultiScaleModule(pooler, len(STRIDES), IMAGE)
+    program = rewrite(torch.export.export(module, (*features, boxes)), ["row_dispatch"])
+    impls = {"torchvision MultiScaleRoIAlign (eager)": module, "row_dispatch, PyTorch": program.module()}
+    if tvm:
+        from surgery.tvm_backend import compile_program
+
+        fn, _ = compile_program(program)
+        impls["row_dispatch, TVM"] = lambda *args: fn(*args)[0]
+    return impls
+
+
+def multiscale(args, counts: list[int]) -> int:
+    from surgery.rewrites.row_dispatch import CONTRACT
+    from surgery.tvm_backend import tvm_versions
+
+    rows = []
+    for pooler_name, output_size in POOLERS.items():
+        for K in counts:
+            features, boxes = multiscale_inputs(K)
+            impls = multiscale_implementations(output_size, features, boxes, args.tvm)
+            reference = impls["torchvision MultiScaleRoIAlign (eager)"](*features, boxes)
+            outputs = {n: fn(*features, boxes) for n, fn in impls.items()}  # also the warm-up
+            if not torch.equal(outputs["row_dispatch, PyTorch"], reference):
+                print(f"the rewritten program is not bit-exact ({pooler_name}, K={K})", file=sys.stderr)
+                return 1
+            times = {n: [] for n in impls}
+            for _ in range(args.repeats):  # interleaved: drift hits every implementation alike
+                for n, fn in impls.items():
+                    start = time.perf_counter()
+                    fn(*features, boxes)
+                    times[n].append(time.perf_counter() - start)
+            for n in impls:
+                row = {
+                    "pooler": pooler_name,
+                    "boxes": K,
+                    "impl": n,
+                    "ms": 1e3 * statistics.median(times[n]),
+                    "max_abs_vs_eager": compare(outputs[n], reference).max_abs,
+                    "bit_exact": torch.equal(outputs[n], reference),
+                }
+                rows.append(row)
+                print(f"{pooler_name:10s} K={K:4d}  {n:40s} {row['ms']:9.1f} ms", flush=True)
+
+    eager = {(r["pooler"], r["boxes"]): r["ms"] for r in rows if r["impl"].startswith("torchvision")}
+    tvm = f", apache-tvm {tvm_versions()['apache-tvm']}" if args.tvm else ""
+    lines = [
+        "# MultiScaleRoIAlign benchmark: eager against the row_dispatch rewrite",
+        "",
+        f"`python scripts/bench_roi_align.py --multiscale` on {cpu_name()} ({platform.machine()}, "
+        f"{os.cpu_count()} cores), torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"torchvision {torchvision.__version__}{tvm}. Mask R-CNN's poolers: four FPN maps of {C} channels "
+        f"at strides {', '.join(map(str, STRIDES))} of a {IMAGE[0]} x {IMAGE[1]} image, sampling_ratio 2, "
+        "float32; proposals of sqrt(area) log-uniform in 16-800 px (every level), inside the image. "
+        f"Median of {args.repeats} interleaved repeats after a warm-up call. The rewritten program "
+        "pools every box on every level and keeps each box's level with `where`: "
+        f"{len(STRIDES)} times the roi_align work of the eager module, which pools each box once.",
+        "",
+        "| pooler | K | impl | time (ms) | time vs eager | max abs error vs eager | bit-exact |",
+        "|---|---:|---|---:|---:|---:|---|",
+    ]
+    lines += [
+        f"| {r['pooler']} | {r['boxes']} | {r['impl']} | {r['ms']:.1f} | "
+        f"{r['ms'] / eager[(r['pooler'], r['boxes'])]:.2f}x | {r['max_abs_vs_eager']:.2g} | "
+        f"{'yes' if r['bit_exact'] else 'no'} |"
+        for r in rows
+    ]
+    lines += ["", f"Contract of the rewrite: {CONTRACT}.", ""]
+    out = Path(args.out)
+    write_text(out / "bench_roi_align_multiscale.md", "\n".join(lines) + "\n")
+    write_text(out / "bench_roi_align_multiscale.json", json.dumps({"cpu": cpu_name(), "rows": rows}, indent=2) + "\n")
+    print(f"report: {out / 'bench_roi_align_multiscale.md'}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--boxes", default="1,4,16,64", help="comma-separated box counts")
+    parser.add_argument("--boxes", help="comma-separated box counts (default 1,4,16,64; --multiscale: 100,1000)")
     parser.add_argument("--dists", default="random,large", help="box size distributions: random, large")
-    parser.add_argument("--repeats", type=int, default=21)
-    parser.add_argument("--out", default="reports", help="directory for bench_roi_align.md/.json")
+    parser.add_argument("--repeats", type=int, help=f"default 21; --multiscale: {MULTISCALE_REPEATS}")
+    parser.add_argument("--multiscale", action="store_true", help="MultiScaleRoIAlign against row_dispatch")
+    parser.add_argument("--no-tvm", dest="tvm", action="store_false", help="--multiscale: without the TVM build")
+    parser.add_argument("--out", default="reports", help="directory for the reports")
     parser.add_argument("--memory-child", nargs=3, metavar=("IMPL", "K", "DIST"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         impl, K, dist = args.memory_child
         measure_memory_child(impl, int(K), dist)
         return 0
+    boxes = args.boxes or ("100,1000" if args.multiscale else "1,4,16,64")
+    args.repeats = args.repeats or (MULTISCALE_REPEATS if args.multiscale else 21)
     try:
-        counts = [int(k) for k in args.boxes.split(",")]
+        counts = [int(k) for k in boxes.split(",")]
     except ValueError:
-        parser.error(f"--boxes must be comma-separated integers, got {args.boxes!r}")
+        parser.error(f"--boxes must be comma-separated integers, got {boxes!r}")
+    if args.multiscale:
+        if any(k < 1 for k in counts) or args.repeats < 1:
+            parser.error("--boxes and --repeats must be positive")
+        return multiscale(args, counts)
     dists = args.dists.split(",")
     if any(d not in ("random", "large") for d in dists) or any(k < 1 for k in counts) or args.repeats < 1:
         parser.error("--dists takes random,large; --boxes and --repeats must be positive")

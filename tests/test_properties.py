@@ -53,7 +53,7 @@ def test_function_form(name, data):
     assert_equivalent(case.rewritten(), expected, scale=case.scale, context=repr(case))
 
 
-@pytest.mark.parametrize("name", ["floor_divide", "div_rounding", "bool_arithmetic"])
+@pytest.mark.parametrize("name", ["floor_divide", "div_rounding", "bool_arithmetic", "row_dispatch"])
 @given(data=st.data())
 def test_function_form_is_bit_exact(name, data):
     """What these contracts promise beyond the project bounds: the same values, NaN where NaN
@@ -104,6 +104,28 @@ def test_negative_index_graph_form(data):
     assert not any(needs_normalising(n) for n in rewritten.graph.nodes)
     assert torch.equal(rewritten.module()(*case.args()), program.module()(*case.args()))
     assert torch.equal(program.module()(*case.args()), case.reference())
+
+
+@pytest.mark.slow
+@settings(max_examples=graph_examples())
+@given(data=st.data())
+def test_row_dispatch_graph_form(data):
+    """MultiScaleRoIAlign exported: each level's index_put and nonzero gone, no unbacked size
+    left, and the rewritten program gives the eager module's results bit for bit."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    case = data.draw(strategy_for("row_dispatch"), label="case")
+    for kind in case.kinds:
+        event(f"box={kind}")
+    program = torch.export.export(case.module(), case.args())
+    rewritten, log = surgery.rewrite_with_log(program, ["row_dispatch"])
+    levels = len(case.features)
+    assert dict(log[0][1].replaced) == {"aten.index_put.default": levels, "aten.nonzero.default": levels}
+    assert not {"aten.nonzero.default", "aten.index_put.default"} & set(surgery.op_census(rewritten))
+    assert not free_unbacked_symbols(
+        [*rewritten.range_constraints, *(n.meta.get("val") for n in rewritten.graph.nodes)]
+    )
+    assert_identical(rewritten.module()(*case.args()), case.reference(), context=repr(case))
 
 
 def _is_select(node) -> bool:

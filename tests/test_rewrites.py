@@ -1,5 +1,6 @@
 """Unit tests: the rewrite API, each rewrite's edges and choices, and the comparison metrics."""
 
+import dataclasses
 import math
 
 import pytest
@@ -89,7 +90,7 @@ def test_rewrite_reports_untouched_program():
 def test_unknown_rewrite_lists_known_ones(program):
     with pytest.raises(
         RewriteError,
-        match="unknown rewrite 'roialign'; known rewrites: roi_align, grid_sample, scatter, floor_divide, "
+        match="unknown rewrite 'roialign'; known rewrites: row_dispatch, roi_align, grid_sample, scatter, floor_divide, "
         "div_rounding, bool_arithmetic, full_like, where_scalar, negative_index",
     ):
         surgery.rewrite(program, ["roialign"])
@@ -549,3 +550,153 @@ def test_where_scalar_after_scatter_leaves_no_number_operand():
     census = surgery.op_census(rewritten)
     assert not any(op.startswith("aten.where.Scalar") for op in census), census
     assert torch.equal(rewritten.module()(*args), M()(*args))
+
+
+# ------------------------------------------------------------------ row_dispatch
+
+
+def _multiscale_boxes(generator, count: int, image_size) -> torch.Tensor:
+    """Boxes of sqrt(area) 16-700 px (log-uniform: every FPN level), some straddling the image,
+    the last one zero-area padding."""
+    H, W = image_size
+    size = torch.exp(torch.empty(count).uniform_(math.log(16), math.log(700), generator=generator))
+    aspect = torch.empty(count).uniform_(0.5, 2.0, generator=generator).sqrt()
+    x1 = torch.rand(count, generator=generator) * W - size / 4
+    y1 = torch.rand(count, generator=generator) * H - size / 4
+    boxes = torch.stack([x1, y1, x1 + size * aspect, y1 + size / aspect], dim=1)
+    boxes[-1] = 0.0
+    return boxes
+
+
+def _has_unbacked_sizes(program) -> bool:
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    values = [n.meta.get("val") for n in program.graph.nodes]
+    return bool(free_unbacked_symbols(list(program.range_constraints))) or any(
+        free_unbacked_symbols(v) for v in values if v is not None
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("output_size", [7, 14], ids=["box pooler 7x7", "mask pooler 14x14"])
+def test_row_dispatch_rewrites_multiscale_roi_align_bit_exact(output_size):
+    """torchvision's MultiScaleRoIAlign (Mask R-CNN's poolers) exports with nonzero and unbacked
+    sizes; rewritten, static shapes only and the eager module's results bit for bit, on boxes
+    drawn over every level."""
+    from torchvision.ops.poolers import LevelMapper
+
+    from surgery.rewrites.row_dispatch import MultiScaleModule
+
+    image_size, generator = (128, 160), torch.Generator().manual_seed(0)
+    pooler = torchvision.ops.MultiScaleRoIAlign(["0", "1", "2", "3"], output_size, 2)
+    module = MultiScaleModule(pooler, 4, image_size)
+    features = [torch.randn(1, 4, 128 // s, 160 // s, generator=generator) for s in (4, 8, 16, 32)]
+    program = torch.export.export(module, (*features, _multiscale_boxes(generator, 12, image_size)))
+    assert surgery.op_census(program)["aten.where.default"] == 4 and _has_unbacked_sizes(program)
+    rewritten, log = surgery.rewrite_with_log(program, ["row_dispatch"])
+    assert dict(log[0][1].replaced) == {"aten.index_put.default": 4, "aten.nonzero.default": 4}
+    census = surgery.op_census(rewritten)
+    assert census["torchvision.roi_align.default"] == 4 and census["aten.where.self"] == 4
+    assert not {"aten.nonzero.default", "aten.index_put.default", "aten._assert_scalar.default"} & set(census)
+    assert not _has_unbacked_sizes(rewritten)
+    levels_seen = set()
+    for _ in range(5):
+        boxes = _multiscale_boxes(generator, 12, image_size)
+        levels_seen |= set(LevelMapper(2, 5)([boxes]).tolist())
+        assert torch.equal(
+            rewritten.module()(*features, boxes),
+            pooler({str(i): f for i, f in enumerate(features)}, [boxes], [image_size]),
+        )
+    assert levels_seen == {0, 1, 2, 3}
+
+
+def test_row_dispatch_runs_before_roi_align():
+    """With both, roi_align pools every box on every level, after row_dispatch: alone on the
+    dispatched graph its replacement cannot be traced on an unbacked number of boxes."""
+    from surgery.rewrites.row_dispatch import MultiScaleCase
+
+    generator = torch.Generator().manual_seed(1)
+    features = tuple(torch.randn(1, 2, 64 // s, 64 // s, generator=generator) for s in (4, 8, 16, 32))
+    case = MultiScaleCase(features, (_multiscale_boxes(generator, 5, (64, 64)),), (64, 64), (2, 2), 1, ())
+    program = torch.export.export(case.module(), case.args())
+    rewritten, log = surgery.rewrite_with_log(program, ["roi_align", "row_dispatch"])
+    assert [rw.name for rw, _ in log] == ["row_dispatch", "roi_align"]
+    assert dict(log[1][1].replaced) == {"torchvision.roi_align.default": 4}
+    assert "aten.nonzero.default" not in surgery.op_census(rewritten)
+    assert_equivalent(rewritten.module()(*case.args()), case.reference())
+    with pytest.raises(Exception, match="data-dependent"):
+        surgery.rewrite(program, ["roi_align"])
+
+
+def _dispatched(f, x, mask):
+    from surgery.rewrites.row_dispatch import DispatchCase
+
+    case = DispatchCase(x, mask, f)
+    program = torch.export.export(case.module(), case.args())
+    rewritten, log = surgery.rewrite_with_log(program, ["row_dispatch"])
+    return case, rewritten, log[0][1]
+
+
+_WEIGHT = torch.linspace(-1, 1, 12).reshape(3, 4)
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda r: 2 * r + 1,
+        lambda r: (r * torch.tensor([1.0, -2.0, 0.5])).relu().sqrt(),  # operand broadcast along dim 0
+        lambda r: torch.where(r > 0, r, r / 3).to(torch.float64),
+        lambda r: r.view(r.shape[0], 3, 1).expand(-1, 3, 2).permute(0, 2, 1).clamp(-0.5, 0.5),
+        lambda r: r[:, 1:] - r[:, :1],
+    ],
+    ids=["affine", "broadcast operand", "where and cast", "layout keeping dim 0", "columns"],
+)
+def test_row_dispatch_takes_row_wise_computations(f):
+    x = torch.linspace(-2, 2, 7 * 3).reshape(7, 3).sin()
+    case, rewritten, result = _dispatched(f, x, x[:, 0] > 0)
+    assert dict(result.replaced) == {"aten.index_put.default": 1, "aten.nonzero.default": 1}
+    assert "aten.nonzero.default" not in surgery.op_census(rewritten)
+    for mask in (x[:, 0] > 0, torch.zeros(7, dtype=torch.bool), torch.ones(7, dtype=torch.bool)):
+        assert_identical(rewritten.module()(x, mask), dataclasses.replace(case, mask=mask).reference())
+
+
+def test_row_dispatch_takes_matrix_products_within_bounds():
+    """linear on the selected rows: row-wise, though BLAS may sum a row's terms in another order
+    for another number of rows (not bit-exact across row counts: measured)."""
+    x = torch.linspace(-2, 2, 9 * 4).reshape(9, 4).cos()
+    case, rewritten, result = _dispatched(lambda r: F.linear(r, _WEIGHT, torch.ones(3)), x, x[:, 1] > 0)
+    assert result.modified and "aten.nonzero.default" not in surgery.op_census(rewritten)
+    assert_equivalent(rewritten.module()(*case.args()), case.reference())
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda r: r.sum(0, keepdim=True).expand_as(r),
+        lambda r: torch.softmax(r, dim=0),
+        lambda r: r.cumsum(0),
+        lambda r: r.flip(0),
+        lambda r: r - r.mean(0),
+        lambda r: r.exp(),  # row-wise, but vectorised and scalar exp may differ in the last bit
+        lambda r: F.linear(r.T, torch.ones(r.shape[0], r.shape[0])).T,  # rows mixed by a product
+        lambda r: r * r.shape[0],  # each row scaled by the number selected
+    ],
+    ids=["sum over rows", "softmax over rows", "cumsum over rows", "flip", "centred", "exp", "rows mixed", "count"],
+)
+def test_row_dispatch_leaves_non_row_wise_computations_alone(f):
+    x = torch.linspace(-2, 2, 6 * 3).reshape(6, 3).sin()
+    case, rewritten, result = _dispatched(f, x, x[:, 0] > 0)
+    assert not result.modified
+    assert surgery.op_census(rewritten)["aten.nonzero.default"] == 1
+    assert torch.equal(rewritten.module()(*case.args()), case.reference())
+
+
+def test_row_dispatch_leaves_accumulation_alone():
+    class Accumulate(torch.nn.Module):
+        def forward(self, x, mask):
+            idx = torch.where(mask)[0]
+            return torch.ones_like(x).index_put((idx,), 2 * x[idx], accumulate=True)
+
+    x = torch.randn(5, 2)
+    _, log = surgery.rewrite_with_log(torch.export.export(Accumulate(), (x, x[:, 0] > 0)), ["row_dispatch"])
+    assert not log[0][1].modified

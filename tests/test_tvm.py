@@ -49,7 +49,35 @@ def test_probe_finds_the_known_converter_bugs(probe):
         "floor_divide",
         "grid_sample",
         "negative_index",
+        "row_dispatch",
     ]
+
+
+def test_probe_finds_nonzero_fails_to_import(probe):
+    # torch.where(mask)[0] (MultiScaleRoIAlign's level dispatch): no converter for nonzero.
+    finding = probe.findings["row_dispatch"]
+    assert finding.needed and "converter fails" in finding.reason and "nonzero" in finding.reason
+
+
+def test_multiscale_roi_align_runs_on_tvm_after_row_dispatch(probe):
+    """Mask R-CNN's box pooler (MultiScaleRoIAlign, 4 maps, 7x7, sampling 2), rewritten with
+    what this TVM needs, builds and matches the eager module on boxes over every level."""
+    import torchvision
+
+    from surgery.rewrites.row_dispatch import MultiScaleCase
+
+    generator = torch.Generator().manual_seed(0)
+    features = tuple(torch.randn(1, 8, 128 // s, 160 // s, generator=generator) for s in (4, 8, 16, 32))
+    sizes = torch.tensor([20.0, 60, 130, 200, 300, 420, 600, 0])  # levels 2, 2, 3, 3, 4, 4, 5 and padding
+    corners = torch.rand(8, 2, generator=generator) * torch.tensor([160.0, 128.0])
+    boxes = torch.cat([corners, corners + sizes[:, None]], dim=1)
+    case = MultiScaleCase(features, (boxes,), (128, 160), (7, 7), 2, ())
+    program = torch.export.export(case.module(), case.args())
+    rewritten = surgery.rewrite(program, probe.needed())
+    fn, _ = tvm_backend.compile_program(rewritten)
+    levels = torchvision.ops.poolers.LevelMapper(2, 5)([boxes])
+    assert set(levels.tolist()) == {0, 1, 2, 3}
+    assert_equivalent(fn(*case.args())[0], case.reference(), context="TVM")
 
 
 def test_probe_finds_float_division_with_rounding_mode_fails_to_import(probe):

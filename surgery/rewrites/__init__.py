@@ -17,18 +17,23 @@ from .matmul_packing import MatmulPacking
 from .negative_index import NegativeIndex
 from .roi_align import RoiAlignToGridSample
 from .roi_align_separable import RoiAlignSeparable
+from .row_dispatch import RowDispatch
 from .scatter import ScatterToSelect
 from .where_scalar import WhereScalarToFull
 
-# The order the rewrites run in. A replacement may call another rewrite's operator, which that
-# rewrite must then still find: roi_align emits grid_sampler_2d, so it runs before grid_sample;
-# scatter emits where(match, position, -1), so it runs before where_scalar; and replacements
-# call zeros_like/full_like and where with numbers, so full_like and where_scalar run late.
+# The order the rewrites run in. row_dispatch runs first: it recognises the row-wise computation
+# between a nonzero selection and its index_put by its operators, torchvision's roi_align among
+# them, which roi_align would replace by a grid sampler (and cannot trace on an unbacked number
+# of boxes). A replacement may call another rewrite's operator, which that rewrite must then
+# still find: roi_align emits grid_sampler_2d, so it runs before grid_sample; scatter emits
+# where(match, position, -1), so it runs before where_scalar; and replacements call
+# zeros_like/full_like and where with numbers, so full_like and where_scalar run late.
 # div_rounding and bool_arithmetic emit no other rewrite's operator, and no replacement emits
 # theirs (a division with a rounding mode, arithmetic of two booleans). negative_index runs
 # last: it emits only lt/add/where.self on index tensors, which no rewrite replaces, and it
 # normalises any negative select or index tensor another replacement emits.
 ORDER: list[type[Rewrite]] = [
+    RowDispatch,
     RoiAlignToGridSample,
     GridSampleToGather,
     ScatterToSelect,
@@ -119,6 +124,7 @@ __all__ = [
     "NegativeIndex",
     "RoiAlignSeparable",
     "RoiAlignToGridSample",
+    "RowDispatch",
     "ScatterToSelect",
     "WhereScalarToFull",
 ]
