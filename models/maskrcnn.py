@@ -219,7 +219,7 @@ def maskrcnn_spec(
     seed: int = 0,
     checkpoint: str | Path | None = None,
 ):
-    """Mask R-CNN (torchvision maskrcnn_resnet50_fpn): backbone, FPN, box and mask heads on given boxes."""
+    """Mask R-CNN (torchvision maskrcnn_resnet50_fpn): backbone, FPN, box and mask heads on given boxes, random weights made to look trained."""
     size = check_image_size(tuple(image_size), STRIDE)
     if proposals < 1:
         raise ValueError(f"proposals must be >= 1, got {proposals}")
@@ -230,7 +230,7 @@ def maskrcnn_spec(
         "model": "torchvision maskrcnn_resnet50_fpn: backbone, FPN, box and mask heads on given boxes",
         "weights": f"checkpoint {checkpoint}"
         if checkpoint
-        else f"seeded random (seed {seed}), BatchNorm calibrated to look trained",
+        else f"seeded random (seed {seed}), BatchNorm calibrated and heads rescaled to look trained",
         "image_size": list(size),
         "proposals": proposals,
         "batch": batch,
