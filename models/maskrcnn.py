@@ -37,7 +37,6 @@ from .detection import CALIBRATION_SEED, check_image_size, look_trained, synthet
 
 STRIDE = 32  # torchvision pads images to a multiple of 32: the FPN's coarsest level
 NUM_CLASSES = 91  # COCO's category ids, background included, as torchvision's checkpoints have them
-MASK_SIZE = 28
 INPUT_NAMES = ("image", "proposals", "proposal_mask")
 OUTPUT_NAMES = ("class_logits", "box_regression", "mask_logits")
 # A box's FPN level is floor(4 + log2(sqrt(area) / 224)) clamped to [2, 5] (torchvision's
@@ -104,11 +103,12 @@ def build_maskrcnn(
         load_checkpoint(model, checkpoint)
         return model
     calibration = example_inputs(2, calibration_size, 32, CALIBRATION_SEED)
-    look_trained(MaskRCNNHeads(model).eval(), calibration, seed, forward=_run_heads, unit_scale=head_layers(model))
+    look_trained(MaskRCNNHeads(model).eval(), calibration, seed, forward=run_heads, unit_scale=head_layers(model))
     return model
 
 
-def _run_heads(heads: nn.Module, inputs: tuple[Tensor, ...]):
+def run_heads(heads: nn.Module, inputs: tuple[Tensor, ...]):
+    """How ``look_trained`` and ``feature_health`` run ``MaskRCNNHeads`` on its inputs."""
     return heads(*inputs)
 
 
