@@ -1,5 +1,6 @@
-"""What the DETR-style detectors from ``transformers`` share: a tensor-only wrapper, seeded random
-weights that behave like a trained model's, synthetic images, and checkpoint loading.
+"""What the detectors share: seeded random weights that behave like a trained model's, their
+health, synthetic images, image sizes; and for the DETR-style detectors from ``transformers`` a
+tensor-only wrapper, checkpoint loading and the ModelSpec.
 
 Why the weights need work. transformers' random initialisation is made for training, not for
 testing a compiler: BatchNorm scales are drawn from N(0, 0.01) with running statistics left at
@@ -126,13 +127,22 @@ def _is_batch_norm(module: nn.Module) -> bool:
     return all(isinstance(getattr(module, k, None), Tensor) for k in ("weight", "bias", "running_mean", "running_var"))
 
 
+def pixel_values_forward(model: nn.Module, images: Tensor):
+    """How a transformers detector runs on images [N, 3, H, W]."""
+    return model(pixel_values=images)
+
+
 @torch.no_grad()
-def look_trained(model: nn.Module, calibration: Tensor, seed: int) -> nn.Module:
+def look_trained(
+    model: nn.Module, calibration, seed: int, forward=pixel_values_forward, unit_scale: tuple[nn.Module, ...] = ()
+) -> nn.Module:
     """Make a randomly initialised detector's activations look like a trained one's (see the
-    module docstring): calibrate every BatchNorm on ``calibration`` images [N, 3, H, W], in
-    execution order; give the deformable-attention and box-head projections that start at zero
-    small random weights, and learned query embeddings unit-scale ones. Deterministic for a
-    given seed and calibration batch."""
+    module docstring): calibrate every BatchNorm on one ``forward(model, calibration)`` pass
+    (by default ``calibration`` is images [N, 3, H, W]), in execution order, and rescale the
+    weights of each ``unit_scale`` layer (a Linear or convolution) so that its output has unit
+    standard deviation on that pass, as LSUV initialisation does; give the deformable-attention
+    and box-head projections that start at zero small random weights, and learned query
+    embeddings unit-scale ones. Deterministic for a given seed and calibration."""
     generator = torch.Generator().manual_seed(seed)
     calibrated: set[int] = set()
 
@@ -147,12 +157,23 @@ def look_trained(model: nn.Module, calibration: Tensor, seed: int) -> nn.Module:
         module.weight.copy_(0.5 + 0.5 * torch.rand(channels, generator=generator))
         module.bias.copy_(0.25 * torch.randn(channels, generator=generator))
 
+    def rescale(module, inputs, output):
+        if id(module) in calibrated:
+            return None
+        calibrated.add(id(module))
+        factor = 1 / output.std()
+        module.weight.mul_(factor)
+        if module.bias is not None:
+            module.bias.mul_(factor)
+        return output * factor  # what the rescaled layer gives: the layers after it calibrate on that
+
     hooks = [m.register_forward_pre_hook(calibrate) for m in model.modules() if _is_batch_norm(m)]
+    hooks += [m.register_forward_hook(rescale) for m in unit_scale]
     _randomise_zero_projections(model, generator)
     was_training = model.training
     model.eval()  # BatchNorm normalises with the statistics calibrate() just set
     try:
-        model(pixel_values=calibration)
+        forward(model, calibration)
     finally:
         for hook in hooks:
             hook.remove()
@@ -194,9 +215,10 @@ class FeatureHealth:
 
 
 @torch.no_grad()
-def feature_health(model: nn.Module, images: Tensor, scores_of) -> FeatureHealth:
-    """Measure ``FeatureHealth`` of ``model`` on ``images``. ``scores_of(outputs)`` returns the
-    scores [B, P] the model ranks: the positions it selects queries from, or its queries."""
+def feature_health(model: nn.Module, images, scores_of, forward=pixel_values_forward) -> FeatureHealth:
+    """Measure ``FeatureHealth`` of ``model`` on ``forward(model, images)`` (by default images
+    [B, 3, H, W]). ``scores_of(outputs)`` returns the scores [B, P] the model ranks: the
+    positions it selects queries from, its queries, or its boxes' classes."""
     position_stds, scales = [], []
 
     def record(module, inputs, output):
@@ -205,7 +227,7 @@ def feature_health(model: nn.Module, images: Tensor, scores_of) -> FeatureHealth
 
     hooks = [m.register_forward_hook(record) for m in model.modules() if _is_batch_norm(m)]
     try:
-        outputs = model(pixel_values=images)
+        outputs = forward(model, images)
     finally:
         for hook in hooks:
             hook.remove()
@@ -220,10 +242,9 @@ def feature_health(model: nn.Module, images: Tensor, scores_of) -> FeatureHealth
 # ----------------------------------------------------------------------------- images
 
 
-def synthetic_images(batch: int, size: tuple[int, int], seed: int) -> Tensor:
-    """Seeded images [B, 3, H, W] that look enough like photographs for a detector: a smooth
-    background, a few bright and dark rectangles (objects with edges), mild noise; normalised
-    with ImageNet's mean and std as the image processors do."""
+def synthetic_photographs(batch: int, size: tuple[int, int], seed: int) -> Tensor:
+    """Seeded images [B, 3, H, W] in [0, 1] that look enough like photographs for a detector: a
+    smooth background, a few bright and dark rectangles (objects with edges), mild noise."""
     g = torch.Generator().manual_seed(seed)
     H, W = size
     background = torch.rand(batch, 3, 4, 4, generator=g)  # [B, 3, 4, 4]
@@ -234,10 +255,14 @@ def synthetic_images(batch: int, size: tuple[int, int], seed: int) -> Tensor:
             h = int(torch.randint(8, max(9, H // 2), (), generator=g))
             w = int(torch.randint(8, max(9, W // 2), (), generator=g))
             image[b, :, y0 : y0 + h, x0 : x0 + w] = torch.rand(3, 1, 1, generator=g)
-    image = (image + 0.03 * torch.randn(image.shape, generator=g)).clamp(0, 1)  # [B, 3, H, W]
+    return (image + 0.03 * torch.randn(image.shape, generator=g)).clamp(0, 1)  # [B, 3, H, W]
+
+
+def synthetic_images(batch: int, size: tuple[int, int], seed: int) -> Tensor:
+    """``synthetic_photographs`` normalised with ImageNet's mean and std, as the image processors do."""
     mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
-    return (image - mean) / std
+    return (synthetic_photographs(batch, size, seed) - mean) / std
 
 
 def image_inputs(batch: int, size: tuple[int, int]):

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from surgery.pipeline import ModelSpec
 
-from .checkpoint import CheckpointError
+from .checkpoint import load_fitting, read_state_dict
 
 D_MODEL = 256
 CHECKPOINT_PREFIX = "detector.geometry_encoder."
@@ -102,37 +102,10 @@ def _redraw_cloned_layers(encoder: nn.Module) -> None:
 
 
 def load_checkpoint(encoder: nn.Module, path: str | Path) -> None:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is not a readable torch checkpoint: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        ) from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-        raise CheckpointError(f"checkpoint {str(path)!r} holds no state_dict (got {type(state).__name__})")
+    state = read_state_dict(path)
     if any(k.startswith(CHECKPOINT_PREFIX) for k in state):
         state = {k[len(CHECKPOINT_PREFIX) :]: v for k, v in state.items() if k.startswith(CHECKPOINT_PREFIX)}
-    expected = encoder.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(
-        f"{k} {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
-        for k, v in state.items()
-        if k in expected and (not isinstance(v, Tensor) or v.shape != expected[k].shape)
-    )
-    problems = []
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong_shape)):
-        if items:
-            shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
-            problems.append(f"{label}: {shown}")
-    if problems:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not fit SAM3's geometry encoder: " + "; ".join(problems))
-    encoder.load_state_dict(state, strict=True)
+    load_fitting(encoder, state, path, "SAM3's geometry encoder")
 
 
 class GeometryEncoderWrapper(nn.Module):

@@ -119,7 +119,7 @@ def _rewrite_mode(args):
 
 # Model options: each named model takes those its adapter has a keyword for (``--feat-size``
 # sets ``feat_size``); the others are refused for it, naming the ones it takes.
-MODEL_OPTIONS = ("points", "boxes", "batch", "feat_size", "image_size", "variant")
+MODEL_OPTIONS = ("points", "boxes", "batch", "feat_size", "image_size", "variant", "proposals")
 
 
 def _option_flag(name: str) -> str:
@@ -390,7 +390,7 @@ def _add_model_arguments(parser) -> None:
     parser.add_argument(
         "--checkpoint",
         help="weights: a SAM3 checkpoint or bare encoder state_dict (geometry_encoder), a save_pretrained "
-        "directory (rt_detr, deformable_detr); default: seeded random weights",
+        "directory (rt_detr, deformable_detr), a torchvision state_dict file (maskrcnn); default: seeded random weights",
     )
     parser.add_argument("--points", type=int, help="geometry_encoder: number of points (default 3)")
     parser.add_argument("--boxes", type=int, help="geometry_encoder: number of boxes (default 2)")
@@ -399,9 +399,12 @@ def _add_model_arguments(parser) -> None:
         "--feat-size", type=_size, help="geometry_encoder: image feature map, N or HxW (default 72: SAM3 at 1008 px)"
     )
     parser.add_argument(
-        "--image-size", type=_size, help="rt_detr, deformable_detr: input image, N or HxW (default 640 and 512)"
+        "--image-size",
+        type=_size,
+        help="rt_detr, deformable_detr, maskrcnn: input image, N or HxW (default 640, 512 and 800x1088)",
     )
     parser.add_argument("--variant", help="rt_detr: the released architecture, r18vd (default) or r50vd")
+    parser.add_argument("--proposals", type=int, help="maskrcnn: boxes per image the heads run on (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="weights, example inputs and hypothesis seed")
     for name, default in (("points", 16), ("boxes", 8), ("batch", 4)):
         parser.add_argument(

@@ -9,9 +9,9 @@ import pytest
 import torch
 from helpers import run_cli_in_process
 
+from models.checkpoint import CheckpointError
 from models.geometry_encoder import (
     CHECKPOINT_PREFIX,
-    CheckpointError,
     GeometryEncoderWrapper,
     PromptShape,
     build_geometry_encoder,
