@@ -107,7 +107,9 @@ def test_negative_index_graph_form(data):
 
 
 @pytest.mark.slow
-@settings(max_examples=graph_examples())
+# Each example exports a four-level pooler and traces it twice (3.5 to 12.7 s each here), so this
+# runs the graph-form minimum in every profile; the function form runs the profile's full count.
+@settings(max_examples=25)
 @given(data=st.data())
 def test_row_dispatch_graph_form(data):
     """MultiScaleRoIAlign exported: each level's index_put and nonzero gone, no unbacked size
