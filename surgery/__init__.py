@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .rewrites import REGISTRY, Rewrite, RewriteError, RewriteResult, op_census, resolve
+from .rewrites.base import apply_together, by_table
 
 __version__ = "0.1.0"
 
@@ -23,11 +24,32 @@ def rewrite_with_log(
     if not isinstance(program, torch.export.ExportedProgram):
         raise TypeError(f"surgery.rewrite expects a torch.export.ExportedProgram, got {type(program).__name__}")
     log = []
-    for rw in resolve(rewrites):
-        result = rw(program)
-        program = result.program
-        log.append((rw, result))
+    for group in _sharing_a_retrace(resolve(rewrites)):
+        if len(group) == 1:
+            results = [group[0](program)]
+        else:
+            program, results = apply_together(group, program)
+        program = results[-1].program
+        log += zip(group, results)
     return program, log
+
+
+def _sharing_a_retrace(rewrites: list[Rewrite]) -> list[list[Rewrite]]:
+    """Runs of consecutive decomposition-table rewrites whose tables share no operator: each run
+    is applied in one retrace; any other rewrite is a run of its own."""
+    groups: list[list[Rewrite]] = []
+    for rw in rewrites:
+        last = groups[-1] if groups else None
+        if (
+            last
+            and by_table(rw)
+            and all(map(by_table, last))
+            and not set(rw.decompositions()) & set().union(*(o.decompositions() for o in last))
+        ):
+            last.append(rw)
+        else:
+            groups.append([rw])
+    return groups
 
 
 def rewrite(program: torch.export.ExportedProgram, rewrites=None) -> torch.export.ExportedProgram:

@@ -64,6 +64,25 @@ def test_order_is_canonical_whatever_the_caller_says(program):
     assert not any("grid_sampler" in op for op in surgery.op_census(log[-1][1].program))
 
 
+def test_table_rewrites_share_one_retrace_with_the_same_result(program):
+    """roi_align, grid_sample, scatter, ... applied in one run_decompositions give the program
+    that applying them one after another gives; each counts the calls of the program as given."""
+    names = ["roi_align", "grid_sample", "scatter", "full_like", "where_scalar"]
+    assert [[rw.name for rw in group] for group in surgery._sharing_a_retrace(surgery.rewrites.resolve(names))] == [
+        names
+    ]
+    together, log = surgery.rewrite_with_log(program, names)
+    one_by_one = program
+    for rw in surgery.rewrites.resolve(names):
+        one_by_one = rw(one_by_one).program
+    assert surgery.op_census(together) == surgery.op_census(one_by_one)
+    for a, b in zip(together.module()(*all_three_args()), one_by_one.module()(*all_three_args())):
+        assert torch.equal(a, b)
+    given = surgery.op_census(program)
+    assert dict(log[1][1].replaced) == {"aten.grid_sampler.default": given["aten.grid_sampler.default"]}
+    assert all(result.program is together for _, result in log)
+
+
 def test_roi_align_alone_leaves_its_grid_sampler(program):
     census = surgery.op_census(surgery.rewrite(program, "roi_align"))
     assert "torchvision.roi_align.default" not in census

@@ -148,6 +148,34 @@ class Rewrite:
         return f"{type(self).__name__}({args})"
 
 
+def by_table(rewrite: Rewrite) -> bool:
+    """Whether the rewrite is a decomposition table and nothing more (``Rewrite.__call__``), so
+    that it can share one retrace with others (``apply_together``)."""
+    return type(rewrite).__call__ is Rewrite.__call__
+
+
+def apply_together(
+    rewrites: list[Rewrite], program: torch.export.ExportedProgram
+) -> tuple[torch.export.ExportedProgram, list[RewriteResult]]:
+    """Several decomposition-table rewrites (``by_table``, tables with no operator in common)
+    in one ``run_decompositions``, as one retrace: on a detector's thousands of nodes each
+    retrace costs tens of seconds. Decompositions apply to what other decompositions emit, so
+    an operator one replacement emits and another rewrite replaces (roi_align's grid sampler)
+    is replaced as when they run one after another. Each result counts the calls it replaced
+    in ``program`` as given."""
+    keys = [set(rw.decompositions()) for rw in rewrites]
+    if sum(map(len, keys)) != len(set().union(*keys)) or not all(map(by_table, rewrites)):
+        raise RewriteError("apply_together takes decomposition-table rewrites with no operator in common")
+    before = [op_census(program, rw.replaces) for rw in rewrites]
+    table = {op: fn for rw in rewrites for op, fn in rw.decompositions().items()}
+    rewritten = program.run_decompositions(table) if any(before) else program
+    for rw in rewrites:
+        left = op_census(rewritten, rw.replaces)
+        if left:
+            raise RewriteError(f"rewrite {rw.name!r} left operators behind: {dict(left)}")
+    return rewritten, [RewriteResult(rewritten, dict(sorted(b.items()))) for b in before]
+
+
 # Operators that only change how a tensor's elements are viewed or laid out, never their values:
 # the graph rewrites walk through them to find where an operand comes from.
 LAYOUT_OPS = frozenset(
