@@ -46,6 +46,7 @@ MODEL_ARGS = {
     "geometry_encoder": [],
     "rt_detr": ["--image-size", "320"],
     "deformable_detr": ["--image-size", "256"],
+    "maskrcnn": ["--image-size", "256", "--proposals", "16"],
 }
 # The apache-tvm-ffi each wheel runs with. The wheels only say ">=": 0.25.0's libtvm_runtime
 # needs a symbol (tvm::ffi::json::Stringify(Any, Optional<int>)) that apache-tvm-ffi 0.1.13.post3,
@@ -222,7 +223,7 @@ def with_earlier_rows(rows: list[dict], args) -> list[dict]:
 def write_report(rows: list[dict], args, total_s: float) -> tuple[Path, Path]:
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     examples = (
-        "as each model's apply defaults (20 for the geometry encoder, 3 for the detectors)"
+        "as each model's apply defaults (20 for the geometry encoder, 3 for the DETR detectors, 2 for Mask R-CNN)"
         if args.examples is None
         else f"{args.examples} (original vs rewritten PyTorch)"
     )
@@ -235,7 +236,7 @@ def write_report(rows: list[dict], args, total_s: float) -> tuple[Path, Path]:
         "process through PYTHONPATH; rewrites chosen by the default target-aware probe of that TVM. "
         f"Examples: {examples}; seed {args.seed}. "
         "Shapes: the geometry encoder at its defaults (3 points, 2 boxes, batch 1, 72x72 features), RT-DETR r18vd "
-        "at 320x320, Deformable DETR at 256x256. Error bounds: the geometry encoder's float32 outputs max abs <= 1e-05 "
+        "at 320x320, Deformable DETR at 256x256, Mask R-CNN at 256x256 with 16 boxes. Error bounds: the geometry encoder's float32 outputs max abs <= 1e-05 "
         "from eager, its mask identical; the detectors' outputs judged against the original run in float64 "
         "(|TVM - float64| <= 16 x |eager - float64| + 8 ulp x scale; shown: TVM's worst error against float64 and "
         "its tolerance).",
