@@ -719,3 +719,42 @@ def test_row_dispatch_leaves_accumulation_alone():
     x = torch.randn(5, 2)
     _, log = surgery.rewrite_with_log(torch.export.export(Accumulate(), (x, x[:, 0] > 0)), ["row_dispatch"])
     assert not log[0][1].modified
+
+
+# ------------------------------------------------------------------ speed rewrites on deep graphs
+
+
+def test_matmul_packing_finds_weights_behind_a_backbone_deep_chain():
+    """A weight reaches its product through thousands of nodes in a backbone: found without
+    recursion (Python's limit is 1,000 frames), and an activation is not taken for a weight."""
+    from surgery.rewrites.matmul_packing import _weight_nodes
+
+    graph = torch.fx.Graph()
+    weight, activation = graph.placeholder("p_weight"), graph.placeholder("x")
+    chain = weight
+    for _ in range(5000):
+        chain = graph.call_function(torch.ops.aten.add.Tensor, (chain, 1.0))
+    product = graph.call_function(torch.ops.aten.mm.default, (activation, chain))
+    graph.output(product)
+    found = _weight_nodes(graph, {"p_weight"})
+    assert chain in found and weight in found
+    assert activation not in found and product not in found
+
+
+def test_roi_align_separable_result_can_be_viewed_as_roi_align_s():
+    """Mask R-CNN's box head flattens the pooled boxes with a view: the separable pooling's
+    result must be laid out as roi_align's is."""
+
+    class PoolFlatten(torch.nn.Module):
+        def forward(self, x, boxes, padding):
+            pooled = torchvision.ops.roi_align(x, boxes, 7, 0.25, 2)  # [K, C, 7, 7]
+            return torch.where(padding[:, None, None, None], 0.0, pooled).flatten(1)  # [K, C*49]
+
+    x = torch.randn(1, 8, 20, 24)
+    boxes = torch.tensor([[0, 1.0, 2.0, 40.0, 30.0], [0, 10.0, 5.0, 90.0, 70.0]])
+    args = (x, boxes, torch.tensor([False, True]))
+    # decomposed, as the correctness rewrites leave it: the flatten is a view by then
+    program = torch.export.export(PoolFlatten(), args).run_decompositions()
+    rewritten = surgery.rewrites.SPEED_REWRITES["roi_align_separable"]()(program).program
+    assert "torchvision.roi_align.default" not in surgery.op_census(rewritten)
+    assert_equivalent(rewritten.module()(*args), PoolFlatten()(*args))

@@ -72,15 +72,20 @@ def packed_matmul(a: Tensor, b: Tensor, nb: int) -> Tensor:
     return out.permute(1, 0, 2).reshape(m, n)  # [M, N]
 
 
-def _is_weight(node: fx.Node, weights: set[str]) -> bool:
-    """True when ``node`` is computed from parameters/buffers/constants alone (a layout of a weight)."""
-    if node.op == "placeholder":
-        return node.name in weights
-    if node.op == "get_attr":
-        return True
-    if node.op != "call_function":
-        return False
-    return all(_is_weight(i, weights) for i in node.all_input_nodes)
+def _weight_nodes(graph: fx.Graph, weights: set[str]) -> set[fx.Node]:
+    """The nodes computed from parameters/buffers/constants alone (layouts of weights), found in
+    one pass in graph order: a backbone's chain of thousands of nodes is too deep to recurse."""
+    found: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            derived = node.name in weights
+        else:
+            derived = node.op == "get_attr" or (
+                node.op == "call_function" and all(i in found for i in node.all_input_nodes)
+            )
+        if derived:
+            found.add(node)
+    return found
 
 
 def _operands(node: fx.Node):
@@ -100,6 +105,7 @@ def _operands(node: fx.Node):
 def pack(graph: fx.Graph, weights: set[str]) -> int:
     """Rewrite every qualifying product in ``graph`` (core ATen); returns how many."""
     done = 0
+    weight_nodes = _weight_nodes(graph, weights)
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
@@ -113,7 +119,7 @@ def pack(graph: fx.Graph, weights: set[str]) -> int:
         m, k = va.shape[-2:]
         n = vb.shape[-1]
         nb = panel_width(m, n, k)
-        if nb is None or (k < MIN_ACTIVATION_DEPTH and not _is_weight(b, weights)):
+        if nb is None or (k < MIN_ACTIVATION_DEPTH and b not in weight_nodes):
             continue
         with graph.inserting_before(node):
             call = lambda op, *args: graph.call_function(op, tuple(args))  # noqa: E731

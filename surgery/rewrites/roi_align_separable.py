@@ -69,7 +69,9 @@ def separable_pool(input: Tensor, rois: Tensor, at: SamplePositions) -> Tensor:
         feats = input[0].permute(1, 2, 0).reshape(H, W * C)  # [H, W*C]
         rows = torch.matmul(wy.reshape(K * PH, H), feats).reshape(K, PH, W, C)  # [K, PH, W, C]
         out = torch.matmul(wx[:, None], rows)  # [K, 1, PW, W] @ [K, PH, W, C] -> [K, PH, PW, C]
-        return out.permute(0, 3, 1, 2)  # [K, C, PH, PW]
+        # contiguous, as roi_align's result is: a consumer may view it (Mask R-CNN's box head
+        # flattens it), which a permuted layout would refuse
+        return out.permute(0, 3, 1, 2).contiguous()  # [K, C, PH, PW]
     else:
         maps = input.index_select(0, rois[:, 0].to(torch.int64))  # [K, C, H, W]
         rows = torch.matmul(wy[:, None], maps).reshape(K, C * PH, W)  # [K, C*PH, W]
