@@ -284,7 +284,8 @@ def write_report(rows: list[dict], args, total_s: float) -> tuple[Path, Path]:
             + (" `--no-split` (stock TVM CPU pipeline, one graph)." if args.schedules == "default" else ".")
         ),
         "",
-        "Latencies are medians of 5 calls in the apply process, on a shared machine: compare them within one run only.",
+        "Latencies are medians of 5 calls in the apply process (3 or 4 when the calls take over 30 s together), "
+        "on a shared machine: compare them within one run only.",
         "",
         "Commands run:",
         "",
