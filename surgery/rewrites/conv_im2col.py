@@ -71,8 +71,9 @@ def im2col_convolution(input: Tensor, weight: Tensor, bias: Tensor | None, strid
     ho, wo = output_extent(h, kh, sh, ph, dh), output_extent(w, kw, sw, pw, dw)
     if ph or pw:
         input = aten.constant_pad_nd(input, [pw, pw, ph, ph])  # [N, C, H + 2ph, W + 2pw]
-    # Two stacks of KW and then KH strided slices, not one of KH*KW: a 49-way concatenation
-    # (a 7x7 stem) compiles as one kernel choosing among 49 inputs, which TVM took minutes to build.
+    # One strided slice per tap, stacked kernel columns first, then rows: TVM inlines every slice
+    # into the columns' kernel at a cost that grows with their number (a 7x7 stem: ~15 s to
+    # schedule and build this way, over two minutes with a narrow and a step slice per tap).
     input = _stack_slices(input, 3, kw, dw, sw, wo)  # [N, C, KW, H + 2ph, Wo]
     input = _stack_slices(input, 3, kh, dh, sh, ho)  # [N, C, KH, KW, Ho, Wo]
     # channel-major, then kernel row and column: the order of weight.reshape(F, C*KH*KW)
