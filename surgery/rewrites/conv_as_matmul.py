@@ -77,15 +77,20 @@ class ConvAsMatmul(Rewrite):
         return {aten.convolution.default: _convolution}
 
     def __call__(self, program: torch.export.ExportedProgram) -> RewriteResult:
-        # Works on core ATen (convolution.default); convs it does not cover stay, so no
-        # "operator left behind" check, and the count is of convolutions actually replaced.
-        program = decomposed(program)
-        before = op_census(program)["aten.convolution.default"]
-        if not before:
-            return RewriteResult(program, {})
-        rewritten = program.run_decompositions(self.decompositions())
-        replaced = before - op_census(rewritten)["aten.convolution.default"]
-        return RewriteResult(rewritten, {"aten.convolution.default": replaced} if replaced else {})
+        return replace_convolutions(program, self.decompositions())
+
+
+def replace_convolutions(program: torch.export.ExportedProgram, decompositions: dict) -> RewriteResult:
+    """A convolution rewrite's pass. It works on core ATen (convolution.default); the
+    convolutions its table declines stay, so there is no "operator left behind" check, and the
+    count is of convolutions actually replaced."""
+    program = decomposed(program)
+    before = op_census(program)["aten.convolution.default"]
+    if not before:
+        return RewriteResult(program, {})
+    rewritten = program.run_decompositions(decompositions)
+    replaced = before - op_census(rewritten)["aten.convolution.default"]
+    return RewriteResult(rewritten, {"aten.convolution.default": replaced} if replaced else {})
 
 
 # ----------------------------------------------------------------------------- strategy

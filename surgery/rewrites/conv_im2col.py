@@ -31,7 +31,8 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from ..equivalence.strategies import dtypes, seeded_tensor
-from .base import Rewrite, RewriteResult, decomposed, op_census
+from .base import Rewrite, RewriteResult
+from .conv_as_matmul import replace_convolutions
 
 aten = torch.ops.aten
 
@@ -128,15 +129,7 @@ class ConvIm2col(Rewrite):
         return {aten.convolution.default: _convolution}
 
     def __call__(self, program: torch.export.ExportedProgram) -> RewriteResult:
-        # Works on core ATen (convolution.default); convs it does not take stay, so no
-        # "operator left behind" check, and the count is of convolutions actually replaced.
-        program = decomposed(program)
-        before = op_census(program)["aten.convolution.default"]
-        if not before:
-            return RewriteResult(program, {})
-        rewritten = program.run_decompositions(self.decompositions())
-        replaced = before - op_census(rewritten)["aten.convolution.default"]
-        return RewriteResult(rewritten, {"aten.convolution.default": replaced} if replaced else {})
+        return replace_convolutions(program, self.decompositions())
 
 
 # ----------------------------------------------------------------------------- strategy
