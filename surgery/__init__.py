@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .rewrites import REGISTRY, Rewrite, RewriteError, RewriteResult, op_census, resolve
-from .rewrites.base import apply_together, by_table
+from .rewrites.base import apply_in_place, apply_together, by_graph, by_table
 
 __version__ = "0.1.0"
 
@@ -27,6 +27,8 @@ def rewrite_with_log(
     for group in _sharing_a_retrace(resolve(rewrites)):
         if len(group) == 1:
             results = [group[0](program)]
+        elif by_graph(group[0]):
+            program, results = apply_in_place(group, program)
         else:
             program, results = apply_together(group, program)
         program = results[-1].program
@@ -35,8 +37,9 @@ def rewrite_with_log(
 
 
 def _sharing_a_retrace(rewrites: list[Rewrite]) -> list[list[Rewrite]]:
-    """Runs of consecutive decomposition-table rewrites whose tables share no operator: each run
-    is applied in one retrace; any other rewrite is a run of its own."""
+    """Runs of consecutive decomposition-table rewrites whose tables share no operator, and runs
+    of consecutive graph rewrites: each run is applied in one retrace; any other rewrite is a
+    run of its own."""
     groups: list[list[Rewrite]] = []
     for rw in rewrites:
         last = groups[-1] if groups else None
@@ -45,7 +48,7 @@ def _sharing_a_retrace(rewrites: list[Rewrite]) -> list[list[Rewrite]]:
             and by_table(rw)
             and all(map(by_table, last))
             and not set(rw.decompositions()) & set().union(*(o.decompositions() for o in last))
-        ):
+        ) or (last and by_graph(rw) and all(map(by_graph, last))):
             last.append(rw)
         else:
             groups.append([rw])

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torchvision  # noqa: F401  programs holding torchvision ops need it registered before loading
 
+from . import rewrite_with_log
 from .atomic import atomic_path, write_text
 from .equivalence.compare import compare
 from .equivalence.judge import judge_outputs
@@ -218,15 +219,9 @@ def speed_rewrites(
     be cut into an image stage and a prompt stage) attention is not reassociated: the stage split
     hoists the key/value projections out of the per-prompt path, and reassociating them would
     move that work back into it."""
-    replaced = {}
-    for name, cls in SPEED_REWRITES.items():
-        if split and name == "attention_reassociation":
-            continue
-        result = cls()(program)
-        program = result.program
-        if result.modified:
-            replaced[name] = dict(result.replaced)
-    return program, replaced
+    names = [name for name in SPEED_REWRITES if not (split and name == "attention_reassociation")]
+    program, log = rewrite_with_log(program, names)
+    return program, {rw.name: dict(result.replaced) for rw, result in log if result.modified}
 
 
 def program_fingerprint(program: torch.export.ExportedProgram) -> str:

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from ..equivalence.strategies import dtypes, seeded_tensor
-from .base import Rewrite, RewriteResult, decomposed, op_census
+from .base import Rewrite, RewriteError, RewriteResult, decomposed, op_census
 
 aten = torch.ops.aten
 
@@ -76,21 +76,27 @@ class ConvAsMatmul(Rewrite):
     def decompositions(self):
         return {aten.convolution.default: _convolution}
 
+    def takes(self, input, weight, bias, stride, padding, dilation, transposed, output_padding, groups) -> bool:
+        return covers_input(input, weight, padding, transposed, groups)
+
     def __call__(self, program: torch.export.ExportedProgram) -> RewriteResult:
-        return replace_convolutions(program, self.decompositions())
+        return replace_convolutions(program, self)
 
 
-def replace_convolutions(program: torch.export.ExportedProgram, decompositions: dict) -> RewriteResult:
-    """A convolution rewrite's pass. It works on core ATen (convolution.default); the
-    convolutions its table declines stay, so there is no "operator left behind" check, and the
-    count is of convolutions actually replaced."""
+def replace_convolutions(program: torch.export.ExportedProgram, rewrite: Rewrite) -> RewriteResult:
+    """A convolution rewrite's pass. It works on core ATen (convolution.default, which export's
+    conv2d becomes) and retraces only when it takes some convolution; the default decompositions
+    come along in that retrace, so what the replacements emit (matmul, stack) is core ATen too
+    and the next rewrite need not retrace to get there."""
     program = decomposed(program)
-    before = op_census(program)["aten.convolution.default"]
+    before = op_census(program, rewrite.replaces)
     if not before:
         return RewriteResult(program, {})
-    rewritten = program.run_decompositions(decompositions)
-    replaced = before - op_census(rewritten)["aten.convolution.default"]
-    return RewriteResult(rewritten, {"aten.convolution.default": replaced} if replaced else {})
+    rewritten = program.run_decompositions({**torch.export.default_decompositions(), **rewrite.decompositions()})
+    left = op_census(rewritten, rewrite.replaces)
+    if left:
+        raise RewriteError(f"rewrite {rewrite.name!r} left operators behind: {dict(left)}")
+    return RewriteResult(rewritten, dict(before))
 
 
 # ----------------------------------------------------------------------------- strategy

@@ -128,8 +128,11 @@ class ConvIm2col(Rewrite):
     def decompositions(self):
         return {aten.convolution.default: _convolution}
 
+    def takes(self, input, weight, bias, stride, padding, dilation, transposed, output_padding, groups) -> bool:
+        return takes_convolution(input, weight, stride, padding, dilation, transposed, output_padding, groups)
+
     def __call__(self, program: torch.export.ExportedProgram) -> RewriteResult:
-        return replace_convolutions(program, self.decompositions())
+        return replace_convolutions(program, self)
 
 
 # ----------------------------------------------------------------------------- strategy
