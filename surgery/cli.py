@@ -237,6 +237,44 @@ def _apply(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from .bench import SYSTEMS, bench, write_bench_report
+
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown or not systems:
+        raise UsageError(f"unknown system {unknown[0] if unknown else ''!r}; systems: {', '.join(SYSTEMS)}")
+    if min(args.rounds, args.calls) < 1 or args.warmup < 0:
+        raise UsageError("--rounds and --calls must be >= 1, --warmup >= 0")
+    if (args.max_points, args.max_boxes, args.max_batch) != (None, None, None):
+        raise UsageError("--max-points/--max-boxes/--max-batch apply to apply, not bench")
+    spec, _, _ = _model_spec(args)
+    try:
+        report = bench(
+            spec,
+            systems,
+            rounds=args.rounds,
+            calls=args.calls,
+            warmup=args.warmup,
+            cache_dir=args.cache,
+            progress=lambda m: print(m, flush=True),
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    report["command"] = "python -m surgery bench " + " ".join(sys.argv[2:] if args.argv is None else args.argv[1:])
+    md, js, png = write_bench_report(report, args.reports)
+    print(
+        f"report: {md}, {js}" + (f", chart {png}" if png else " (no chart: pip install -e '.[bench]' for matplotlib)")
+    )
+    target = report["target"]
+    if target:
+        print(
+            f"shipped TVM: {target['measured']:.2f}x the best peer (target <= {target['ratio']}x): "
+            f"{'met' if target['met'] else 'MISSED'}"
+        )
+    return 0
+
+
 def _locate(args) -> int:
     rewrites = _rewrite_mode(args)
     if args.save_probe is not None and args.save_probe not in REGISTRY:
@@ -352,6 +390,25 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--no-split", action="store_true", help="compile one graph")
     apply.set_defaults(run=_apply)
 
+    bench = sub.add_parser(
+        "bench",
+        help="time eager PyTorch, ONNX Runtime, stock TVM and shipped TVM on a model; report with a chart",
+    )
+    _add_model_arguments(bench)
+    bench.add_argument(
+        "--systems",
+        default="eager,onnxruntime,tvm_stock,tvm_shipped",
+        help="comma-separated, from eager, onnxruntime, tvm_stock, tvm_shipped (default: all)",
+    )
+    bench.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    bench.add_argument("--calls", type=int, default=5, help="timed calls per system a round (one when slow; default 5)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed calls before them (default 2)")
+    bench.add_argument(
+        "--cache", metavar="DIR", help="compiled-library cache (default: $SURGERY_CACHE or ~/.cache/surgery)"
+    )
+    bench.add_argument("--reports", default="reports", help="directory for bench_<model>.md/.json/.png")
+    bench.set_defaults(run=_bench)
+
     locate = sub.add_parser(
         "locate",
         help="find where TVM goes wrong (import, build, numbers): culprit operators, "
@@ -436,6 +493,7 @@ def _add_tvm_arguments(parser, schedules: str | None) -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return args.run(args)
     except UsageError as exc:

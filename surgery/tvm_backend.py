@@ -313,7 +313,9 @@ class TvmFunction:
         self.executable = executable
         self.vm = relax.VirtualMachine(executable, self.device)
 
-    path: Path | None = None  # the shared library this function was loaded from, if any
+    # The shared library holding this function, if any (loaded from it, or exported to the
+    # cache): exporting it again copies that file instead of compiling the code once more.
+    path: Path | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> TvmFunction:
@@ -391,6 +393,7 @@ def compile_program(
         try:
             with atomic_path(library, suffix=".so") as tmp, native_log(sink):
                 fn.export_library(tmp)
+            fn.path = library
             info["library"] = display_path(library)
             write_text(
                 library.with_suffix(".json"),

@@ -12,8 +12,11 @@ rewrite stores B as ``nb``-wide column panels, ``Bp[t, k, j] = B[k, t * nb + j]`
 so every tile streams one contiguous panel. ``nb`` is the tile width the kernel will pick
 (``surgery.matmul_tiling.plan_matmul``), so a panel is exactly one column of tiles.
 
-Where B is a weight, TVM folds the packing into a constant at build time: free. Where B is an
-activation it is a copy per call, made only when the reduction is long enough (``K >= 64``)
+Where B is a weight, TVM folds the packing into a constant at build time: free. Where A is a
+weight and B an activation (a convolution as ``kernel @ columns``), the product is left alone:
+TVM would fold A's expansion over the panels into one copy of the weight per panel (2.9 GB of
+constants for Deformable DETR's backbone at 512x512). Where B is an activation it is a copy per
+call, made only when the reduction is long enough (``K >= 64``)
 for the strided reads to cost about as much as the copy: the geometry encoder's image features
 are packed once per call and shared by all three layers (TVM's common-subexpression
 elimination), and the feature map the boxes pool from (72 rows) is packed where the image/prompt
@@ -26,7 +29,7 @@ Contract: the same products as the original, summed over ``k`` as a matrix produ
 (the order is the kernel's, as with any BLAS): float64 within 1e-12 relative to the sum of
 |terms|, float32 within the usual 1e-5 absolute on unit-scale inputs; products whose B is
 already one panel wide, too short a reduction for an activation, or a batch above 1 are left
-as they are.
+as they are, and so are products of a weight A with an activation B.
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ CONTRACT = (
     "mm/addmm/bmm (batch 1) whose right-hand side is wider than one register tile: B packed "
     "into column panels [N/nb, K, nb] and multiplied panel by panel; the same products summed "
     "over k (float64: within 1e-12 relative to the sum of |terms|; float32: 1e-5 absolute on "
-    "unit-scale inputs); activations are packed only for reductions of 64 or more; anything "
-    "else is left as it is"
+    "unit-scale inputs); activations are packed only for reductions of 64 or more and never "
+    "when A is a weight; anything else is left as it is"
 )
 
 MIN_ACTIVATION_DEPTH = 64  # shorter reductions read an activation's strided rows about as fast as a copy
@@ -119,7 +122,7 @@ def pack(graph: fx.Graph, weights: set[str]) -> int:
         m, k = va.shape[-2:]
         n = vb.shape[-1]
         nb = panel_width(m, n, k)
-        if nb is None or (k < MIN_ACTIVATION_DEPTH and b not in weight_nodes):
+        if nb is None or (b not in weight_nodes and (k < MIN_ACTIVATION_DEPTH or a in weight_nodes)):
             continue
         with graph.inserting_before(node):
             call = lambda op, *args: graph.call_function(op, tuple(args))  # noqa: E731
@@ -165,12 +168,14 @@ class MatmulPacking(GraphRewrite):
 
 @dataclasses.dataclass
 class PackingCase:
-    """``a @ b`` (``bias + a @ b`` with a bias), b a weight or an activation."""
+    """``a @ b`` (``bias + a @ b`` with a bias), b a weight or an activation; with b an
+    activation, a may be a weight."""
 
     a: Tensor  # [M, K]
     b: Tensor  # [K, N]
     bias: Tensor | None  # [N]
     b_is_weight: bool
+    a_is_weight: bool = False
 
     @property
     def input(self):
@@ -183,16 +188,20 @@ class PackingCase:
     def rewritten(self) -> Tensor:
         (m, k), n = self.a.shape, self.b.shape[1]
         nb = panel_width(m, n, k)
-        if nb is None or (k < MIN_ACTIVATION_DEPTH and not self.b_is_weight):
+        if nb is None or (not self.b_is_weight and (k < MIN_ACTIVATION_DEPTH or self.a_is_weight)):
             return self.reference()  # what the rewrite leaves in place
         out = packed_matmul(self.a, self.b, nb)
         return out if self.bias is None else out + self.bias
 
     def module(self) -> torch.nn.Module:
-        return _Product(self.b, self.bias) if self.b_is_weight else _Product(None, self.bias)
+        if self.b_is_weight:
+            return _Product(self.b, self.bias)
+        return _Product(None, self.bias, self.a if self.a_is_weight else None)
 
     def args(self) -> tuple:
-        return (self.a,) if self.b_is_weight else (self.a, self.b)
+        if self.b_is_weight:
+            return (self.a,)
+        return (self.b,) if self.a_is_weight else (self.a, self.b)
 
     @property
     def scale(self) -> float:
@@ -201,13 +210,18 @@ class PackingCase:
 
 
 class _Product(torch.nn.Module):
-    def __init__(self, weight: Tensor | None, bias: Tensor | None):
-        super().__init__()
-        self.weight = None if weight is None else torch.nn.Parameter(weight.clone(), requires_grad=False)
-        self.bias = None if bias is None else torch.nn.Parameter(bias.clone(), requires_grad=False)
+    """``a @ b`` (plus bias) with b, or a, held as a parameter; the other operand(s) are inputs."""
 
-    def forward(self, a, b=None):
-        b = self.weight if b is None else b
+    def __init__(self, weight: Tensor | None, bias: Tensor | None, left_weight: Tensor | None = None):
+        super().__init__()
+        param = lambda t: None if t is None else torch.nn.Parameter(t.clone(), requires_grad=False)  # noqa: E731
+        self.weight, self.bias, self.left_weight = param(weight), param(bias), param(left_weight)
+
+    def forward(self, *operands):
+        if self.left_weight is not None:
+            a, b = self.left_weight, operands[0]
+        else:
+            a, b = operands[0], (self.weight if self.weight is not None else operands[1])
         return torch.mm(a, b) if self.bias is None else torch.addmm(self.bias, a, b)
 
 
@@ -215,7 +229,8 @@ def packing_cases(dtype=None):
     """Hypothesis strategy of ``PackingCase``: 1-16 rows, reductions of 1-300 (both sides of the
     activation threshold, and right at it), 16-400 columns (one panel, several panels, and widths that are no
     multiple of a vector, which the rewrite must leave alone), with and without bias, B a
-    weight (parameter) or an activation (input)."""
+    weight (parameter) or an activation (input), and with B an activation, A a weight (a
+    convolution's kernel @ columns, left alone)."""
 
     @st.composite
     def cases(draw):
@@ -227,6 +242,7 @@ def packing_cases(dtype=None):
         a = seeded_tensor((m, k), dt, seed)  # [M, K]
         b = seeded_tensor((k, n), dt, seed + 1) / k**0.5  # [K, N], scaled as a layer's weight
         bias = seeded_tensor((n,), dt, seed + 2) if draw(st.booleans()) else None  # [N]
-        return PackingCase(a, b, bias, draw(st.booleans()))
+        b_is_weight = draw(st.booleans())
+        return PackingCase(a, b, bias, b_is_weight, a_is_weight=not b_is_weight and draw(st.booleans()))
 
     return cases()

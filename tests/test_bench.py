@@ -1,0 +1,85 @@
+"""``surgery bench``: every system checked before it is timed, interleaved timing, the report and
+its chart; bad input refused before anything is built."""
+
+import json
+
+import pytest
+import torch
+
+from surgery.bench import System, bench, check_systems, write_bench_report
+from surgery.pipeline import ModelSpec, export
+from tests.helpers import run_cli_in_process
+
+
+class SmallConvNet(torch.nn.Module):
+    """A convolution, a product and a softmax: enough for each system to have work to do."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x)).mean(dim=(2, 3))  # [N, 16]
+        return torch.softmax(self.head(features), dim=-1)  # [N, 10]
+
+
+def small_spec() -> ModelSpec:
+    return ModelSpec.from_module("small_conv", SmallConvNet(), (torch.rand(1, 3, 16, 16),))
+
+
+def test_a_system_with_wrong_outputs_is_not_timed():
+    spec = small_spec()
+    exported = export(spec, progress=lambda m: None)
+    right = System("eager", spec.module, {})
+    wrong = System("tvm_shipped", lambda x: (spec.module(x) + 1e-3,), {})
+    checks = check_systems(spec, [right, wrong], exported, progress=lambda m: None)
+    assert checks["eager"]["ok"] and not checks["tvm_shipped"]["ok"]
+    assert wrong.fn is None and "not timed" in wrong.info["error"]
+    assert right.fn is not None
+
+
+@pytest.mark.tvm
+@pytest.mark.slow
+def test_bench_times_every_system_and_writes_a_report_with_its_chart(tmp_path):
+    lines = []
+    report = bench(small_spec(), rounds=2, calls=2, warmup=1, cache_dir=tmp_path / "cache", progress=lines.append)
+    rows = {row["system"]: row for row in report["rows"]}
+    assert list(rows) == ["eager", "onnxruntime", "tvm_stock", "tvm_shipped"]
+    for name, row in rows.items():
+        assert row["check"]["ok"], (name, row)
+        assert row["calls"] == 4 and 0 < row["min_ms"] <= row["median_ms"], (name, row)
+    best = min(rows["eager"]["median_ms"], rows["onnxruntime"]["median_ms"])
+    assert rows["tvm_shipped"]["vs_best_peer"] == pytest.approx(rows["tvm_shipped"]["median_ms"] / best)
+    assert rows["tvm_shipped"]["info"]["schedules"] == "ours" and rows["tvm_stock"]["info"]["schedules"] == "default"
+    assert any(line.startswith("   round 2/2:") for line in lines)
+    assert report["cpu"]["cores"] >= 1 and report["cpu"]["name"]
+
+    report["command"] = "test"
+    md, js, png = write_bench_report(report, tmp_path / "reports")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = md.read_text()
+    assert f"![latency per system]({png.name})" in text
+    assert all(f"| {name} |" in text for name in rows)
+    assert json.loads(js.read_text())["rows"][0]["system"] == "eager"
+
+    # A second run reuses the compiled libraries and says so.
+    again = bench(small_spec(), ["tvm_shipped"], rounds=1, calls=1, warmup=0, cache_dir=tmp_path / "cache")
+    assert again["rows"][0]["info"]["cached"] and again["best_peer_ms"] is None
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["bench", "no_such_model"], "unknown model 'no_such_model'"),
+        (["bench", "small", "--systems", "eager,tvm"], "unknown system 'tvm'"),
+        (["bench", "rt_detr", "--rounds", "0"], "--rounds and --calls must be >= 1"),
+        (["bench", "geometry_encoder", "--max-points", "4"], "apply to apply, not bench"),
+        (["bench", "rt_detr", "--points", "3"], "--points does not apply to rt_detr"),
+    ],
+)
+def test_bench_refuses_bad_input_in_one_line(args, message):
+    result = run_cli_in_process(*args)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
