@@ -17,7 +17,7 @@ against the best peer (the faster of eager and ONNX Runtime), from the numbers o
 Compiled TVM libraries are cached (``$SURGERY_CACHE``); a second run reuses them and the report
 says so, with the compile times recorded when they were built.
 
-    python scripts/bench_geometry_encoder.py          # writes reports/bench_geometry_encoder.{md,json}
+    python scripts/bench_geometry_encoder.py          # writes reports/bench_geometry_encoder_stages.{md,json}
     python scripts/bench_geometry_encoder.py --rounds 3 --calls 5 --configs 3x2
 """
 
@@ -365,7 +365,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls before each system's calls in every round")
-    parser.add_argument("--out", default="reports", help="directory for bench_geometry_encoder.{md,json}")
+    parser.add_argument("--out", default="reports", help="directory for bench_geometry_encoder_stages.{md,json}")
     args = parser.parse_args(argv)
     try:
         configs = [tuple(int(x) for x in c.lower().split("x")) for c in args.configs.split(",") if c]
@@ -406,9 +406,9 @@ def main(argv=None) -> int:
         "configs": [run_config(p, b, args.rounds, args.calls, args.warmup, log) for p, b in configs],
     }
     out = Path(args.out)
-    write_text(out / "bench_geometry_encoder.json", json.dumps(report, indent=2, default=str))
-    write_text(out / "bench_geometry_encoder.md", markdown(report))
-    log(f"report: {out / 'bench_geometry_encoder.md'} and .json")
+    write_text(out / "bench_geometry_encoder_stages.json", json.dumps(report, indent=2, default=str))
+    write_text(out / "bench_geometry_encoder_stages.md", markdown(report))
+    log(f"report: {out / 'bench_geometry_encoder_stages.md'} and .json")
     return 0
 
 

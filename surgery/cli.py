@@ -483,7 +483,7 @@ def _add_tvm_arguments(parser, schedules: str | None) -> None:
         choices=["ours", "default"],
         default=schedules,
         help="ours: speed rewrites + surgery.schedules for this CPU (shipped); default: stock TVM's CPU pipeline "
-        + (f"(default: {schedules})" if schedules else "(default: the model's; ours, stock TVM's for the detectors)"),
+        + (f"(default: {schedules})" if schedules else "(default: the model's, ours for every model)"),
     )
     parser.add_argument(
         "--cache", metavar="DIR", help="compiled-library cache (default: $SURGERY_CACHE or ~/.cache/surgery)"

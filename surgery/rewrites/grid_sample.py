@@ -234,20 +234,22 @@ def grid_sample_cases(dtype=None):
         input = seeded_tensor((N, C, H, W), dt, seed)
         spread = draw(st.sampled_from([1.0, 1.2, 2.0, 5.0]))
         grid = (seeded_tensor((N, oH, oW, 2), dt, seed + 1, uniform=True) * 2 - 1) * spread
-        # Pin some coordinates to values where the rules change (edges, centres, far out).
-        flat = grid.view(-1)
-        for pos, value in draw(
-            st.lists(st.tuples(st.integers(0, flat.numel() - 1), st.sampled_from(specials)), max_size=8)
-        ):
-            flat[pos] = value
-        # Snap some coordinates exactly onto pixel centres / pixel edges of this map; or put
-        # inf/NaN into the input. Not both: a snapped coordinate lands within a rounding error of
-        # an integer, where the tap that gets weight 0 (and 0 * inf = NaN) depends on rounding
-        # (outside the contract, see the module docstring).
+        # Either exact coordinates or inf/NaN in the input, not both: a pinned or snapped
+        # coordinate lands within a rounding error of an integer, where the tap that gets weight
+        # 0 (and 0 * inf = NaN) depends on rounding (the contract's exception, see the module
+        # docstring).
         if draw(st.booleans()):
-            size = torch.tensor([W, H], dtype=dt)
-            k = torch.round((grid + 1) * size)  # half-pixel units
-            grid = k / size - 1
+            # Pin some coordinates to values where the rules change (edges, centres, far out).
+            flat = grid.view(-1)
+            for pos, value in draw(
+                st.lists(st.tuples(st.integers(0, flat.numel() - 1), st.sampled_from(specials)), max_size=8)
+            ):
+                flat[pos] = value
+            # Snap some coordinates exactly onto pixel centres / pixel edges of this map.
+            if draw(st.booleans()):
+                size = torch.tensor([W, H], dtype=dt)
+                k = torch.round((grid + 1) * size)  # half-pixel units
+                grid = k / size - 1
         else:
             for pos in draw(st.lists(st.integers(0, input.numel() - 1), max_size=2)):
                 input.view(-1)[pos] = draw(st.sampled_from([float("inf"), float("-inf"), float("nan")]))
