@@ -64,6 +64,36 @@ def test_order_is_canonical_whatever_the_caller_says(program):
     assert not any("grid_sampler" in op for op in surgery.op_census(log[-1][1].program))
 
 
+def test_graph_rewrites_share_one_copy_of_the_graph_with_the_same_result():
+    """Graph rewrites in a row edit one copy of the graph (values refreshed by fake-tensor
+    propagation, no retrace between them) and give what applying them one by one gives."""
+
+    class Product(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(64, 256) / 8, requires_grad=False)
+
+        def forward(self, x):  # x [12, 1, 64]
+            rows = x.permute(1, 0, 2).reshape(12, 64)  # [12, 64], the source's memory order
+            return torch.relu(rows @ self.weight)  # [12, 256]
+
+    x, module = torch.randn(12, 1, 64), Product()
+    program = torch.export.export(module, (x,))
+    names = ["layout_round_trips", "matmul_packing"]
+    assert [[rw.name for rw in group] for group in surgery._sharing_a_retrace(surgery.rewrites.resolve(names))] == [
+        names
+    ]
+    together, log = surgery.rewrite_with_log(program, names)
+    assert dict(log[1][1].replaced) == {"matrix products": 1}
+    one_by_one = program
+    for rw in surgery.rewrites.resolve(names):
+        one_by_one = rw(one_by_one).program
+    assert surgery.op_census(together) == surgery.op_census(one_by_one)
+    assert torch.equal(together.module()(x), one_by_one.module()(x))
+    scale = float((x.abs().squeeze(1) @ module.weight.abs()).max())
+    assert_equivalent(together.module()(x), program.module()(x), scale=scale)
+
+
 def test_table_rewrites_share_one_retrace_with_the_same_result(program):
     """roi_align, grid_sample, scatter, ... applied in one run_decompositions give the program
     that applying them one after another gives; each counts the calls of the program as given."""

@@ -225,19 +225,18 @@ class GraphRewrite(Rewrite):
 
 def by_graph(rewrite: Rewrite) -> bool:
     """Whether the rewrite is a graph edit and nothing more (``GraphRewrite.__call__``), so that
-    it can share one retrace with others (``apply_in_place``)."""
+    it can share one copy of the graph with others (``apply_in_place``)."""
     return isinstance(rewrite, GraphRewrite) and type(rewrite).__call__ is GraphRewrite.__call__
 
 
 def apply_in_place(
     rewrites: list[GraphRewrite], program: torch.export.ExportedProgram
 ) -> tuple[torch.export.ExportedProgram, list[RewriteResult]]:
-    """Graph rewrites one after another on one copy of the graph. After each
-    edit the recorded values are brought up to date by propagating fake tensors through the
-    graph, and at the end the program is verified (``ExportedProgram.validate``): seconds on a
-    detector's ten thousand nodes, where retracing (``run_decompositions``) costs a minute or
-    more each time. Each result counts what that rewrite replaced in the graph the rewrites
-    before it left."""
+    """Graph rewrites one after another on one copy of the graph. After each edit the recorded
+    values are brought up to date by propagating fake tensors through the graph, and at the end
+    the program is verified (``ExportedProgram.validate``): seconds on a detector's ten thousand
+    nodes, where retracing (``run_decompositions``) costs a minute or more each time. Each
+    result counts what that rewrite replaced in the graph the rewrites before it left."""
     if not all(isinstance(rw, GraphRewrite) for rw in rewrites):
         raise RewriteError("apply_in_place takes graph rewrites (GraphRewrite subclasses)")
     program = copy.deepcopy(decomposed(program))
