@@ -15,7 +15,7 @@ Systems (``SYSTEMS``):
 
 Timing: every system is called once untimed; then ``rounds`` rounds each run every system in turn
 (interleaved, so drifting load hits all alike): ``warmup`` untimed calls, then ``calls`` timed
-ones, or for a system slower than ``SLOW_CALL_S`` a call one timed call. Medians over all timed
+ones (one timed call, for a system slower than ``SLOW_CALL_S`` a call). Medians over all timed
 calls; ratios against the faster of eager and ONNX Runtime, from this one run. Compiled TVM
 libraries are cached like ``apply``'s; the report says when a library was reused and how long
 building it took.
