@@ -40,22 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import surgery  # noqa: E402
 from surgery.atomic import write_text  # noqa: E402
+from surgery.bench import cpu  # noqa: E402
 from surgery.equivalence.compare import compare  # noqa: E402
 from surgery.versions import REPORTED, installed_versions  # noqa: E402
 
 TARGET_ONE_CALL = 0.5  # shipped TVM one call <= 0.5 x the best peer
 TARGET_PROMPT_MS = 1.0  # prompt stage median
 SLOW_CALL_S = 0.5  # a system slower than this per call gets 1 untimed + 2 timed calls per round
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def check(outputs, expected) -> dict:
@@ -392,7 +383,7 @@ def main(argv=None) -> int:
         "command": "python scripts/bench_geometry_encoder.py"
         + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)),
         "machine": {
-            "cpu": cpu_name(),
+            "cpu": cpu()["name"],
             "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "ort_threads": os.cpu_count(),

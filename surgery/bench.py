@@ -116,6 +116,8 @@ def build_systems(
     spec: ModelSpec, systems: Sequence[str] = SYSTEMS, cache_dir=None, progress: Callable[[str], None] = print
 ):
     """The systems named, built; and the exported program they were built from."""
+    from .tvm_backend import cache_root
+
     exported = export(spec, progress=progress)
     module = spec.module if spec.module is not None else exported.program.module()
     built = []
@@ -123,7 +125,7 @@ def build_systems(
         built.append(System("eager", module, {"threads": torch.get_num_threads()}))
     if "onnxruntime" in systems:
         start = time.perf_counter()
-        onnx_dir = _cache_dir(cache_dir) / "onnx" / spec.name
+        onnx_dir = cache_root(cache_dir) / "onnx" / spec.name
         built.append(_onnxruntime(module, spec.example_args, onnx_dir))
         progress(f"[onnxruntime] {time.perf_counter() - start:7.2f} s  {built[-1].info.get('error', 'exported')}")
     if "tvm_stock" in systems or "tvm_shipped" in systems:
@@ -138,12 +140,6 @@ def build_systems(
                 progress(f"[{name:10s}] {time.perf_counter() - start:7.2f} s  {what}")
                 built[-1].info["rewrites"] = sorted(rewritten.applied)
     return built, exported
-
-
-def _cache_dir(cache_dir) -> Path:
-    from .tvm_backend import cache_root
-
-    return cache_root(cache_dir)
 
 
 def check_systems(spec: ModelSpec, systems: list[System], exported, progress=print) -> dict[str, dict]:

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from ..equivalence.strategies import dtypes, seeded_tensor
-from .base import Rewrite, RewriteError, RewriteResult, decomposed, op_census
+from .base import Rewrite, RewriteResult, decomposed
 
 aten = torch.ops.aten
 
@@ -90,15 +90,8 @@ def replace_convolutions(program: torch.export.ExportedProgram, rewrite: Rewrite
     in the first retrace instead, matmul came out as its built-in composite (an expand and a
     batched product) rather than the table's folded mm, and Mask R-CNN's shipped build ran 4.5x
     slower (0.85 s -> 3.8 s a call at 256x256)."""
-    program = decomposed(program)
-    before = op_census(program, rewrite.replaces)
-    if not before:
-        return RewriteResult(program, {})
-    rewritten = decomposed(program.run_decompositions(rewrite.decompositions()))
-    left = op_census(rewritten, rewrite.replaces)
-    if left:
-        raise RewriteError(f"rewrite {rewrite.name!r} left operators behind: {dict(left)}")
-    return RewriteResult(rewritten, dict(before))
+    result = Rewrite.__call__(rewrite, decomposed(program))  # the table pass, on core ATen
+    return RewriteResult(decomposed(result.program), result.replaced) if result.modified else result
 
 
 # ----------------------------------------------------------------------------- strategy
