@@ -94,6 +94,20 @@ def test_graph_rewrites_share_one_copy_of_the_graph_with_the_same_result():
     assert_equivalent(together.module()(x), program.module()(x), scale=scale)
 
 
+def test_graph_rewrites_keep_an_input_named_like_a_builtin():
+    """``nn.Sequential.forward(input)``: copying the graph renames the placeholder ``input``; the
+    rewritten program still validates and computes what the original does."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU()).eval()
+    x = torch.randn(12, 64)
+    program = torch.export.export(module, (x,))
+    assert program.graph_signature.user_inputs == ("input",)
+    rewritten, log = surgery.rewrite_with_log(program, ["matmul_packing"])
+    assert dict(log[0][1].replaced) == {"matrix products": 1}
+    rewritten.validate()
+    assert_equivalent(rewritten.module()(x), module(x), scale=float((x.abs() @ module[0].weight.abs().T).max()) + 1)
+
+
 def test_table_rewrites_share_one_retrace_with_the_same_result(program):
     """roi_align, grid_sample, scatter, ... applied in one run_decompositions give the program
     that applying them one after another gives; each counts the calls of the program as given."""

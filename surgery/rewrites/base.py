@@ -240,6 +240,7 @@ def apply_in_place(
     if not all(isinstance(rw, GraphRewrite) for rw in rewrites):
         raise RewriteError("apply_in_place takes graph rewrites (GraphRewrite subclasses)")
     program = copy.deepcopy(decomposed(program))
+    _name_inputs(program)
     graph = program.graph_module.graph
     replaced_by: list[dict[str, int]] = []
     for rw in rewrites:
@@ -253,6 +254,16 @@ def apply_in_place(
         _name_outputs(program)
         program.validate()
     return program, [RewriteResult(program, replaced) for replaced in replaced_by]
+
+
+def _name_inputs(program: torch.export.ExportedProgram) -> None:
+    """Point the signature's inputs at the graph's placeholders: copying a graph renames a
+    placeholder whose name is a Python builtin (``nn.Sequential``'s ``input`` becomes
+    ``input_1``), and the program would no longer validate."""
+    placeholders = [node for node in program.graph.nodes if node.op == "placeholder"]
+    for spec, node in zip(program.graph_signature.input_specs, placeholders):
+        if isinstance(spec.arg, TensorArgument) and spec.arg.name != node.name:
+            spec.arg = TensorArgument(name=node.name)
 
 
 def _name_outputs(program: torch.export.ExportedProgram) -> None:
