@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 
-VECTOR_LANES = 16  # float32 lanes of one AVX-512 register (the LLVM backend splits for AVX2)
+VECTOR_LANES = 16  # float32 lanes of the vectors the kernels are written in (one AVX-512 register)
 VECTOR_REGISTERS = 32  # AVX-512 has zmm0-zmm31
 MAX_ACCUMULATORS = 28  # of them, at most this many hold a register tile's accumulators
+# An AVX2-only CPU has 16 registers of 8 lanes: LLVM splits each 16-lane vector into two.
+AVX2_REGISTERS, AVX2_LANES = 16, 8
 FMA_LATENCY = 4  # cycles: one k step of a tile takes at least this long
 # A column panel of B that every row tile re-reads should stay in L2 (1-2 MiB per core on the
 # x86 servers we measured): beyond this the reduction is split across threads instead.
@@ -39,26 +41,37 @@ def _divisors(n: int, limit: int) -> list[int]:
 
 
 def plan_matmul(
-    batch: int, rows: int, cols: int, depth: int, threads: int, registers: int = VECTOR_REGISTERS
+    batch: int,
+    rows: int,
+    cols: int,
+    depth: int,
+    threads: int,
+    registers: int = VECTOR_REGISTERS,
+    lanes: int = VECTOR_LANES,
 ) -> MatmulPlan | None:
-    """The register tile and loop order for a (batched) ``rows x depth @ depth x cols`` product,
-    or None when ``cols`` does not split into whole vectors.
+    """The register tile and loop order for a (batched) ``rows x depth @ depth x cols`` product
+    on a CPU with ``registers`` vector registers of ``lanes`` floats, or None when ``cols`` does
+    not split into whole vectors.
 
-    Per k step a tile costs ``mr * nv`` FMAs (two issue per cycle), ``mr + nv`` loads (two per
-    cycle: ``mr`` broadcasts of A, ``nv`` vectors of B) and at least one FMA latency (4 cycles);
-    the tile with the best FMA share of those cycles wins, then the one with more accumulators,
-    then the taller (measured on SAM3's attention products: 12 x 32 beats 6 x 64 and 4 x 96 by
-    5-15%). Accumulators plus B's vectors stay within the 32 vector registers."""
+    A tile of ``mr`` rows by ``nv`` vectors of 16 floats holds ``mr * nv * 16 / lanes``
+    accumulator registers. Per k step it costs one FMA per accumulator (two issue per cycle),
+    ``mr`` broadcasts of A plus ``nv * 16 / lanes`` loads of B (two per cycle) and at least one
+    FMA latency (4 cycles); the tile with the best FMA share of those cycles wins, then the one
+    with more accumulators, then the taller (measured on SAM3's attention products with AVX-512:
+    12 x 32 beats 6 x 64 and 4 x 96 by 5-15%). Accumulators plus B's registers stay within the
+    register file, two spare (on AVX2: 6 x 16, 12 of its 16 registers, as BLIS's kernels)."""
+    per_vector = max(1, VECTOR_LANES // lanes)  # registers one 16-float vector takes
     tiles = []
     for nv in range(1, 9):
         if cols % (nv * VECTOR_LANES):
             continue
+        b_registers = nv * per_vector
         for mr in _divisors(rows, 16):
-            accumulators = mr * nv
-            if accumulators > min(MAX_ACCUMULATORS, registers - 4) or accumulators + nv > registers - 2:
+            accumulators = mr * b_registers
+            if accumulators > min(MAX_ACCUMULATORS, registers - 4) or accumulators + b_registers > registers - 2:
                 continue
             fma = accumulators / 2
-            efficiency = fma / max(fma, (mr + nv) / 2, FMA_LATENCY)
+            efficiency = fma / max(fma, (mr + b_registers) / 2, FMA_LATENCY)
             tiles.append((round(efficiency, 3), accumulators, mr, nv))
     if not tiles:
         return None

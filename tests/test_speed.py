@@ -224,24 +224,37 @@ def test_matmul_plans_stay_within_the_registers_and_read_small_products_once():
     from hypothesis import given
     from hypothesis import strategies as st
 
-    from surgery.matmul_tiling import MAX_ACCUMULATORS, VECTOR_LANES, VECTOR_REGISTERS, plan_matmul
+    from surgery.matmul_tiling import (
+        AVX2_LANES,
+        AVX2_REGISTERS,
+        MAX_ACCUMULATORS,
+        VECTOR_LANES,
+        VECTOR_REGISTERS,
+        plan_matmul,
+    )
 
     @given(
         st.integers(1, 8),
         st.integers(1, 6000),
         st.sampled_from([16, 32, 48, 64, 96, 112, 256, 2048, 5184, 18432]),
         st.integers(1, 13000),
+        st.sampled_from([(VECTOR_REGISTERS, VECTOR_LANES), (AVX2_REGISTERS, AVX2_LANES)]),
     )
-    def check(batch, rows, cols, depth):
-        plan = plan_matmul(batch, rows, cols, depth, threads=2)
+    def check(batch, rows, cols, depth, cpu):
+        registers, lanes = cpu
+        plan = plan_matmul(batch, rows, cols, depth, threads=2, registers=registers, lanes=lanes)
         assert plan is not None  # every width that is a whole number of vectors gets a plan
-        nv = plan.nr // VECTOR_LANES
+        b_registers = plan.nr // lanes  # B's vectors, in the CPU's registers
+        accumulators = plan.mr * b_registers
         assert rows % plan.mr == 0 and cols % plan.nr == 0
-        assert plan.mr * nv <= MAX_ACCUMULATORS and plan.mr * nv + nv <= VECTOR_REGISTERS - 2
+        assert accumulators <= MAX_ACCUMULATORS and accumulators + b_registers <= registers - 2
         if plan.k_parts > 1:
             assert depth % plan.k_parts == 0
 
     check()
+    # AVX2: 16 registers of 8 floats hold a 6 x 16 tile (12 accumulators), as BLIS's kernel
+    avx2 = plan_matmul(1, 6144, 256, 256, threads=2, registers=AVX2_REGISTERS, lanes=AVX2_LANES)
+    assert (avx2.mr, avx2.nr) == (6, 16)
     assert plan_matmul(1, 13, 100, 256, threads=2) is None  # not whole vectors: another rule's
     # a vector-matrix product: one tile over all rows, so the weight is read once
     assert plan_matmul(1, 4, 256, 12544, threads=2).mr == 4
@@ -263,6 +276,26 @@ def test_a_shared_matmul_operand_is_not_copied_per_batch():
     kernels = _scheduled_kernels_of(Panels(), (torch.randn(13, 512), torch.randn(4, 512, 32)))
     assert not any("broadcast" in name for name in kernels), list(kernels)
     assert any("matmul" in name for name in kernels)
+
+
+@pytest.mark.tvm
+def test_panels_of_a_shared_operand_run_inside_its_row_tiles_when_they_fit_in_l2():
+    """A [M, K] shared by T panels [T, K, N]: with all the panels in L2 (4 x 512 x 32 floats,
+    256 KB) each row tile of A serves every panel (the row-tile loop is outermost); with 16 x
+    4608 x 32 (9 MB) the panels stay outermost and each is read once."""
+
+    class Panels(torch.nn.Module):
+        def forward(self, a, panels):
+            return torch.matmul(a.unsqueeze(0), panels)
+
+    def parallel_loop(panels, depth):
+        kernels = _scheduled_kernels_of(Panels(), (torch.randn(60, depth), torch.randn(panels, depth, 32)))
+        [func] = [f for name, f in kernels.items() if "matmul" in name]
+        [loop] = [line.split()[1] for line in func.script().splitlines() if "T.parallel" in line]
+        return loop  # the fused loop's name lists the loops it fused, outermost first
+
+    assert parallel_loop(4, 512).startswith("i1_0_i0_")  # row tile, then the panel
+    assert parallel_loop(16, 4608).startswith("i0_i1_0_")  # panel, then the row tile
 
 
 @pytest.mark.tvm

@@ -3,10 +3,13 @@
 Stock TVM compiles a convolution as a scalar loop nest over the output with a three-deep
 reduction (channel, kernel row, kernel column); the backbones of the detectors are almost all
 convolutions, and that loop nest ran RT-DETR's 30x slower than eager PyTorch here. As a matrix
-product ``[F, C*KH*KW] @ [C*KH*KW, Ho*Wo]`` it runs on our vectorised matmul schedule
-(``surgery.schedules.Matmul``), which already serves attention's products. The columns are
-``KH*KW`` strided slices of the zero-padded input, stacked, so they cost one copy of ``KH*KW``
-times the input (none for a 1x1 convolution with stride 1: a reshape).
+product ``[Ho*Wo, KH*KW*C] @ [KH*KW*C, F]`` it runs on our vectorised matmul schedule
+(``surgery.schedules.Matmul``), which already serves attention's products. The input goes
+channels-last (``[N*H*W, C]``, one row per pixel) and zero-padded; the columns ``[N*Ho*Wo,
+KH*KW*C]`` are its rows gathered once per tap (``index_select`` by an index that depends on
+shapes only), so they cost one contiguous copy of ``KH*KW`` times the input (none for a 1x1
+convolution with stride 1: a reshape). The product is ``columns @ kernel``, with the weight on
+the right where ``matmul_packing`` packs it at build time.
 
 A speed rewrite: TVM converts ``convolution`` correctly, so the probe never asks for this one;
 ``surgery.tvm_backend`` applies it when building the shipped configuration, after
@@ -25,6 +28,7 @@ unit-scale inputs (checked by the property tests in both dtypes).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from hypothesis import strategies as st
@@ -70,20 +74,36 @@ def im2col_convolution(input: Tensor, weight: Tensor, bias: Tensor | None, strid
     f, _, kh, kw = weight.shape
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     ho, wo = output_extent(h, kh, sh, ph, dh), output_extent(w, kw, sw, pw, dw)
+    hp, wp = h + 2 * ph, w + 2 * pw
+    pixels = input.permute(0, 2, 3, 1)  # [N, H, W, C]
     if ph or pw:
-        input = aten.constant_pad_nd(input, [pw, pw, ph, ph])  # [N, C, H + 2ph, W + 2pw]
-    # One strided slice per tap, stacked kernel columns first, then rows: TVM inlines every slice
-    # into the columns' kernel at a cost that grows with their number (a 7x7 stem: ~15 s to
-    # schedule and build this way, over two minutes with a narrow and a step slice per tap).
-    input = _stack_slices(input, 3, kw, dw, sw, wo)  # [N, C, KW, H + 2ph, Wo]
-    input = _stack_slices(input, 3, kh, dh, sh, ho)  # [N, C, KH, KW, Ho, Wo]
-    # channel-major, then kernel row and column: the order of weight.reshape(F, C*KH*KW)
-    columns = input.reshape(n, c * kh * kw, ho * wo)  # [N, C*KH*KW, Ho*Wo]
-    kernel = weight.reshape(f, c * kh * kw)  # [F, C*KH*KW]
-    out = torch.matmul(kernel, columns)  # [N, F, Ho*Wo]
-    if bias is not None:
-        out = out + bias.reshape(f, 1)  # [N, F, Ho*Wo]
-    return out.reshape(n, f, ho, wo)  # [N, F, Ho, Wo]
+        pixels = aten.constant_pad_nd(pixels, [0, 0, pw, pw, ph, ph])  # [N, Hp, Wp, C]
+    pixels = pixels.reshape(n * hp * wp, c)  # [N*Hp*Wp, C]: one row of C channels per pixel
+    if (kh, kw, sh, sw) == (1, 1, 1, 1):
+        columns = pixels  # [N*Ho*Wo, C]
+    else:
+        # Each output pixel's KH*KW taps are whole rows of ``pixels``: one gather of contiguous
+        # C-float rows, by an index that depends on shapes only (TVM folds it into a constant).
+        # Stacked strided slices of [N, C, H, W] instead made TVM compute the columns element by
+        # element through a chain of branches and divisions (RT-DETR's backbone: half its time).
+        index = _tap_rows(n, hp, wp, ho, wo, kh, kw, stride, dilation, input.device)  # [N*Ho*Wo*KH*KW]
+        columns = aten.index_select(pixels, 0, index)  # [N*Ho*Wo*KH*KW, C]
+    columns = columns.reshape(n * ho * wo, kh * kw * c)  # [N*Ho*Wo, KH*KW*C]
+    kernel = weight.permute(2, 3, 1, 0).reshape(kh * kw * c, f)  # [KH*KW*C, F], columns' order
+    out = torch.mm(columns, kernel) if bias is None else torch.addmm(bias, columns, kernel)  # [N*Ho*Wo, F]
+    return out.reshape(n, ho, wo, f).permute(0, 3, 1, 2)  # [N, F, Ho, Wo]
+
+
+def _tap_rows(n: int, hp: int, wp: int, ho: int, wo: int, kh: int, kw: int, stride, dilation, device) -> Tensor:
+    """The row of the padded, flattened ``[N*Hp*Wp, C]`` input that output pixel ``(b, y, x)``
+    reads at tap ``(i, j)``: ``(b * Hp + y * sh + i * dh) * Wp + x * sw + j * dw``, ordered
+    ``[N, Ho, Wo, KH, KW]`` and flattened."""
+    (sh, sw), (dh, dw) = stride, dilation
+    arange = functools.partial(torch.arange, device=device)
+    y = (arange(n) * hp).reshape(n, 1, 1, 1, 1) + (arange(ho) * sh).reshape(1, ho, 1, 1, 1)  # [N, Ho, 1, 1, 1]
+    y = y + (arange(kh) * dh).reshape(1, 1, 1, kh, 1)  # [N, Ho, 1, KH, 1]
+    x = (arange(wo) * sw).reshape(1, 1, wo, 1, 1) + (arange(kw) * dw).reshape(1, 1, 1, 1, kw)  # [1, 1, Wo, 1, KW]
+    return (y * wp + x).reshape(-1)  # [N*Ho*Wo*KH*KW]
 
 
 def block_transposed_convolution(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -96,16 +116,6 @@ def block_transposed_convolution(input: Tensor, weight: Tensor, bias: Tensor | N
     out = out.reshape(n, f, kh, kw, h, w).permute(0, 1, 4, 2, 5, 3)  # [N, F, H, KH, W, KW]
     out = out.reshape(n, f, h * kh, w * kw)  # [N, F, H*KH, W*KW]
     return out if bias is None else out + bias.reshape(1, f, 1, 1)
-
-
-def _stack_slices(input: Tensor, dim: int, taps: int, dilation: int, stride: int, extent: int) -> Tensor:
-    """The ``taps`` windows of ``extent`` positions along ``dim`` that a kernel of ``taps`` taps
-    reads, stacked in a new axis at ``dim - 1``: ``out[..., t, ..., o, ...] = input[..., t *
-    dilation + o * stride, ...]``."""
-    windows = [
-        aten.slice(input, dim, t * dilation, t * dilation + stride * (extent - 1) + 1, stride) for t in range(taps)
-    ]  # taps x [..., extent along dim, ...]
-    return torch.stack(windows, dim=dim - 1) if taps > 1 else windows[0].unsqueeze(dim - 1)
 
 
 def _convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
