@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -135,7 +136,18 @@ def import_program(program: torch.export.ExportedProgram):
 
 
 SCHEDULES = ("ours", "default")
-SCHEDULES_FORMAT = 11  # bump when surgery.schedules changes, so cached libraries are rebuilt
+
+
+@functools.cache
+def builder_digest() -> str:
+    """A digest of the code that turns a program into a library (this module, the schedule rules
+    and the tile plan): part of a cached library's key, so a library built by other code is
+    never loaded."""
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted([here / "tvm_backend.py", here / "matmul_tiling.py", *(here / "schedules").glob("*.py")]):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def host_target(schedules: str = "ours", fma: bool = False):
@@ -358,7 +370,7 @@ def compile_program(
                     versions["apache-tvm-ffi"],
                     str(host_target(schedules) if target is None else target),
                     schedules,
-                    str(SCHEDULES_FORMAT),
+                    builder_digest(),
                     torch.__version__,
                 ]
             ).encode()

@@ -99,6 +99,18 @@ def test_our_schedules_match_pytorch_and_the_cache_is_reused_and_keyed_on_weight
     assert_equivalent(changed(x)[0], model(x))
 
 
+@pytest.mark.tvm
+def test_a_library_built_by_other_schedule_code_is_not_reused(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model, x = _MLP().eval(), torch.randn(48, 64)
+    program = torch.export.export(model, (x,))
+    _, info = tvm_backend.compile_program(program, schedules="ours", cache_dir=tmp_path)
+    assert not info["cached"]
+    monkeypatch.setattr(tvm_backend, "builder_digest", lambda: "other schedule code")
+    _, info = tvm_backend.compile_program(program, schedules="ours", cache_dir=tmp_path)
+    assert not info["cached"]
+
+
 def test_cli_split_option_rejects_unknown_inputs(tmp_path):
     result = run_cli_in_process(
         "apply",
