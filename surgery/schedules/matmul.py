@@ -104,11 +104,11 @@ class Matmul(dlight.ScheduleRule):
         if None in extents:
             return None
         *batch_extents, rows, cols, depth = extents
-        # Every batch reads the same A (the panels of a packed weight) and all of B fits in L2:
-        # a row tile of A then serves every panel while it is in cache, and A is read from
-        # memory once rather than once per panel (AVX2, 2 cores, best of 21: 25600x576 @ 576x64
-        # 56 -> 65 GMAC/s, 6400x1152 @ 1152x128 64 -> 72; with B beyond L2, 400x4608 @ 4608x512,
-        # it was slower, 51 -> 38).
+        # Every batch reads the same A (the panels of a packed weight) and all of B is within
+        # the L2 budget: a row tile of A then serves every panel while it is in cache, and A is
+        # read from memory once rather than once per panel (2-core EPYC, 512 KB L2, best of 21:
+        # 25600x576 @ 576x64 56 -> 65 GMAC/s, 6400x1152 @ 1152x128, 590 KB of B, 64 -> 72; with
+        # 9 MB of B, 400x4608 @ 4608x512, it was slower in one run, 51 -> 38).
         batch_inside = (
             bool(batch_extents)
             and 4 * product(batch_extents) * depth * cols <= L2_PANEL_BYTES
