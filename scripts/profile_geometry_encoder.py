@@ -3,8 +3,9 @@
 Builds (or loads from the cache) the shipped configuration of ``python -m surgery apply
 geometry_encoder`` for one part: ``one`` (the one-call build), ``image`` or ``prompt`` (the two
 stages of the split build), then times every call the relax VM makes (kernels and VM builtins)
-through its instrument hook, summed over ``--calls`` calls and divided by their number. The hook
-adds ~2 us per call; the median of uninstrumented calls is printed first.
+through its instrument hook (``surgery.bench.kernel_times``), summed over ``--calls`` calls and
+divided by their number. The hook adds ~2 us per call; the median of uninstrumented calls is
+printed first. ``python -m surgery bench MODEL --kernels N`` does the same for any model.
 
     python scripts/profile_geometry_encoder.py --part prompt --points 3 --boxes 2
 """
@@ -12,10 +13,7 @@ adds ~2 us per call; the median of uninstrumented calls is printed first.
 from __future__ import annotations
 
 import argparse
-import collections
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -37,10 +35,11 @@ def main(argv=None) -> int:
 
     import surgery
     from models.geometry_encoder import geometry_encoder_spec
+    from surgery.bench import kernel_times
     from surgery.pipeline import choose_rewrites
     from surgery.rewrites.base import decomposed
     from surgery.stages import hoist
-    from surgery.tvm_backend import _to_tvm, cache_root, compile_program, configure_threads, speed_rewrites
+    from surgery.tvm_backend import cache_root, compile_program, configure_threads, speed_rewrites
 
     threads = configure_threads()
     spec = geometry_encoder_spec(points=args.points, boxes=args.boxes, batch=1)
@@ -61,46 +60,16 @@ def main(argv=None) -> int:
                 frontier = tuple(staged.stage.module()(*image_args))
             part, inputs = staged.rest, frontier + tuple(prompt_args)
     fn, info = compile_program(part, schedules="ours", cache_dir=cache_root())
-    vm, device = fn.vm, fn.device
-    tvm_inputs = [_to_tvm(a, device) for a in inputs]
-    main_fn = vm["main"]
-    for _ in range(5):
-        main_fn(*tvm_inputs)
-    plain = []
-    for _ in range(args.calls):
-        start = time.perf_counter()
-        main_fn(*tvm_inputs)
-        plain.append(time.perf_counter() - start)
-
-    spent: dict[str, float] = collections.defaultdict(float)
-    count: collections.Counter = collections.Counter()
-    shapes: dict[str, list] = {}
-    started: list[float] = []
-
-    def instrument(func, symbol, before, _ret, *call_args):
-        if before:
-            started.append(time.perf_counter())
-        else:
-            spent[symbol] += time.perf_counter() - started.pop()
-            count[symbol] += 1
-            shapes.setdefault(symbol, [tuple(a.shape) for a in call_args if hasattr(a, "shape")])
-        return 0
-
-    vm.set_instrument(instrument)
-    for _ in range(args.calls):
-        main_fn(*tvm_inputs)
-    total = sum(spent.values()) / args.calls
+    plain_ms, table = kernel_times(fn, inputs, calls=args.calls)
+    total = sum(k.ms for k in table)
     print(
         f"{args.part} ({args.points} points + {args.boxes} boxes), TVM threads {threads}, "
-        f"{'cached library' if info.get('cached') else 'compiled now'}: median {1e3 * statistics.median(plain):.2f} ms "
-        f"uninstrumented, {1e3 * total:.2f} ms summed over the VM's calls"
+        f"{'cached library' if info.get('cached') else 'compiled now'}: median {plain_ms:.2f} ms "
+        f"uninstrumented, {total:.2f} ms summed over the VM's calls"
     )
     print(f"{'ms/call':>8} {'share':>6} {'calls':>5}  kernel or builtin  (argument shapes)")
-    for symbol, seconds in sorted(spent.items(), key=lambda kv: -kv[1])[: args.top]:
-        per_call = seconds / args.calls
-        print(
-            f"{1e3 * per_call:8.3f} {per_call / total:6.1%} {count[symbol] // args.calls:5d}  {symbol}  {shapes[symbol]}"
-        )
+    for k in table[: args.top]:
+        print(f"{k.ms:8.3f} {k.ms / total:6.1%} {k.runs:5d}  {k.symbol}  {[tuple(s) for s in k.shapes]}")
     return 0
 
 

@@ -19,10 +19,15 @@ ones (one timed call, for a system slower than ``SLOW_CALL_S`` a call). Medians 
 calls; ratios against the faster of eager and ONNX Runtime, from this one run. Compiled TVM
 libraries are cached like ``apply``'s; the report says when a library was reused and how long
 building it took.
+
+Where the shipped build's time goes (``kernels=N``, ``--kernels N``): after the timing, the
+shipped build's kernels and VM builtins timed one by one through the relax VM's instrument hook
+(``kernel_times``), the ``N`` costliest in the report.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -195,6 +200,54 @@ def time_systems(systems: list[System], args, rounds: int, calls: int, warmup: i
     return {n: {"median_ms": statistics.median(t), "min_ms": min(t), "calls": len(t)} for n, t in times.items()}
 
 
+@dataclasses.dataclass
+class KernelTime:
+    """One kernel or VM builtin of a TVM function: its time and how often it runs, per call."""
+
+    symbol: str
+    ms: float  # per call of the function, all its runs together
+    runs: int  # per call of the function
+    shapes: list  # of its tensor arguments, at its first run
+
+
+def kernel_times(fn, args, calls: int = 3) -> tuple[float, list[KernelTime]]:
+    """The median of ``calls`` plain calls of a compiled ``TvmFunction`` on ``args`` (ms), and
+    every kernel and VM builtin it runs, costliest first, timed through the relax VM's instrument
+    hook over ``calls`` more calls (the hook adds ~2 us a run)."""
+    from .tvm_backend import _to_tvm
+
+    vm, inputs = fn.vm, [_to_tvm(a, fn.device) for a in args]
+    main = vm["main"]
+    main(*inputs)
+    plain = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        main(*inputs)
+        plain.append((time.perf_counter() - start) * 1e3)
+    spent: dict[str, float] = collections.defaultdict(float)
+    runs: collections.Counter = collections.Counter()
+    shapes: dict[str, list] = {}
+    started: list[float] = []
+
+    def instrument(_func, symbol, before, _ret, *call_args):
+        if before:
+            started.append(time.perf_counter())
+        else:
+            spent[symbol] += time.perf_counter() - started.pop()
+            runs[symbol] += 1
+            shapes.setdefault(symbol, [list(a.shape) for a in call_args if hasattr(a, "shape")])
+        return 0
+
+    vm.set_instrument(instrument)
+    try:
+        for _ in range(calls):
+            main(*inputs)
+    finally:
+        vm.set_instrument(lambda *_: 0)
+    table = [KernelTime(sym, 1e3 * sec / calls, runs[sym] // calls, shapes[sym]) for sym, sec in spent.items()]
+    return statistics.median(plain), sorted(table, key=lambda k: -k.ms)
+
+
 def bench(
     spec: ModelSpec,
     systems: Sequence[str] = SYSTEMS,
@@ -202,6 +255,7 @@ def bench(
     rounds: int = 3,
     calls: int = 5,
     warmup: int = 2,
+    kernels: int = 0,
     cache_dir=None,
     progress: Callable[[str], None] = print,
 ) -> dict:
@@ -209,8 +263,8 @@ def bench(
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown or not systems:
         raise ValueError(f"unknown system {unknown[0] if unknown else None!r}; systems: {', '.join(SYSTEMS)}")
-    if min(rounds, calls) < 1 or warmup < 0:
-        raise ValueError("rounds and calls must be >= 1, warmup >= 0")
+    if min(rounds, calls) < 1 or warmup < 0 or kernels < 0:
+        raise ValueError("rounds and calls must be >= 1, warmup and kernels >= 0")
     from .tvm_backend import configure_threads
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -230,6 +284,16 @@ def bench(
         rows.append(row)
     shipped = timed.get("tvm_shipped", {}).get("median_ms")
     target = TARGETS.get(spec.name)
+    kernel_table = None
+    shipped_fn = next((s.fn for s in built if s.name == "tvm_shipped" and s.fn is not None), None)
+    if kernels and shipped_fn is not None:
+        progress(f"[kernels   ] the shipped build's kernels, timed one by one over {min(calls, 3)} calls")
+        plain_ms, table = kernel_times(shipped_fn, spec.example_args, calls=min(calls, 3))
+        kernel_table = {
+            "plain_median_ms": plain_ms,
+            "summed_ms": sum(k.ms for k in table),
+            "top": [dataclasses.asdict(k) for k in table[:kernels]],
+        }
     return {
         "model": spec.name,
         "description": spec.description,
@@ -242,6 +306,7 @@ def bench(
         "warmup": warmup,
         "rows": rows,
         "best_peer_ms": best_peer,
+        "kernels": kernel_table,
         "target": None
         if target is None or shipped is None or best_peer is None
         else {"ratio": target, "measured": shipped / best_peer, "met": shipped / best_peer <= target},
@@ -299,6 +364,22 @@ def markdown(report: dict, chart: str | None) -> str:
             f"Target: shipped TVM <= {target['ratio']}x the faster of eager and ONNX Runtime: "
             f"**{target['measured']:.2f}x, {'met' if target['met'] else 'MISSED'}**.",
         ]
+    if report.get("kernels"):
+        k = report["kernels"]
+        lines += [
+            "",
+            f"Where shipped TVM's time goes: its {len(k['top'])} costliest kernels and VM builtins, timed one by one "
+            f"(a call: {k['plain_median_ms']:.1f} ms plain, {k['summed_ms']:.1f} ms summed over all of them).",
+            "",
+            "| ms a call | share | runs a call | kernel | argument shapes |",
+            "|---:|---:|---:|---|---|",
+        ]
+        for row in k["top"]:
+            name = row["symbol"] if len(row["symbol"]) <= 80 else row["symbol"][:77] + "..."
+            lines.append(
+                f"| {row['ms']:.2f} | {row['ms'] / k['summed_ms']:.1%} | {row['runs']} | `{name}` | "
+                f"{', '.join('x'.join(map(str, shape)) or 'scalar' for shape in row['shapes'])} |"
+            )
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + "."]
     return "\n".join(lines) + "\n"
 

@@ -244,8 +244,8 @@ def _bench(args) -> int:
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown or not systems:
         raise UsageError(f"unknown system {unknown[0] if unknown else ''!r}; systems: {', '.join(SYSTEMS)}")
-    if min(args.rounds, args.calls) < 1 or args.warmup < 0:
-        raise UsageError("--rounds and --calls must be >= 1, --warmup >= 0")
+    if min(args.rounds, args.calls) < 1 or args.warmup < 0 or args.kernels < 0:
+        raise UsageError("--rounds and --calls must be >= 1, --warmup and --kernels >= 0")
     if (args.max_points, args.max_boxes, args.max_batch) != (None, None, None):
         raise UsageError("--max-points/--max-boxes/--max-batch apply to apply, not bench")
     spec, _, _ = _model_spec(args)
@@ -256,6 +256,7 @@ def _bench(args) -> int:
             rounds=args.rounds,
             calls=args.calls,
             warmup=args.warmup,
+            kernels=args.kernels,
             cache_dir=args.cache,
             progress=lambda m: print(m, flush=True),
         )
@@ -403,6 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     bench.add_argument("--calls", type=int, default=5, help="timed calls per system a round (one when slow; default 5)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed calls before them (default 2)")
+    bench.add_argument(
+        "--kernels",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then time the shipped build's kernels one by one; its N costliest in the report (default 0: none)",
+    )
     bench.add_argument(
         "--cache", metavar="DIR", help="compiled-library cache (default: $SURGERY_CACHE or ~/.cache/surgery)"
     )

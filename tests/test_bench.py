@@ -64,9 +64,18 @@ def test_bench_times_every_system_and_writes_a_report_with_its_chart(tmp_path):
     assert all(f"| {name} |" in text for name in rows)
     assert json.loads(js.read_text())["rows"][0]["system"] == "eager"
 
-    # A second run reuses the compiled libraries and says so.
-    again = bench(small_spec(), ["tvm_shipped"], rounds=1, calls=1, warmup=0, cache_dir=tmp_path / "cache")
+    assert report["kernels"] is None  # not asked for
+
+    # A second run reuses the compiled libraries and says so; asked, it times the kernels.
+    again = bench(small_spec(), ["tvm_shipped"], rounds=1, calls=1, warmup=0, kernels=50, cache_dir=tmp_path / "cache")
     assert again["rows"][0]["info"]["cached"] and again["best_peer_ms"] is None
+    kernels = again["kernels"]
+    times = [k["ms"] for k in kernels["top"]]
+    assert times == sorted(times, reverse=True) and all(k["runs"] >= 1 for k in kernels["top"])
+    assert any("matmul" in k["symbol"] for k in kernels["top"]), [k["symbol"] for k in kernels["top"]]
+    assert kernels["summed_ms"] == pytest.approx(sum(times)) and kernels["plain_median_ms"] > 0
+    again["command"] = "test"
+    assert "Where shipped TVM's time goes" in write_bench_report(again, tmp_path / "again")[0].read_text()
 
 
 @pytest.mark.parametrize(
@@ -75,6 +84,7 @@ def test_bench_times_every_system_and_writes_a_report_with_its_chart(tmp_path):
         (["bench", "no_such_model"], "unknown model 'no_such_model'"),
         (["bench", "small", "--systems", "eager,tvm"], "unknown system 'tvm'"),
         (["bench", "rt_detr", "--rounds", "0"], "--rounds and --calls must be >= 1"),
+        (["bench", "rt_detr", "--kernels", "-1"], "--kernels >= 0"),
         (["bench", "geometry_encoder", "--max-points", "4"], "apply to apply, not bench"),
         (["bench", "rt_detr", "--points", "3"], "--points does not apply to rt_detr"),
     ],
