@@ -287,8 +287,9 @@ def bench(
     kernel_table = None
     shipped_fn = next((s.fn for s in built if s.name == "tvm_shipped" and s.fn is not None), None)
     if kernels and shipped_fn is not None:
-        progress(f"[kernels   ] the shipped build's kernels, timed one by one over {min(calls, 3)} calls")
-        plain_ms, table = kernel_times(shipped_fn, spec.example_args, calls=min(calls, 3))
+        profiled = min(calls, 3)
+        progress(f"[kernels   ] the shipped build's kernels, timed one by one over {profiled} calls")
+        plain_ms, table = kernel_times(shipped_fn, spec.example_args, calls=profiled)
         kernel_table = {
             "plain_median_ms": plain_ms,
             "summed_ms": sum(k.ms for k in table),

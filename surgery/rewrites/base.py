@@ -240,7 +240,7 @@ def apply_in_place(
     if not all(isinstance(rw, GraphRewrite) for rw in rewrites):
         raise RewriteError("apply_in_place takes graph rewrites (GraphRewrite subclasses)")
     program = copy.deepcopy(decomposed(program))
-    _name_inputs(program)
+    _name_signature(program)
     graph = program.graph_module.graph
     replaced_by: list[dict[str, int]] = []
     for rw in rewrites:
@@ -251,28 +251,25 @@ def apply_in_place(
             program.graph_module.recompile()
             _propagate_values(program)
     if any(replaced_by):
-        _name_outputs(program)
+        _name_signature(program)
         program.validate()
     return program, [RewriteResult(program, replaced) for replaced in replaced_by]
 
 
-def _name_inputs(program: torch.export.ExportedProgram) -> None:
-    """Point the signature's inputs at the graph's placeholders: copying a graph renames a
-    placeholder whose name is a Python builtin (``nn.Sequential``'s ``input`` becomes
-    ``input_1``), and the program would no longer validate."""
+def _name_signature(program: torch.export.ExportedProgram) -> None:
+    """Point the signature at the graph: its inputs at the placeholders (copying a graph renames a
+    placeholder whose name is a Python builtin: ``nn.Sequential``'s ``input`` becomes
+    ``input_1``), its outputs at the nodes the graph returns (an edit may have replaced the node
+    that computed an output). Otherwise the program would no longer validate."""
     placeholders = [node for node in program.graph.nodes if node.op == "placeholder"]
-    for spec, node in zip(program.graph_signature.input_specs, placeholders):
-        if isinstance(spec.arg, TensorArgument) and spec.arg.name != node.name:
-            spec.arg = TensorArgument(name=node.name)
-
-
-def _name_outputs(program: torch.export.ExportedProgram) -> None:
-    """Point the signature's outputs at the nodes the graph now returns (an edit may have
-    replaced the node that computed an output)."""
     returned = program.graph.output_node().args[0]
-    for spec, node in zip(program.graph_signature.output_specs, returned):
-        if isinstance(node, torch.fx.Node) and isinstance(spec.arg, TensorArgument):
-            spec.arg = TensorArgument(name=node.name)
+    for specs, nodes in (
+        (program.graph_signature.input_specs, placeholders),
+        (program.graph_signature.output_specs, returned),
+    ):
+        for spec, node in zip(specs, nodes):
+            if isinstance(node, torch.fx.Node) and isinstance(spec.arg, TensorArgument) and spec.arg.name != node.name:
+                spec.arg = TensorArgument(name=node.name)
 
 
 def _propagate_values(program: torch.export.ExportedProgram) -> None:
