@@ -113,7 +113,7 @@ def build_systems(spec, log):
     fn, info = compile_program(one_call, schedules="ours", cache_dir=cache_root(), log=tvm_log)
     systems["tvm shipped, one call"] = (fn, {"rewrites": names, "speed_rewrites": speed, **info})
 
-    split_program, speed = speed_rewrites(rewritten, split=True)
+    split_program, speed = speed_rewrites(rewritten, spec.stage_inputs)
     staged = hoist(decomposed(split_program), spec.stage_inputs, args)
     image_fn, image_info = compile_program(staged.stage, schedules="ours", cache_dir=cache_root(), log=tvm_log)
     prompt_fn, prompt_info = compile_program(staged.rest, schedules="ours", cache_dir=cache_root(), log=tvm_log)

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     if args.part == "one":
         part, inputs = speed_rewrites(rewritten)[0], example
     else:
-        staged = hoist(decomposed(speed_rewrites(rewritten, split=True)[0]), spec.stage_inputs, example)
+        staged = hoist(decomposed(speed_rewrites(rewritten, spec.stage_inputs)[0]), spec.stage_inputs, example)
         image_args, prompt_args = staged.split_args(example)
         if args.part == "image":
             part, inputs = staged.stage, image_args

@@ -416,9 +416,7 @@ def compile_with_tvm(
     start, current = time.perf_counter(), "TVM prepare"
     try:
         for_tvm, speed = (
-            speed_rewrites(rewritten.program, split=bool(stage_inputs))
-            if schedules == "ours"
-            else (rewritten.program, {})
+            speed_rewrites(rewritten.program, stage_inputs or ()) if schedules == "ours" else (rewritten.program, {})
         )
         info.update(schedules=schedules, target=str(host_target(schedules)), speed_rewrites=speed)
         detail = f"speed rewrites: {', '.join(speed) or 'none'}"

@@ -22,7 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ from .equivalence.compare import compare
 from .equivalence.judge import judge_outputs
 from .paths import display_path
 from .probes import digest, user_cases
-from .rewrites import REGISTRY, SPEED_REWRITES
+from .rewrites import REGISTRY, SPEED_REWRITES, MatmulPacking
 from .versions import installed_versions
 
 # TVM (and surgery.schedules, which imports it) is imported inside the functions that use it:
@@ -224,15 +224,23 @@ def _build_with_fma_kernels(mod, target, fma_target):
 
 
 def speed_rewrites(
-    program: torch.export.ExportedProgram, split: bool = False
+    program: torch.export.ExportedProgram, stage_inputs: Sequence[str] = ()
 ) -> tuple[torch.export.ExportedProgram, dict]:
-    """The speed rewrites (``surgery.rewrites.SPEED_REWRITES``) on a program: what the shipped
-    build compiles. Returns the program and what each replaced. With ``split`` (the program will
-    be cut into an image stage and a prompt stage) attention is not reassociated: the stage split
-    hoists the key/value projections out of the per-prompt path, and reassociating them would
-    move that work back into it."""
-    names = [name for name in SPEED_REWRITES if not (split and name == "attention_reassociation")]
-    program, log = rewrite_with_log(program, names)
+    """The speed rewrites (``surgery.rewrites.SPEED_REWRITES``) on a program, for this CPU: what
+    the shipped build compiles. Returns the program and what each replaced. With
+    ``stage_inputs`` (the program will be cut into a stage computed from those inputs and the
+    rest, ``surgery.stages.hoist``) attention is not reassociated, since the split hoists the
+    key/value projections out of the per-call path and reassociating them would move that work
+    back into it; and products whose right-hand side the stage computes are packed in the stage."""
+    from .schedules.matmul import vector_registers
+
+    registers, lanes = vector_registers(host_target())
+    rewrites = [
+        MatmulPacking(stage_inputs, registers, lanes) if name == MatmulPacking.name else name
+        for name in SPEED_REWRITES
+        if not (stage_inputs and name == "attention_reassociation")
+    ]
+    program, log = rewrite_with_log(program, rewrites)
     return program, {rw.name: dict(result.replaced) for rw, result in log if result.modified}
 
 

@@ -224,20 +224,20 @@ def test_roi_align_separable_graph_form(data):
 @given(data=st.data())
 def test_matmul_packing_graph_form(data):
     """Packed exactly where the rule says (a weight, or an activation with a long enough
-    reduction times an activation, wider than one panel), and the program's outputs unchanged."""
-    from surgery.rewrites.matmul_packing import MIN_ACTIVATION_DEPTH, panel_width
-
+    reduction times an activation, or a right-hand side computed from a stage's inputs alone,
+    wider than one panel), and the program's outputs unchanged."""
     case = data.draw(strategy_for("matmul_packing"), label="case")
     program = torch.export.export(case.module(), case.args())
-    rewritten, log = surgery.rewrite_with_log(program, ["matmul_packing"])
-    (m, k), n = case.a.shape, case.b.shape[1]
-    expected_packed = panel_width(m, n, k) is not None and (
-        case.b_is_weight or (k >= MIN_ACTIVATION_DEPTH and not case.a_is_weight)
+    rewritten, log = surgery.rewrite_with_log(program, [case.rewriter()])
+    expected_packed = case.packs()
+    event(
+        ("staged, " if case.staged else "")
+        + ("packed" if expected_packed else "weight A, left alone" if case.a_is_weight else "left alone")
     )
-    event("packed" if expected_packed else "weight A, left alone" if case.a_is_weight else "left alone")
     assert sum(result.replaced.get("matrix products", 0) for _, result in log) == int(expected_packed)
     census = surgery.op_census(rewritten)
-    assert (census["aten.bmm.default"] == 1) == expected_packed
+    assert census["aten.bmm.default"] == int(expected_packed or case.staged)
+    assert (census["aten.clone.default"] >= 1) == expected_packed  # the panels' copy
     assert_equivalent(
         rewritten.module()(*case.args()), program.module()(*case.args()), scale=case.scale, context=repr(case)
     )

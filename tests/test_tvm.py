@@ -136,7 +136,7 @@ def compiled(probe):
         # image/prompt split (image stage once per image, prompt stage per prompt).
         one_call, _ = tvm_backend.speed_rewrites(rewritten)
         shipped, _ = tvm_backend.compile_program(one_call, schedules="ours")
-        split_program, _ = tvm_backend.speed_rewrites(rewritten, split=True)
+        split_program, _ = tvm_backend.speed_rewrites(rewritten, IMAGE_INPUTS)
         staged = hoist(split_program.run_decompositions(), IMAGE_INPUTS, example_inputs(shape))
         image_fn, _ = tvm_backend.compile_program(staged.stage, schedules="ours")
         prompt_fn, _ = tvm_backend.compile_program(staged.rest, schedules="ours")

@@ -109,7 +109,7 @@ def verify_rewrite(
         program = torch.export.export(case.module(), case.args())
         # this rewrite alone: with every rewrite, a case of one would also have to lie within
         # the others' contracts (a row_dispatch case's boxes beyond roi_align's static bound)
-        rewritten = rewrite(program, [name])
+        rewritten = rewrite(program, [case.rewriter() if hasattr(case, "rewriter") else name])
         if in_contract(case):
             record("graph", rewritten.module()(*case.args()), case.reference(), case.scale)
 
