@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import operator
 import os
 import platform
@@ -45,7 +46,7 @@ from surgery.equivalence.compare import compare  # noqa: E402
 from surgery.versions import REPORTED, installed_versions  # noqa: E402
 
 TARGET_ONE_CALL = 0.5  # shipped TVM one call <= 0.5 x the best peer
-TARGET_PROMPT_MS = 1.0  # prompt stage median
+TARGET_PROMPT_FLOOR = 2.0  # prompt stage median <= 2 x its read floor on the same machine
 SLOW_CALL_S = 0.5  # a system slower than this per call gets 1 untimed + 2 timed calls per round
 
 
@@ -166,18 +167,18 @@ def weight_bytes_read(program: torch.export.ExportedProgram) -> int:
     return total
 
 
-def prompt_stage_reads(staged, tokens: int = 72 * 72, head_width: int = 32) -> dict:
+def prompt_stage_reads(staged, tokens: int = 72 * 72, head_width: int = 32, heads: int = 8) -> dict:
     """What one prompt-stage call must read whatever its schedules: every weight it reads and the
-    cross-attention keys and values of the three layers (the image stage's ``[heads, head width,
-    tokens]`` / ``[heads, tokens, head width]`` tensors): every element of them enters every
-    prompt's result. (The feature map the boxes pool from is left out: a small box needs only
+    cross-attention keys and values of the three layers (the image stage's tensors of heads x head
+    width x tokens, in whatever layout the stage hands over: plain, or packed into panels):
+    every element of them enters every prompt's result. (The feature map the boxes pool from is left out: a small box needs only
     part of it.) And how fast this machine reads that many bytes: a 2-thread sum over a buffer of
     that size, warm as between two prompts. Their ratio is a floor under the prompt stage here."""
     weights = weight_bytes_read(staged.rest)
     keys_values = sum(
         f["bytes"]
         for f in staged.frontier
-        if len(f["shape"]) == 3 and tokens in f["shape"] and head_width in f["shape"]
+        if len(f["shape"]) in (3, 4) and f["shape"][0] == heads and math.prod(f["shape"]) == heads * head_width * tokens
     )
     total = weights + keys_values
     buffer = torch.ones(total // 4)
@@ -264,6 +265,10 @@ def run_config(points: int, boxes: int, rounds: int, calls: int, warmup: int, lo
         results[n]["median_ms"] for n in ("tvm shipped, one call", "tvm shipped, image+prompt") if n in results
     )
     prompt = results.get("  prompt stage (per prompt)", {}).get("median_ms")
+    split = results.get("tvm shipped, image+prompt", {}).get("median_ms")
+    single = results.get("tvm shipped, one call", {}).get("median_ms")
+    reads = next((info.get("prompt_reads") for _fn, info in systems.values() if info.get("prompt_reads")), None)
+    floor = reads["floor_ms"] if reads else None
     return {
         "points": points,
         "boxes": boxes,
@@ -274,7 +279,11 @@ def run_config(points: int, boxes: int, rounds: int, calls: int, warmup: int, lo
             "one_call_ratio": one_call / best_peer,
             "one_call_met": one_call / best_peer <= TARGET_ONE_CALL,
             "prompt_stage_ms": prompt,
-            "prompt_stage_met": prompt is not None and prompt <= TARGET_PROMPT_MS,
+            "prompt_floor_ms": floor,
+            "prompt_stage_met": None not in (prompt, floor) and prompt <= TARGET_PROMPT_FLOOR * floor,
+            "image_and_prompt_ms": split,
+            "one_call_ms": single,
+            "image_and_prompt_met": None not in (split, single) and split <= single,
         },
     }
 
@@ -335,8 +344,11 @@ def markdown(report: dict) -> str:
             "",
             f"- One call, shipped TVM (the faster shipped configuration): {t['one_call_ratio']:.2f}x the best peer "
             f"(target <= {TARGET_ONE_CALL}x): **{'met' if t['one_call_met'] else 'MISSED'}**.",
-            f"- Prompt stage median: {t['prompt_stage_ms']:.2f} ms (target <= {TARGET_PROMPT_MS} ms): "
+            f"- Prompt stage median: {t['prompt_stage_ms']:.2f} ms, {t['prompt_stage_ms'] / t['prompt_floor_ms']:.1f}x "
+            f"its read floor of {t['prompt_floor_ms']:.2f} ms below (target <= {TARGET_PROMPT_FLOOR}x): "
             f"**{'met' if t['prompt_stage_met'] else 'MISSED'}**.",
+            f"- Image stage + one prompt: {t['image_and_prompt_ms']:.2f} ms against one call's {t['one_call_ms']:.2f} ms "
+            f"(target: no slower): **{'met' if t['image_and_prompt_met'] else 'MISSED'}**.",
         ]
         if reads:
             lines += [

@@ -24,9 +24,9 @@ L2_PANEL_BYTES = 768 * 1024
 class MatmulPlan:
     """How the Matmul rule lays out one ``C[..., i, j] += A[..., i, k] * B[..., k, j]``.
 
-    ``mr x nr`` is the register tile (``mr`` rows of A broadcast, ``nr / 16`` vectors of B per k
-    step), ``j_major`` runs the column tiles outside the row tiles (B's panel is reused from
-    cache across rows: the larger operand is read once), and ``k_parts > 1`` splits the reduction
+    ``mr x nr`` is the register tile (``mr`` rows of A broadcast, ``nr`` floats of B per k step),
+    ``j_major`` runs the column tiles outside the row tiles (B's panel is reused from cache across
+    rows: the larger operand is read once), and ``k_parts > 1`` splits the reduction
     across threads (``rfactor``) when the tiles are too few to share out, or when one column
     panel of B is too large to stay in a core's L2 while every row tile re-reads it."""
 
@@ -53,22 +53,23 @@ def plan_matmul(
     on a CPU with ``registers`` vector registers of ``lanes`` floats, or None when ``cols`` does
     not split into whole vectors.
 
-    A tile of ``mr`` rows by ``nv`` vectors of 16 floats holds ``mr * nv * 16 / lanes``
-    accumulator registers. Per k step it costs one FMA per accumulator (two issue per cycle),
-    ``mr`` broadcasts of A plus ``nv * 16 / lanes`` loads of B (two per cycle) and at least one
-    FMA latency (4 cycles); the tile with the best FMA share of those cycles wins, then the one
-    with more accumulators, then the taller (measured on SAM3's attention products with AVX-512:
-    12 x 32 beats 6 x 64 and 4 x 96 by 5-15%). Accumulators plus B's registers stay within the
-    register file, two spare (on AVX2: 6 x 16, 12 of its 16 registers, as BLIS's kernels)."""
-    per_vector = max(1, VECTOR_LANES // lanes)  # registers one 16-float vector takes
+    A tile is ``mr`` rows by ``nv`` registers of ``lanes`` floats (16-float vectors on AVX-512;
+    on AVX2 8-float ones, so that a few rows that share no divisor with 6, such as 13 queries,
+    still fit one tile). Per k step it costs one FMA per accumulator (two issue per cycle),
+    ``mr`` broadcasts of A plus ``nv`` loads of B (two per cycle) and at least one FMA latency (4
+    cycles); the tile with the best FMA share of those cycles wins, then the one with more
+    accumulators, then the taller (measured on SAM3's attention products with AVX-512: 12 x 32
+    beats 6 x 64 and 4 x 96 by 5-15%). Accumulators plus B's registers stay within the register
+    file, two spare (on AVX2: 6 x 16, 12 of its 16 registers, as BLIS's kernels)."""
+    unit = min(lanes, VECTOR_LANES)  # floats per register of the tile's width
     tiles = []
-    for nv in range(1, 9):
-        if cols % (nv * VECTOR_LANES):
+    for nv in range(1, 8 * VECTOR_LANES // unit + 1):
+        if cols % (nv * unit):
             continue
-        b_registers = nv * per_vector
+        b_registers = nv
         for mr in _divisors(rows, 16):
             accumulators = mr * b_registers
-            if accumulators > min(MAX_ACCUMULATORS, registers - 4) or accumulators + b_registers > registers - 2:
+            if accumulators > min(MAX_ACCUMULATORS, registers - 3) or accumulators + b_registers > registers - 2:
                 continue
             fma = accumulators / 2
             efficiency = fma / max(fma, (mr + b_registers) / 2, FMA_LATENCY)
@@ -79,7 +80,7 @@ def plan_matmul(
     # panel of B is read once rather than once per row tile.
     whole = [t for t in tiles if t[2] == rows and t[0] >= 0.75]
     _, _, mr, nv = max(whole, key=lambda t: (t[0], t[3])) if whole else max(tiles)
-    nr = nv * VECTOR_LANES
+    nr = nv * unit
     row_tiles, col_tiles = rows // mr, cols // nr
     a_bytes, b_bytes = 4 * rows * depth, 4 * depth * cols
     j_major = col_tiles > 1 and row_tiles > 1 and b_bytes >= a_bytes

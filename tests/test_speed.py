@@ -268,6 +268,11 @@ def test_matmul_plans_stay_within_the_registers_and_read_small_products_once():
     avx2 = plan_matmul(1, 6144, 256, 256, threads=2, registers=AVX2_REGISTERS, lanes=AVX2_LANES)
     assert (avx2.mr, avx2.nr) == (6, 16)
     assert plan_matmul(1, 13, 100, 256, threads=2) is None  # not whole vectors: another rule's
+    # 13 rows (a prime) on AVX2: one tile of all 13 rows by one 8-float register, 13
+    # accumulators, rather than 1-row tiles that each re-read B
+    avx2 = plan_matmul(8, 13, 5184, 32, threads=2, registers=AVX2_REGISTERS, lanes=AVX2_LANES)
+    assert (avx2.mr, avx2.nr) == (13, 8)
+    assert plan_matmul(1, 13, 32, 5184, threads=2, registers=AVX2_REGISTERS, lanes=AVX2_LANES).mr == 13
     # a vector-matrix product: one tile over all rows, so the weight is read once
     assert plan_matmul(1, 4, 256, 12544, threads=2).mr == 4
     assert plan_matmul(1, 13, 2048, 256, threads=2).mr == 13
@@ -288,6 +293,25 @@ def test_a_shared_matmul_operand_is_not_copied_per_batch():
     kernels = _scheduled_kernels_of(Panels(), (torch.randn(13, 512), torch.randn(4, 512, 32)))
     assert not any("broadcast" in name for name in kernels), list(kernels)
     assert any("matmul" in name for name in kernels)
+
+
+@pytest.mark.tvm
+def test_a_batched_operand_shared_by_its_panels_is_not_copied_per_panel():
+    """bmm(a [B, M, K], b [B, K, N]) packed (``matmul_packing`` on a right-hand side a stage
+    computes): each a[b] is shared by its T panels, and arrives as ``a`` broadcast over T and
+    merged into the batch. The product must read a in place (a 4-d product), not a copy of a
+    per panel (8.6 MB a call in the geometry encoder's prompt stage)."""
+    from surgery.rewrites.matmul_packing import packed_bmm
+
+    class Packed(torch.nn.Module):
+        def forward(self, a, b):
+            return packed_bmm(a, b, 8)
+
+    a, b = torch.randn(8, 13, 32), torch.randn(8, 32, 96)
+    kernels = _scheduled_kernels_of(Packed(), (a, b))
+    assert not any("broadcast" in name for name in kernels), list(kernels)
+    [product] = [f for name, f in kernels.items() if "matmul" in name]
+    assert "T.Buffer((T.int64(8), T.int64(1), T.int64(13), T.int64(32))" in product.script()  # a, read in place
 
 
 @pytest.mark.tvm

@@ -126,7 +126,7 @@ class Matmul(dlight.ScheduleRule):
         *outer, i, j, k = sch.get_loops(block)
         io, ii = sch.split(i, [None, plan.mr])
         jo, jv = sch.split(j, [None, plan.nr])
-        jvo, jvi = sch.split(jv, [None, VECTOR_LANES])
+        jvo, jvi = sch.split(jv, [None, min(plan.nr, VECTOR_LANES)])
         tile_order = [jo, io] if plan.j_major else [io, jo]
         if final is None and batch_inside and not plan.j_major:
             tile_order, outer = [io, *outer, jo], []

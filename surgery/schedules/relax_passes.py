@@ -21,7 +21,8 @@ def _static_shape(expr) -> list[int] | None:
 @tvm.transform.module_pass(opt_level=0, name="AbsorbMatmulBroadcasts")
 def absorb_matmul_broadcasts(mod, _ctx):
     """``matmul(broadcast_to(x), y)`` -> ``matmul(x, y)`` where only batch dimensions were
-    broadcast (relax's matmul broadcasts them itself). PyTorch's ``bmm`` needs equal batches, so
+    broadcast (relax's matmul broadcasts them itself), and ``matmul(reshape(broadcast_to(x)), y)``
+    with the broadcast merged into one batch dimension -> a product of the unmerged shapes. PyTorch's ``bmm`` needs equal batches, so
     an exported ``matmul([1, M, K], [T, K, N])`` arrives as an ``expand`` of the shared operand,
     which TVM would otherwise materialise as a copy per batch before the product."""
     lhs, rhs = wildcard(), wildcard()
@@ -48,7 +49,26 @@ def absorb_matmul_broadcasts(mod, _ctx):
             return call
         return relax.op.matmul(x, y, out_dtype=call.attrs.out_dtype)
 
+    # ``reshape(broadcast_to(x), [B*T, M, K])``: the left operand shared by T panels of each of B
+    # batches (``matmul_packing`` on a batched product) arrives with the broadcast dimension
+    # merged into the batch; the product is then done 4-d, broadcasting x over T.
+    merged_x = wildcard()
+    merged = is_op("relax.reshape")(is_op("relax.broadcast_to")(merged_x, wildcard()), wildcard())
+    merged_pattern = is_op("relax.matmul")(merged, wildcard())
+
+    def rewrite_merged(call, matches):
+        x, y = matches[merged_x], call.args[1]
+        sx, sb = _static_shape(x), _static_shape(matches[merged].args[0])
+        sm, sy, out = _static_shape(matches[merged]), _static_shape(y), _static_shape(call)
+        if None in (sx, sb, sm, sy, out) or len(sx) != len(sb) or len(sm) != 3 or len(sy) != 3 or len(sb) < 3:
+            return call
+        if sb[-2:] != sm[-2:] or sx[-2:] != sb[-2:] or int(np.prod(sb[:-2])) != sm[0] or sy[0] != sm[0]:
+            return call
+        product = relax.op.matmul(x, relax.op.reshape(y, [*sb[:-2], *sy[-2:]]), out_dtype=call.attrs.out_dtype)
+        return relax.op.reshape(product, out)
+
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
-            mod[gv] = rewrite_call(pattern, rewrite, func)
+            func = rewrite_call(pattern, rewrite, func)
+            mod[gv] = rewrite_call(merged_pattern, rewrite_merged, func)
     return mod
