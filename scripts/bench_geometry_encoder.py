@@ -170,7 +170,8 @@ def weight_bytes_read(program: torch.export.ExportedProgram) -> int:
 def prompt_stage_reads(staged, tokens: int = 72 * 72, head_width: int = 32, heads: int = 8) -> dict:
     """What one prompt-stage call must read whatever its schedules: every weight it reads and the
     cross-attention keys and values of the three layers (the image stage's tensors of heads x head
-    width x tokens, in whatever layout the stage hands over: plain, or packed into panels):
+    width x tokens elements that the prompt's products reduce over head width, keys, or over
+    tokens, values; plain ``[heads, ...]`` or packed into panels ``[heads * panels, ..., panel]``):
     every element of them enters every prompt's result. (The feature map the boxes pool from is left out: a small box needs only
     part of it.) And how fast this machine reads that many bytes: a 2-thread sum over a buffer of
     that size, warm as between two prompts. Their ratio is a floor under the prompt stage here."""
@@ -178,7 +179,9 @@ def prompt_stage_reads(staged, tokens: int = 72 * 72, head_width: int = 32, head
     keys_values = sum(
         f["bytes"]
         for f in staged.frontier
-        if len(f["shape"]) in (3, 4) and f["shape"][0] == heads and math.prod(f["shape"]) == heads * head_width * tokens
+        if len(f["shape"]) == 3
+        and f["shape"][-2] in (head_width, tokens)  # the products' reduction: keys, values
+        and math.prod(f["shape"]) == heads * head_width * tokens
     )
     total = weights + keys_values
     buffer = torch.ones(total // 4)
