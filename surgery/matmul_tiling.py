@@ -14,6 +14,7 @@ VECTOR_REGISTERS = 32  # AVX-512 has zmm0-zmm31
 MAX_ACCUMULATORS = 28  # of them, at most this many hold a register tile's accumulators
 # An AVX2-only CPU has 16 registers of 8 lanes: LLVM splits each 16-lane vector into two.
 AVX2_REGISTERS, AVX2_LANES = 16, 8
+MIN_LANES = 4  # the narrowest vector a tile is built of (SSE's 4 floats, on every x86-64)
 FMA_LATENCY = 4  # cycles: one k step of a tile takes at least this long
 # A column panel of B that every row tile re-reads should stay in L2 (1-2 MiB per core on the
 # x86 servers we measured): beyond this the reduction is split across threads instead.
@@ -51,7 +52,7 @@ def plan_matmul(
 ) -> MatmulPlan | None:
     """The register tile and loop order for a (batched) ``rows x depth @ depth x cols`` product
     on a CPU with ``registers`` vector registers of ``lanes`` floats, or None when ``cols`` does
-    not split into whole vectors.
+    not split into whole vectors of at least ``MIN_LANES`` floats.
 
     A tile is ``mr`` rows by ``nv`` registers of ``lanes`` floats (16-float vectors on AVX-512;
     on AVX2 8-float ones, so that a few rows that share no divisor with 6, such as 13 queries,
@@ -61,7 +62,12 @@ def plan_matmul(
     accumulators, then the taller (measured on SAM3's attention products with AVX-512: 12 x 32
     beats 6 x 64 and 4 x 96 by 5-15%). Accumulators plus B's registers stay within the register
     file, two spare (on AVX2: 6 x 16, 12 of its 16 registers, as BLIS's kernels)."""
-    unit = min(lanes, VECTOR_LANES)  # floats per register of the tile's width
+    # Floats per register of the tile's width: the widest vector that splits the columns into
+    # whole registers (300 attention columns take 4-float ones: a quarter of AVX-512's width, far
+    # better than no vectors at all).
+    unit = min(lanes, VECTOR_LANES)
+    while unit > MIN_LANES and cols % unit:
+        unit //= 2
     tiles = []
     for nv in range(1, 8 * VECTOR_LANES // unit + 1):
         if cols % (nv * unit):

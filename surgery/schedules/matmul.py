@@ -9,6 +9,8 @@ write-back."""
 
 from __future__ import annotations
 
+import math
+
 import tvm
 from tvm import tirx
 from tvm.s_tir import dlight
@@ -126,7 +128,7 @@ class Matmul(dlight.ScheduleRule):
         *outer, i, j, k = sch.get_loops(block)
         io, ii = sch.split(i, [None, plan.mr])
         jo, jv = sch.split(j, [None, plan.nr])
-        jvo, jvi = sch.split(jv, [None, min(plan.nr, VECTOR_LANES)])
+        jvo, jvi = sch.split(jv, [None, math.gcd(plan.nr, VECTOR_LANES)])  # whole vectors
         tile_order = [jo, io] if plan.j_major else [io, jo]
         if final is None and batch_inside and not plan.j_major:
             tile_order, outer = [io, *outer, jo], []
