@@ -18,7 +18,7 @@ So we ship deterministic rules, applied at build time by ``pipeline`` with dligh
 - ``fma``: which kernels may be compiled with fused multiply-add (``FMA_ANNOTATION``);
 - ``flattening``: ``Checked``, wrapping each rule: a schedule with an index TVM's buffer
   flattening would compute wrongly is declined;
-- ``relax_passes``: ``absorb_matmul_broadcasts``, run before legalisation;
+- ``relax_passes``: ``absorb_matmul_broadcasts`` and ``pad_matmul_columns``, run before legalisation;
 - ``compat``: what differs between apache-tvm 0.25, 0.26 and 0.27.
 
 Schedules change the loop order, never the arithmetic of a single output element except for the
@@ -48,7 +48,7 @@ from .fma import FMA_ANNOTATION, is_fma_kernel
 from .injective import Injective
 from .matmul import Matmul
 from .parallel_outer import ParallelOuter
-from .relax_passes import absorb_matmul_broadcasts
+from .relax_passes import absorb_matmul_broadcasts, pad_matmul_columns
 from .row_reduction import RowReduction
 
 
@@ -70,6 +70,8 @@ def pipeline(target: tvm.target.Target):
       at most 4.1e-6 relative (68 ulp) from the exact value, where ``torch.exp`` is within 1 ulp;
     - turns ``matmul(broadcast_to(x), y)`` into ``matmul(x, y)``, also with the broadcast merged
       into the batch by a reshape (``absorb_matmul_broadcasts``);
+    - pads a product's columns to whole vectors when they are no whole number of 4-float ones,
+      and slices the result (``pad_matmul_columns``);
     - simplifies index arithmetic left by inlined reshapes over the loop ranges
       (``analysis.simplified``, inside the rules);
     - compiles Matmul and RowReduction kernels with fused multiply-add where no step function
@@ -89,6 +91,8 @@ def pipeline(target: tvm.target.Target):
                 + [relax.transform.CanonicalizeBindings()]
                 # matmul(broadcast_to(x), y) -> matmul(x, y): no per-batch copy of a shared operand
                 + [absorb_matmul_broadcasts]
+                # columns no whole number of vectors (91 classes): padded, so the Matmul rule tiles them
+                + [pad_matmul_columns]
                 + cpu.library_dispatch_passes(target)
                 + cpu.legalize_passes(target)
                 # again after fusion: a fused kernel whose inputs are all constants (a slice of
@@ -115,6 +119,7 @@ __all__ = [
     "ParallelOuter",
     "RowReduction",
     "absorb_matmul_broadcasts",
+    "pad_matmul_columns",
     "is_fma_kernel",
     "pipeline",
     "plan_matmul",
