@@ -19,6 +19,11 @@ FMA_LATENCY = 4  # cycles: one k step of a tile takes at least this long
 # A column panel of B that every row tile re-reads should stay in L2 (1-2 MiB per core on the
 # x86 servers we measured): beyond this the reduction is split across threads instead.
 L2_PANEL_BYTES = 768 * 1024
+# A left-hand side shared by many column panels stays in the shared cache across them up to
+# about this size (32 MB of L3 on the 2-core EPYC, shared with the other core and with B); a
+# larger one is cut into blocks of rows of this many bytes, each serving every panel in turn.
+A_CACHED_BYTES = 8 * 1024 * 1024
+ROW_BLOCK_BYTES = 256 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,3 +106,15 @@ def plan_matmul(
     ):
         k_parts = threads
     return MatmulPlan(mr, nr, j_major, k_parts)
+
+
+def row_block(rows: int, depth: int, mr: int) -> int | None:
+    """Row tiles per block for a left-hand side ``A [rows, depth]`` that many column panels
+    share, or None when A stays in the shared cache (``A_CACHED_BYTES``) across them. A block
+    holds about ``ROW_BLOCK_BYTES`` of A, a whole number of blocks covers the rows; rows whose
+    tile count has no divisor near that size are left unblocked."""
+    if 4 * rows * depth <= A_CACHED_BYTES:
+        return None
+    row_tiles, wanted = rows // mr, max(1, ROW_BLOCK_BYTES // (4 * depth * mr))
+    tiles = max(d for d in range(1, min(wanted, row_tiles) + 1) if row_tiles % d == 0)
+    return tiles if tiles < row_tiles and 2 * tiles >= wanted else None

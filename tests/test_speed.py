@@ -366,6 +366,41 @@ def test_91_class_logits_are_padded_to_whole_vectors_and_match_pytorch():
     assert not any("T.int64(96)" in f.script() for f in small.values())
 
 
+def test_a_shared_operand_larger_than_the_cache_is_cut_into_whole_row_blocks():
+    from surgery.matmul_tiling import A_CACHED_BYTES, ROW_BLOCK_BYTES, row_block
+
+    tiles = row_block(19600, 2304, 5)  # Mask R-CNN's mask head: 180 MB of columns
+    assert tiles is not None and (19600 // 5) % tiles == 0
+    assert ROW_BLOCK_BYTES // 2 <= 4 * 2304 * 5 * tiles <= ROW_BLOCK_BYTES
+    assert row_block(400, 4608, 5) is None  # 7.4 MB: stays in cache across the panels
+    assert A_CACHED_BYTES == 4 * 8192 * 256
+    assert row_block(8192, 256, 6) is None  # right at the bound: in cache
+    assert row_block(8208, 256, 6) == 38  # past it: 1368 tiles in blocks of 38 (wanted 42)
+    assert row_block(8196, 256, 6) is None  # 1366 = 2 x 683 tiles: no whole blocks near 42
+
+
+@pytest.mark.tvm
+def test_row_blocks_of_a_shared_operand_match_pytorch():
+    """A [M, K] shared by T panels [T, K, N], A larger than the cache and the panels than L2:
+    the product runs in blocks of rows (``row_block``; the row index is the block's plus the
+    tile's within it), and every row is computed once and right."""
+    from surgery.matmul_tiling import row_block
+
+    class Panels(torch.nn.Module):
+        def forward(self, a, panels):
+            return torch.matmul(a.unsqueeze(0), panels)
+
+    torch.manual_seed(0)
+    # 9.8 MB of A, 1 MB of panels; results ~N(0, 1)
+    a, panels = torch.randn(2400, 1024), torch.randn(16, 1024, 16) / 1024**0.5
+    blocks = {row_block(2400, 1024, mr) for mr in range(1, 17) if 2400 % mr == 0}
+    assert None not in blocks  # whatever the tile
+    [product] = [f.script() for name, f in _scheduled_kernels_of(Panels(), (a, panels)).items() if "matmul" in name]
+    assert any(f"% T.int64({tiles})" in product for tiles in blocks), product
+    fn, _ = tvm_backend.compile_program(torch.export.export(Panels(), (a, panels)), schedules="ours")
+    assert_equivalent(fn(a, panels)[0], torch.matmul(a.unsqueeze(0), panels))
+
+
 @pytest.mark.tvm
 def test_panels_of_a_shared_operand_run_inside_its_row_tiles_when_they_fit_in_l2():
     """A [M, K] shared by T panels [T, K, N]: with all the panels in L2 (4 x 512 x 32 floats,
