@@ -222,6 +222,28 @@ def test_roi_align_separable_graph_form(data):
 @pytest.mark.slow
 @settings(max_examples=graph_examples())
 @given(data=st.data())
+def test_roi_align_taps_graph_form(data):
+    """Taken where the cost rule says (every call with ``min_ratio=0``), the rest left for
+    roi_align_separable; the taken calls' results within the contract."""
+    from surgery.rewrites import RoiAlignTaps
+
+    case = data.draw(strategy_for("roi_align_taps"), label="case")
+    forced = data.draw(st.booleans(), label="forced")
+    rewrite = RoiAlignTaps(min_ratio=0) if forced else RoiAlignTaps()
+    taken = case.taken(min_ratio=0 if forced else RoiAlignTaps().min_ratio)
+    event(f"taken={taken}")
+    program = torch.export.export(case.module(), case.args())
+    result = rewrite(program)
+    assert sum(result.replaced.values()) == int(taken)
+    assert ("torchvision.roi_align.default" in surgery.op_census(result.program)) == (not taken)
+    if not _within_contract(case):
+        return  # beyond the bound the graph caps samples per bin, as roi_align's does
+    assert_equivalent(result.program.module()(*case.args()), case.reference(), scale=case.scale, context=repr(case))
+
+
+@pytest.mark.slow
+@settings(max_examples=graph_examples())
+@given(data=st.data())
 def test_matmul_packing_graph_form(data):
     """Packed exactly where the rule says (a weight, or an activation with a long enough
     reduction times an activation, or a right-hand side computed from a stage's inputs alone,

@@ -80,6 +80,26 @@ def test_multiscale_roi_align_runs_on_tvm_after_row_dispatch(probe):
     assert_equivalent(fn(*case.args())[0], case.reference(), context="TVM")
 
 
+def test_multiscale_roi_align_as_shipped_pools_fine_levels_from_taps(probe):
+    """The same pooler on maps large enough that roi_align_taps takes the two finest levels (7x7
+    bins on 96x128 and 48x64: work ratios 118 and 31) and roi_align_separable the coarser ones
+    (8.9 and 2.7), built as shipped (speed rewrites, our schedules): TVM matches the eager module."""
+    from surgery.rewrites.row_dispatch import MultiScaleCase
+
+    generator = torch.Generator().manual_seed(1)
+    features = tuple(torch.randn(1, 8, 384 // s, 512 // s, generator=generator) for s in (4, 8, 16, 32))
+    sizes = torch.tensor([20.0, 60, 130, 200, 300, 420, 600, 0])  # levels 2, 2, 3, 3, 4, 4, 5 and padding
+    corners = torch.rand(8, 2, generator=generator) * torch.tensor([512.0, 384.0])
+    boxes = torch.cat([corners, corners + sizes[:, None]], dim=1)
+    case = MultiScaleCase(features, (boxes,), (384, 512), (7, 7), 2, ())
+    program = torch.export.export(case.module(), case.args())
+    rewritten, replaced = tvm_backend.speed_rewrites(surgery.rewrite(program, probe.needed()))
+    assert replaced["roi_align_taps"] == {"torchvision.roi_align.default": 2}
+    assert replaced["roi_align_separable"] == {"torchvision.roi_align.default": 2}
+    fn, _ = tvm_backend.compile_program(rewritten, schedules="ours")
+    assert_equivalent(fn(*case.args())[0], case.reference(), context="TVM")
+
+
 def test_probe_finds_float_division_with_rounding_mode_fails_to_import(probe):
     # torch.div(x, 2, rounding_mode="floor") (Deformable DETR): the 2 becomes an int32 constant.
     finding = probe.findings["div_rounding"]

@@ -17,6 +17,7 @@ from .matmul_packing import MatmulPacking
 from .negative_index import NegativeIndex
 from .roi_align import RoiAlignToGridSample
 from .roi_align_separable import RoiAlignSeparable
+from .roi_align_taps import RoiAlignTaps
 from .row_dispatch import RowDispatch
 from .scatter import ScatterToSelect
 from .where_scalar import WhereScalarToFull
@@ -47,12 +48,14 @@ ORDER: list[type[Rewrite]] = [
 
 # Speed rewrites: TVM converts their operators correctly, so the probe never asks for them; they
 # make the compiled program faster (``surgery.tvm_backend`` applies them for the shipped build,
-# after the rewrites above). roi_align_separable takes the feature map back channels-last, a
-# round trip layout_round_trips then removes; gather_through_permute moves gathers before the
+# after the rewrites above). roi_align_taps takes the roi_align calls it pools cheaper (large
+# maps, small bins) and roi_align_separable the rest; both take the feature map back
+# channels-last, a round trip layout_round_trips then removes; gather_through_permute moves gathers before the
 # permutes left after that; matmul_packing runs last, as the others emit products it packs.
 # conv_as_matmul takes the convolutions whose kernel covers the input (one addmm) before
 # conv_im2col takes the rest.
 SPEED_ORDER: list[type[Rewrite]] = [
+    RoiAlignTaps,
     RoiAlignSeparable,
     ConvAsMatmul,
     ConvIm2col,
@@ -123,6 +126,7 @@ __all__ = [
     "MatmulPacking",
     "NegativeIndex",
     "RoiAlignSeparable",
+    "RoiAlignTaps",
     "RoiAlignToGridSample",
     "RowDispatch",
     "ScatterToSelect",
