@@ -244,6 +244,24 @@ def test_roi_align_taps_graph_form(data):
 @pytest.mark.slow
 @settings(max_examples=graph_examples())
 @given(data=st.data())
+def test_sum_over_concat_graph_form(data):
+    """Split exactly where the parts are contiguous slices of the summed axis (found by viewing
+    the parts' numbers), as exported and as decomposed to core ATen; results within the bound."""
+    case = data.draw(strategy_for("sum_over_concat"), label="case")
+    program = torch.export.export(case.module(), case.args())
+    if data.draw(st.booleans(), label="decomposed"):
+        program = program.run_decompositions()
+    rewritten, log = surgery.rewrite_with_log(program, ["sum_over_concat"])
+    event(f"taken={case.taken()}")
+    assert sum(result.replaced.get("aten.sum.dim_IntList", 0) for _, result in log) == int(case.taken())
+    census = surgery.op_census(rewritten)
+    assert ("aten.cat.default" in census or "aten.stack.default" in census) == (not case.taken())
+    assert_equivalent(rewritten.module()(*case.args()), case.reference(), scale=case.scale, context=repr(case))
+
+
+@pytest.mark.slow
+@settings(max_examples=graph_examples())
+@given(data=st.data())
 def test_matmul_packing_graph_form(data):
     """Packed exactly where the rule says (a weight, or an activation with a long enough
     reduction times an activation, or a right-hand side computed from a stage's inputs alone,

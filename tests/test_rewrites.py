@@ -828,3 +828,22 @@ def test_roi_align_taps_takes_large_maps_and_leaves_small_ones_to_the_separable_
     assert [dict(result.replaced) for _, result in log] == [{"torchvision.roi_align.default": 1}] * 2
     assert "torchvision.roi_align.default" not in surgery.op_census(rewritten)
     assert_equivalent(rewritten.module()(fine, coarse, boxes), TwoLevels()(fine, coarse, boxes))
+
+
+def test_sum_over_concat_splits_deformable_attentions_sum_over_levels():
+    """Deformable DETR's (stack(levels, -2).flatten(-2) * weights).sum(-1): one sum per level,
+    no stack left, the same numbers within the bound."""
+
+    class LevelSum(torch.nn.Module):
+        def forward(self, a, b, c, weights):
+            return (torch.stack([a, b, c], dim=-2).flatten(-2) * weights).sum(-1)  # [heads, 4, queries]
+
+    torch.manual_seed(0)
+    args = (*(torch.randn(2, 4, 5, 3) for _ in range(3)), torch.rand(2, 1, 5, 9))
+    program = torch.export.export(LevelSum(), args).run_decompositions()
+    rewritten, log = surgery.rewrite_with_log(program, ["sum_over_concat"])
+    assert dict(log[0][1].replaced) == {"aten.sum.dim_IntList": 1}
+    census = surgery.op_census(rewritten)
+    assert "aten.stack.default" not in census and "aten.cat.default" not in census
+    assert census["aten.sum.dim_IntList"] == 3
+    assert_equivalent(rewritten.module()(*args), LevelSum()(*args))

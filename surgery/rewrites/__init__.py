@@ -20,6 +20,7 @@ from .roi_align_separable import RoiAlignSeparable
 from .roi_align_taps import RoiAlignTaps
 from .row_dispatch import RowDispatch
 from .scatter import ScatterToSelect
+from .sum_over_concat import SumOverConcat
 from .where_scalar import WhereScalarToFull
 
 # The order the rewrites run in. row_dispatch runs first: it recognises the row-wise computation
@@ -51,7 +52,8 @@ ORDER: list[type[Rewrite]] = [
 # after the rewrites above). roi_align_taps takes the roi_align calls it pools cheaper (large
 # maps, small bins) and roi_align_separable the rest; both take the feature map back
 # channels-last, a round trip layout_round_trips then removes; gather_through_permute moves gathers before the
-# permutes left after that; matmul_packing runs last, as the others emit products it packs.
+# permutes left after that; sum_over_concat splits a weighted sum over stacked parts (Deformable
+# DETR's levels) into one per part; matmul_packing runs last, as the others emit products it packs.
 # conv_as_matmul takes the convolutions whose kernel covers the input (one addmm) before
 # conv_im2col takes the rest.
 SPEED_ORDER: list[type[Rewrite]] = [
@@ -62,6 +64,7 @@ SPEED_ORDER: list[type[Rewrite]] = [
     AttentionReassociation,
     LayoutRoundTrips,
     GatherThroughPermute,
+    SumOverConcat,
     MatmulPacking,
 ]
 
@@ -130,5 +133,6 @@ __all__ = [
     "RoiAlignToGridSample",
     "RowDispatch",
     "ScatterToSelect",
+    "SumOverConcat",
     "WhereScalarToFull",
 ]
