@@ -244,6 +244,23 @@ def test_roi_align_taps_graph_form(data):
 @pytest.mark.slow
 @settings(max_examples=graph_examples())
 @given(data=st.data())
+def test_gather_as_index_graph_form(data):
+    """Taken exactly where the index is expanded over a dimension, as exported and as
+    decomposed to core ATen; bit-exact."""
+    case = data.draw(strategy_for("gather_as_index"), label="case")
+    program = torch.export.export(case.module(), case.args())
+    if data.draw(st.booleans(), label="decomposed"):
+        program = program.run_decompositions()
+    rewritten, log = surgery.rewrite_with_log(program, ["gather_as_index"])
+    event(f"taken={case.taken()}")
+    assert sum(result.replaced.get("aten.gather.default", 0) for _, result in log) == int(case.taken())
+    assert ("aten.gather.default" in surgery.op_census(rewritten)) == (not case.taken())
+    assert_identical(rewritten.module()(*case.args()), case.reference(), context=repr(case))
+
+
+@pytest.mark.slow
+@settings(max_examples=graph_examples())
+@given(data=st.data())
 def test_sum_over_concat_graph_form(data):
     """Split exactly where the parts are contiguous slices of the summed axis (found by viewing
     the parts' numbers), as exported and as decomposed to core ATen; results within the bound."""

@@ -100,6 +100,45 @@ def test_multiscale_roi_align_as_shipped_pools_fine_levels_from_taps(probe):
     assert_equivalent(fn(*case.args())[0], case.reference(), context="TVM")
 
 
+def test_deformable_attention_as_shipped_matches_eager(probe):
+    """Multi-scale deformable attention as transformers' PyTorch path computes it (a grid sampler
+    per level, stacked, weighted and summed), on samples inside, straddling and outside the
+    maps: built as shipped, its taps are read with broadcast indices (gather_as_index) and its
+    sum over levels split per level (sum_over_concat), and TVM matches the eager module."""
+    import torch.nn.functional as F
+
+    shapes = [(6, 8), (3, 4)]
+
+    class DeformableAttention(torch.nn.Module):
+        def forward(self, value, locations, weights):
+            heads, channels = value.shape[2], value.shape[3]
+            queries, levels, points = locations.shape[1], locations.shape[3], locations.shape[4]
+            per_level = value.split([h * w for h, w in shapes], dim=1)
+            grids = 2 * locations - 1
+            samples = []
+            for level, (h, w) in enumerate(shapes):
+                v = per_level[level].flatten(2).transpose(1, 2).reshape(heads, channels, h, w)
+                g = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+                samples.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+            weights = weights.transpose(1, 2).reshape(heads, 1, queries, levels * points)
+            out = (torch.stack(samples, dim=-2).flatten(-2) * weights).sum(-1)  # [heads, channels, queries]
+            return out.view(1, heads * channels, queries).transpose(1, 2).contiguous()
+
+    generator = torch.Generator().manual_seed(0)
+    tokens = sum(h * w for h, w in shapes)
+    args = (
+        torch.randn(1, tokens, 2, 4, generator=generator),
+        torch.rand(1, tokens, 2, 2, 3, 2, generator=generator) * 1.4 - 0.2,
+        torch.rand(1, tokens, 2, 2, 3, generator=generator),
+    )
+    program = surgery.rewrite(torch.export.export(DeformableAttention(), args), probe.needed())
+    rewritten, replaced = tvm_backend.speed_rewrites(program)
+    assert replaced["gather_as_index"] == {"aten.gather.default": 8}  # 4 taps x 2 levels
+    assert replaced["sum_over_concat"] == {"aten.sum.dim_IntList": 1}
+    fn, _ = tvm_backend.compile_program(rewritten, schedules="ours")
+    assert_equivalent(fn(*args)[0], DeformableAttention()(*args), context="TVM")
+
+
 def test_probe_finds_float_division_with_rounding_mode_fails_to_import(probe):
     # torch.div(x, 2, rounding_mode="floor") (Deformable DETR): the 2 becomes an int32 constant.
     finding = probe.findings["div_rounding"]

@@ -10,6 +10,7 @@ from .conv_im2col import ConvIm2col
 from .div_rounding import DivRoundingToArithmetic
 from .floor_divide import FloorDivideToFmod
 from .full_like import FullLikeToFull
+from .gather_as_index import GatherAsIndex
 from .gather_through_permute import GatherThroughPermute
 from .grid_sample import GridSampleToGather
 from .layout_round_trips import LayoutRoundTrips
@@ -52,7 +53,8 @@ ORDER: list[type[Rewrite]] = [
 # after the rewrites above). roi_align_taps takes the roi_align calls it pools cheaper (large
 # maps, small bins) and roi_align_separable the rest; both take the feature map back
 # channels-last, a round trip layout_round_trips then removes; gather_through_permute moves gathers before the
-# permutes left after that; sum_over_concat splits a weighted sum over stacked parts (Deformable
+# permutes left after that, and gather_as_index reads the gathers left (per-head indices) with
+# broadcast index tensors; sum_over_concat splits a weighted sum over stacked parts (Deformable
 # DETR's levels) into one per part; matmul_packing runs last, as the others emit products it packs.
 # conv_as_matmul takes the convolutions whose kernel covers the input (one addmm) before
 # conv_im2col takes the rest.
@@ -64,6 +66,7 @@ SPEED_ORDER: list[type[Rewrite]] = [
     AttentionReassociation,
     LayoutRoundTrips,
     GatherThroughPermute,
+    GatherAsIndex,
     SumOverConcat,
     MatmulPacking,
 ]
@@ -123,6 +126,7 @@ __all__ = [
     "DivRoundingToArithmetic",
     "FloorDivideToFmod",
     "FullLikeToFull",
+    "GatherAsIndex",
     "GatherThroughPermute",
     "GridSampleToGather",
     "LayoutRoundTrips",
