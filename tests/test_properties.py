@@ -244,6 +244,27 @@ def test_roi_align_taps_graph_form(data):
 @pytest.mark.slow
 @settings(max_examples=graph_examples())
 @given(data=st.data())
+def test_masked_gather_padding_graph_form(data):
+    """Every masked tap taken, one padded copy of the map for all of them, as exported and as
+    decomposed to core ATen; bit-exact, inf and NaN in the map included."""
+    case = data.draw(strategy_for("masked_gather_padding"), label="case")
+    program = torch.export.export(case.module(), case.args())
+    if data.draw(st.booleans(), label="decomposed"):
+        program = program.run_decompositions()
+    rewritten, log = surgery.rewrite_with_log(program, ["masked_gather_padding"])
+    assert sum(sum(result.replaced.values()) for _, result in log) == len(case.pixels)
+    padded = [
+        node
+        for node in rewritten.graph.nodes
+        if node.target is torch.ops.aten.cat.default and node.args[0][-1].target is torch.ops.aten.full.default
+    ]
+    assert len(padded) == 1
+    assert_identical(rewritten.module()(*case.args()), case.reference(), context=repr(case))
+
+
+@pytest.mark.slow
+@settings(max_examples=graph_examples())
+@given(data=st.data())
 def test_gather_as_index_graph_form(data):
     """Taken exactly where the index is expanded over a dimension, as exported and as
     decomposed to core ATen; bit-exact."""

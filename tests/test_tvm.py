@@ -103,8 +103,9 @@ def test_multiscale_roi_align_as_shipped_pools_fine_levels_from_taps(probe):
 def test_deformable_attention_as_shipped_matches_eager(probe):
     """Multi-scale deformable attention as transformers' PyTorch path computes it (a grid sampler
     per level, stacked, weighted and summed), on samples inside, straddling and outside the
-    maps: built as shipped, its taps are read with broadcast indices (gather_as_index) and its
-    sum over levels split per level (sum_over_concat), and TVM matches the eager module."""
+    maps: built as shipped, its off-map taps read an appended zero (masked_gather_padding), its
+    taps are read with broadcast indices (gather_as_index) and its sum over levels is split per
+    level (sum_over_concat), and TVM matches the eager module."""
     import torch.nn.functional as F
 
     shapes = [(6, 8), (3, 4)]
@@ -133,7 +134,8 @@ def test_deformable_attention_as_shipped_matches_eager(probe):
     )
     program = surgery.rewrite(torch.export.export(DeformableAttention(), args), probe.needed())
     rewritten, replaced = tvm_backend.speed_rewrites(program)
-    assert replaced["gather_as_index"] == {"aten.gather.default": 8}  # 4 taps x 2 levels
+    assert replaced["masked_gather_padding"] == {"aten.where of aten.gather": 8}  # 4 taps x 2 levels
+    assert replaced["gather_as_index"] == {"aten.gather.default": 8}
     assert replaced["sum_over_concat"] == {"aten.sum.dim_IntList": 1}
     fn, _ = tvm_backend.compile_program(rewritten, schedules="ours")
     assert_equivalent(fn(*args)[0], DeformableAttention()(*args), context="TVM")

@@ -14,6 +14,7 @@ from .gather_as_index import GatherAsIndex
 from .gather_through_permute import GatherThroughPermute
 from .grid_sample import GridSampleToGather
 from .layout_round_trips import LayoutRoundTrips
+from .masked_gather_padding import MaskedGatherPadding
 from .matmul_packing import MatmulPacking
 from .negative_index import NegativeIndex
 from .roi_align import RoiAlignToGridSample
@@ -53,8 +54,8 @@ ORDER: list[type[Rewrite]] = [
 # after the rewrites above). roi_align_taps takes the roi_align calls it pools cheaper (large
 # maps, small bins) and roi_align_separable the rest; both take the feature map back
 # channels-last, a round trip layout_round_trips then removes; gather_through_permute moves gathers before the
-# permutes left after that, and gather_as_index reads the gathers left (per-head indices) with
-# broadcast index tensors; sum_over_concat splits a weighted sum over stacked parts (Deformable
+# permutes left after that; masked_gather_padding moves the masks of the gathers left (per-head
+# indices) onto their indices and gather_as_index reads those with broadcast index tensors; sum_over_concat splits a weighted sum over stacked parts (Deformable
 # DETR's levels) into one per part; matmul_packing runs last, as the others emit products it packs.
 # conv_as_matmul takes the convolutions whose kernel covers the input (one addmm) before
 # conv_im2col takes the rest.
@@ -66,6 +67,7 @@ SPEED_ORDER: list[type[Rewrite]] = [
     AttentionReassociation,
     LayoutRoundTrips,
     GatherThroughPermute,
+    MaskedGatherPadding,
     GatherAsIndex,
     SumOverConcat,
     MatmulPacking,
@@ -130,6 +132,7 @@ __all__ = [
     "GatherThroughPermute",
     "GridSampleToGather",
     "LayoutRoundTrips",
+    "MaskedGatherPadding",
     "MatmulPacking",
     "NegativeIndex",
     "RoiAlignSeparable",
