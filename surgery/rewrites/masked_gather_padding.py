@@ -100,7 +100,9 @@ def rewrite_masked_gathers(graph: fx.Graph) -> int:
         vx, vt, vg = node_value(x), node_value(t), node_value(node)
         size = vx.shape[dim]
         if (x, dim) not in padded:
-            with graph.inserting_after(x):
+            # right after the map, or after the last input when the map is one (inputs come first)
+            after = x if x.op != "placeholder" else [n for n in graph.nodes if n.op == "placeholder"][-1]
+            with graph.inserting_after(after):
                 zero_shape = [1 if d == dim else s for d, s in enumerate(vx.shape)]
                 zero = graph.call_function(
                     aten.full.default, (zero_shape, 0.0), {"dtype": vx.dtype, "device": vx.device}
@@ -150,8 +152,10 @@ class MaskedGatherCase:
     def input(self) -> Tensor:
         return self.x
 
+    computed: bool = True  # the map computed in the graph, or a program input
+
     def module(self) -> torch.nn.Module:
-        return _MaskedTaps(len(self.pixels))
+        return _MaskedTaps(len(self.pixels), self.computed)
 
     def args(self) -> tuple:
         return (self.x, *self.pixels, *self.masks)
@@ -167,14 +171,15 @@ class MaskedGatherCase:
 
 
 class _MaskedTaps(torch.nn.Module):
-    def __init__(self, taps: int):
+    def __init__(self, taps: int, computed: bool):
         super().__init__()
-        self.taps = taps
+        self.taps, self.computed = taps, computed
 
     def forward(self, x, *pixels_and_masks):
         pixels, masks = pixels_and_masks[: self.taps], pixels_and_masks[self.taps :]
         n, c, _ = x.shape
-        x = x * 1.0  # a computed map, as the model's
+        if self.computed:
+            x = x * 1.0  # a computed map, as the model's
         values = [
             torch.where(mask, x.gather(2, pixel.expand(n, c, pixel.shape[2])), 0) for pixel, mask in zip(pixels, masks)
         ]
@@ -184,7 +189,7 @@ class _MaskedTaps(torch.nn.Module):
 def masked_gather_cases(dtype=None):
     """Hypothesis strategy of ``MaskedGatherCase``: 1-4 taps over a map of 1-3 batches, 1-4
     channels, 1-9 pixels, a few of them inf or NaN; indices at both ends and between; masks per
-    batch or shared, all true, all false or mixed."""
+    batch or shared, all true, all false or mixed; the map computed or a program input."""
 
     @st.composite
     def cases(draw):
@@ -212,6 +217,6 @@ def masked_gather_cases(dtype=None):
                 mask = torch.full((mask_n, 1, p), kind == "all")
             pixels.append(pixel)
             masks.append(mask)
-        return MaskedGatherCase(x, pixels, masks)
+        return MaskedGatherCase(x, pixels, masks, draw(st.booleans()))
 
     return cases()
