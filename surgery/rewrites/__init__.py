@@ -53,10 +53,11 @@ ORDER: list[type[Rewrite]] = [
 # make the compiled program faster (``surgery.tvm_backend`` applies them for the shipped build,
 # after the rewrites above). roi_align_taps takes the roi_align calls it pools cheaper (large
 # maps, small bins) and roi_align_separable the rest; both take the feature map back
-# channels-last, a round trip layout_round_trips then removes; gather_through_permute moves gathers before the
-# permutes left after that; masked_gather_padding moves the masks of the gathers left (per-head
-# indices) onto their indices and gather_as_index reads those with broadcast index tensors; sum_over_concat splits a weighted sum over stacked parts (Deformable
-# DETR's levels) into one per part; matmul_packing runs last, as the others emit products it packs.
+# channels-last, a round trip layout_round_trips then removes. gather_through_permute moves
+# gathers before the permutes left after that; masked_gather_padding moves the masks of the
+# gathers left (per-head indices) onto their indices, and gather_as_index reads those indices
+# broadcast. sum_over_concat splits a weighted sum over stacked parts (Deformable DETR's levels)
+# into one per part. matmul_packing runs last, as the others emit products it packs.
 # conv_as_matmul takes the convolutions whose kernel covers the input (one addmm) before
 # conv_im2col takes the rest.
 SPEED_ORDER: list[type[Rewrite]] = [

@@ -11,7 +11,7 @@ onto the index, which has no channel dimension:
 
     where(mask, gather(x, d, expand(t)), 0) == gather(cat([x, 0], d), d, expand(where(mask, t, size_d)))
 
-(one deformable attention layer at 512x512: 106 -> 70 ms; its four level kernels 57 -> 26 ms).
+(one deformable attention layer at 512x512: 106 -> 64-70 ms; its four level kernels 57 -> 26 ms).
 
 Runs after ``gather_through_permute`` (SAM3's gathers are row selections by then, and a padded
 map would need a copy of the whole map per call) and before ``gather_as_index``, which reads the
