@@ -166,6 +166,22 @@ def sample_positions(
     return SamplePositions(y, x, used_y, used_x, grid_h, grid_w)
 
 
+def axis_bilinear(pos: Tensor, used: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """[K, P, G] sample coordinates along one axis -> the pixels of their two taps and the taps'
+    weights, ``(low, high, w_low, w_high)``, each [K, P, G], with the C++ kernel's clamping and
+    edge rule; unused samples weigh 0."""
+    pos = pos.clamp(min=0)  # the kernel: y <= 0 -> 0
+    low = pos.floor()  # [K, P, G]
+    at_end = low >= size - 1  # the kernel: y_low >= size - 1 -> both taps on the last pixel
+    low = torch.where(at_end, torch.full_like(low, size - 1), low)  # [K, P, G]
+    frac = torch.where(at_end, torch.zeros_like(pos), pos - low)  # [K, P, G]
+    high = torch.where(at_end, low, low + 1)  # [K, P, G]
+    zero = torch.zeros_like(pos)
+    w_low = torch.where(used, 1 - frac, zero)  # [K, P, G]
+    w_high = torch.where(used, frac, zero)  # [K, P, G]
+    return low, high, w_low, w_high
+
+
 # How a replacement pools the samples, given the map, the boxes in the map's dtype (at least one)
 # and where the C++ kernel samples: -> [K, C, PH, PW].
 Pool = Callable[[Tensor, Tensor, SamplePositions], Tensor]
@@ -275,6 +291,9 @@ class RoiAlignRewrite(Rewrite):
 
     def decompositions(self):
         def roi_align_decomposition(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+            args = (input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
+            if not self.takes(*args):
+                return NotImplemented  # run_decompositions keeps the call
             return roi_align_with(
                 self.pool,
                 input,
@@ -369,6 +388,32 @@ class RoiAlignCase:
     @property
     def scale(self) -> float:
         return float(self.input.abs().max()) if self.input.numel() else 1.0
+
+
+class PooledCase(RoiAlignCase):
+    """``roi_align``'s cases, with another ``pool`` (a speed rewrite's) as the replacement."""
+
+    pool: ClassVar[Pool]
+
+    def rewritten(self) -> Tensor:
+        check_roi_boxes_shape(self.boxes)
+        return roi_align_with(
+            type(self).pool,
+            self.input,
+            self.rois().to(self.input.dtype),
+            self.spatial_scale,
+            *_pair(self.output_size),
+            self.sampling_ratio,
+            self.aligned,
+            check_contract=True,
+        )
+
+    @classmethod
+    def cases(cls, dtype=None):
+        """The roi_align strategy's cases (boxes inside, straddling, outside, degenerate, tiny,
+        inverted, whole-map, at and beyond the contract's edge; scales; both box formats; several
+        images) as cases of this class."""
+        return roi_align_cases(dtype).map(lambda case: cls(**{f: getattr(case, f) for f in case.__dataclass_fields__}))
 
 
 def roi_align_cases(dtype=None):

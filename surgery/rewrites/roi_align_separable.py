@@ -27,26 +27,16 @@ import functools
 
 import torch
 from torch import Tensor
-from torch.nn.modules.utils import _pair
-from torchvision.ops._utils import check_roi_boxes_shape
 
 from .roi_align import CONTRACT as ROI_ALIGN_CONTRACT
-from .roi_align import RoiAlignCase, RoiAlignRewrite, SamplePositions, roi_align_cases, roi_align_with
+from .roi_align import PooledCase, RoiAlignRewrite, SamplePositions, axis_bilinear, roi_align_with
 
 CONTRACT = ROI_ALIGN_CONTRACT + "; the same terms as the kernel summed in another order (speed rewrite)"
 
 
 def axis_weights(pos: Tensor, used: Tensor, grid: Tensor, size: int) -> Tensor:
     """[K, P, G] sample coordinates along one axis -> [K, P, size] averaged interpolation weights."""
-    pos = pos.clamp(min=0)  # the kernel: y <= 0 -> 0
-    low = pos.floor()  # [K, P, G]
-    at_end = low >= size - 1  # the kernel: y_low >= size - 1 -> both taps on the last pixel
-    low = torch.where(at_end, torch.full_like(low, size - 1), low)  # [K, P, G]
-    frac = torch.where(at_end, torch.zeros_like(pos), pos - low)  # [K, P, G]
-    high = torch.where(at_end, low, low + 1)  # [K, P, G]
-    zero = torch.zeros_like(pos)
-    w_low = torch.where(used, 1 - frac, zero)  # [K, P, G]
-    w_high = torch.where(used, frac, zero)  # [K, P, G]
+    low, high, w_low, w_high = axis_bilinear(pos, used, size)  # [K, P, G] each
     pixels = torch.arange(size, dtype=pos.dtype, device=pos.device)  # [size]
     weights = w_low[..., None] * (pixels == low[..., None]) + w_high[..., None] * (
         pixels == high[..., None]
@@ -97,25 +87,12 @@ class RoiAlignSeparable(RoiAlignRewrite):
 # ----------------------------------------------------------------------------- strategy
 
 
-class SeparableCase(RoiAlignCase):
+class SeparableCase(PooledCase):
     """``roi_align``'s cases, with the separable form as the replacement."""
 
-    def rewritten(self) -> Tensor:
-        check_roi_boxes_shape(self.boxes)
-        return roi_align_separable(
-            self.input,
-            self.rois().to(self.input.dtype),
-            self.spatial_scale,
-            *_pair(self.output_size),
-            self.sampling_ratio,
-            self.aligned,
-            check_contract=True,
-        )
+    pool = staticmethod(separable_pool)
 
 
 def separable_cases(dtype=None):
-    """The roi_align strategy (boxes inside, straddling, outside, degenerate, tiny, inverted,
-    whole-map, at and beyond the contract's edge; scales; both box formats; several images)."""
-    return roi_align_cases(dtype).map(
-        lambda case: SeparableCase(**{f: getattr(case, f) for f in case.__dataclass_fields__})
-    )
+    """The roi_align strategy, pooled by the separable form (``PooledCase.cases``)."""
+    return SeparableCase.cases(dtype)

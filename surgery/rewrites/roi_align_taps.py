@@ -41,10 +41,9 @@ import functools
 import torch
 from torch import Tensor
 from torch.nn.modules.utils import _pair
-from torchvision.ops._utils import check_roi_boxes_shape
 
 from .roi_align import CONTRACT as ROI_ALIGN_CONTRACT
-from .roi_align import RoiAlignCase, RoiAlignRewrite, SamplePositions, default_bound, roi_align_cases, roi_align_with
+from .roi_align import PooledCase, RoiAlignRewrite, SamplePositions, axis_bilinear, default_bound, roi_align_with
 
 aten = torch.ops.aten
 
@@ -90,15 +89,7 @@ def taps_cheaper(
 def axis_taps(pos: Tensor, used: Tensor, grid: Tensor, size: int) -> tuple[Tensor, Tensor]:
     """[K, P, G] sample coordinates along one axis -> the [K, P, 2G] pixels they read (low taps,
     then high) and their weights, averaged over the box's samples per bin."""
-    pos = pos.clamp(min=0)  # the kernel: y <= 0 -> 0
-    low = pos.floor()  # [K, P, G]
-    at_end = low >= size - 1  # the kernel: y_low >= size - 1 -> both taps on the last pixel
-    low = torch.where(at_end, torch.full_like(low, size - 1), low)  # [K, P, G]
-    frac = torch.where(at_end, torch.zeros_like(pos), pos - low)  # [K, P, G]
-    high = torch.where(at_end, low, low + 1)  # [K, P, G]
-    zero = torch.zeros_like(pos)
-    w_low = torch.where(used, 1 - frac, zero)  # [K, P, G]
-    w_high = torch.where(used, frac, zero)  # [K, P, G]
+    low, high, w_low, w_high = axis_bilinear(pos, used, size)  # [K, P, G] each
     pixels = torch.cat([low, high], dim=2).to(torch.int64)  # [K, P, 2G], in [0, size)
     weights = torch.cat([w_low, w_high], dim=2) / grid.clamp(min=1)[:, None, None]  # [K, P, 2G]
     return pixels, weights
@@ -151,35 +142,14 @@ class RoiAlignTaps(RoiAlignRewrite):
             input.shape, pooled_height, pooled_width, sampling_ratio, self.max_samples_per_bin, self.min_ratio
         )
 
-    def decompositions(self):
-        (op, pool_with_taps), *_ = super().decompositions().items()
-
-        def roi_align_decomposition(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
-            args = (input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
-            if not self.takes(*args):
-                return NotImplemented  # run_decompositions keeps the call, for roi_align_separable
-            return pool_with_taps(*args)
-
-        return {op: roi_align_decomposition}
-
 
 # ----------------------------------------------------------------------------- strategy
 
 
-class TapsCase(RoiAlignCase):
+class TapsCase(PooledCase):
     """``roi_align``'s cases, with the taps form as the replacement."""
 
-    def rewritten(self) -> Tensor:
-        check_roi_boxes_shape(self.boxes)
-        return roi_align_taps(
-            self.input,
-            self.rois().to(self.input.dtype),
-            self.spatial_scale,
-            *_pair(self.output_size),
-            self.sampling_ratio,
-            self.aligned,
-            check_contract=True,
-        )
+    pool = staticmethod(taps_pool)
 
     def taken(self, min_ratio: float = MIN_RATIO) -> bool:
         """Whether ``RoiAlignTaps(min_ratio=min_ratio)`` replaces this call."""
@@ -187,6 +157,5 @@ class TapsCase(RoiAlignCase):
 
 
 def taps_cases(dtype=None):
-    """The roi_align strategy (boxes inside, straddling, outside, degenerate, tiny, inverted,
-    whole-map, at and beyond the contract's edge; scales; both box formats; several images)."""
-    return roi_align_cases(dtype).map(lambda case: TapsCase(**{f: getattr(case, f) for f in case.__dataclass_fields__}))
+    """The roi_align strategy, pooled from gathered taps (``PooledCase.cases``)."""
+    return TapsCase.cases(dtype)
