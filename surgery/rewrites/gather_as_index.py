@@ -32,6 +32,7 @@ from torch import Tensor, fx
 
 from ..equivalence.strategies import dtypes, seeded_tensor
 from .base import GraphRewrite, node_value
+from .gather_through_permute import expanded_gather
 
 aten = torch.ops.aten
 
@@ -42,34 +43,20 @@ CONTRACT = (
 )
 
 
-def _broadcast_source(index: fx.Node, shape) -> fx.Node | None:
-    """``t`` when ``index`` is ``expand(t)`` of an int64 ``t`` of the same rank, of size 1 where it
-    is expanded and at least one such dimension."""
-    if not (isinstance(index, fx.Node) and index.op == "call_function" and index.target is aten.expand.default):
-        return None
-    source = index.args[0]
-    val = node_value(source)
-    if val is None or val.dtype != torch.int64 or val.dim() != len(shape):
-        return None
-    if any(size not in (1, full) for size, full in zip(val.shape, shape)):
-        return None
-    return source if any(size == 1 and full > 1 for size, full in zip(val.shape, shape)) else None
-
-
 def rewrite_gathers(graph: fx.Graph) -> int:
     done = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not aten.gather.default or node.kwargs.get("sparse_grad"):
-            continue
-        x, dim, index = node.args[:3]
+        found = expanded_gather(node)
         out = node_value(node)
-        if out is None:
+        if found is None or out is None:
             continue
+        x, dim, t = found
         shape = list(out.shape)
-        dim %= len(shape)
-        t = _broadcast_source(index, shape)
-        if t is None:
+        expanded = list(node_value(t).shape)
+        if any(size not in (1, full) for size, full in zip(expanded, shape)):
             continue
+        if not any(size == 1 and full > 1 for size, full in zip(expanded, shape)):
+            continue  # nothing broadcast: the gather reads a whole index already
         device = out.device
         with graph.inserting_before(node):
             indices = []

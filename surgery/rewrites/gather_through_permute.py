@@ -40,17 +40,20 @@ CONTRACT = (
 )
 
 
-def _broadcast_index(index: fx.Node, dim: int, rank: int) -> fx.Node | None:
-    """``t`` when ``index`` is ``expand(t)`` with ``t`` of size 1 on every dimension but ``dim``."""
+def expanded_gather(node: fx.Node) -> tuple[fx.Node, int, fx.Node] | None:
+    """``(x, dim, t)`` when ``node`` is ``gather(x, dim, expand(t))`` (no sparse gradient) with
+    ``t`` an int64 tensor of the gather's rank: an index the gather reads broadcast. ``dim`` is
+    made non-negative."""
+    if node.op != "call_function" or node.target is not aten.gather.default or node.kwargs.get("sparse_grad"):
+        return None
+    x, dim, index = node.args[:3]
     if not (isinstance(index, fx.Node) and index.op == "call_function" and index.target is aten.expand.default):
         return None
-    source = index.args[0]
-    val = node_value(source)
-    if val is None or val.dim() != rank or val.dtype != torch.int64:
+    t = index.args[0]
+    vx, vt = node_value(x), node_value(t)
+    if vx is None or vt is None or vt.dtype != torch.int64 or vt.dim() != vx.dim():
         return None
-    if any(size != 1 for d, size in enumerate(val.shape) if d != dim):
-        return None
-    return source
+    return x, dim % vx.dim(), t
 
 
 def _as_one_permute(source: fx.Node, chain: list[fx.Node], shape) -> list[int] | None:
@@ -71,18 +74,14 @@ def _as_one_permute(source: fx.Node, chain: list[fx.Node], shape) -> list[int] |
 def rewrite_gathers(graph: fx.Graph) -> int:
     done = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not aten.gather.default or node.kwargs.get("sparse_grad"):
+        found = expanded_gather(node)
+        if found is None:
             continue
-        x, dim, index = node.args[:3]
-        vx = node_value(x)
-        if vx is None:
-            continue
-        dim = dim % vx.dim()
-        rows = _broadcast_index(index, dim, vx.dim())
-        if rows is None:
-            continue
+        x, dim, rows = found
+        if any(size != 1 for d, size in enumerate(node_value(rows).shape) if d != dim):
+            continue  # the same index for every position of the other dimensions only
         source, chain = _chain(x)
-        perm = _as_one_permute(source, chain, vx.shape)
+        perm = _as_one_permute(source, chain, node_value(x).shape)
         if perm is None:
             continue
         with graph.inserting_before(node):

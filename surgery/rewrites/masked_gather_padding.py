@@ -33,6 +33,7 @@ from torch import Tensor, fx
 
 from ..equivalence.strategies import dtypes, seeded_tensor
 from .base import GraphRewrite, node_value
+from .gather_through_permute import expanded_gather
 
 aten = torch.ops.aten
 
@@ -68,25 +69,18 @@ def _masked_gather(node: fx.Node):
     if not _zero_other(node):
         return None
     mask, gathered = node.args[0], node.args[1]
-    if not (
-        isinstance(gathered, fx.Node)
-        and gathered.target is aten.gather.default
-        and list(gathered.users) == [node]
-        and not gathered.kwargs.get("sparse_grad")
-    ):
+    found = expanded_gather(gathered) if isinstance(gathered, fx.Node) else None
+    if found is None or list(gathered.users) != [node]:
         return None
-    x, dim, index = gathered.args[:3]
-    if not (isinstance(index, fx.Node) and index.target is aten.expand.default):
+    x, dim, t = found
+    vm, vt, vg, vw = (node_value(n) for n in (mask, t, gathered, node))
+    if any(v is None for v in (vm, vg, vw)) or vm.dtype != torch.bool:
         return None
-    t = index.args[0]
-    vm, vt, vx, vg, vw = (node_value(n) for n in (mask, t, x, gathered, node))
-    if any(v is None for v in (vm, vt, vx, vg, vw)) or vt.dtype != torch.int64 or vm.dtype != torch.bool:
-        return None
-    if vt.dim() != vx.dim() or tuple(vw.shape) != tuple(vg.shape) or vw.dtype != vg.dtype:
+    if tuple(vw.shape) != tuple(vg.shape) or vw.dtype != vg.dtype:
         return None
     if tuple(torch.broadcast_shapes(vm.shape, vt.shape)) != tuple(vt.shape):
         return None
-    return mask, x, dim % vx.dim(), t
+    return mask, x, dim, t
 
 
 def rewrite_masked_gathers(graph: fx.Graph) -> int:
