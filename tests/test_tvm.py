@@ -59,19 +59,26 @@ def test_probe_finds_nonzero_fails_to_import(probe):
     assert finding.needed and "converter fails" in finding.reason and "nonzero" in finding.reason
 
 
+def _box_pooler_case(height: int, width: int, seed: int):
+    """Mask R-CNN's box pooler (MultiScaleRoIAlign, 4 maps at strides 4-32 of a height x width
+    image, 8 channels, 7x7, sampling 2) on boxes of every level and one of padding: the case and
+    its boxes."""
+    from surgery.rewrites.row_dispatch import MultiScaleCase
+
+    generator = torch.Generator().manual_seed(seed)
+    features = tuple(torch.randn(1, 8, height // s, width // s, generator=generator) for s in (4, 8, 16, 32))
+    sizes = torch.tensor([20.0, 60, 130, 200, 300, 420, 600, 0])  # levels 2, 2, 3, 3, 4, 4, 5 and padding
+    corners = torch.rand(8, 2, generator=generator) * torch.tensor([float(width), float(height)])
+    boxes = torch.cat([corners, corners + sizes[:, None]], dim=1)
+    return MultiScaleCase(features, (boxes,), (height, width), (7, 7), 2, ()), boxes
+
+
 def test_multiscale_roi_align_runs_on_tvm_after_row_dispatch(probe):
     """Mask R-CNN's box pooler (MultiScaleRoIAlign, 4 maps, 7x7, sampling 2), rewritten with
     what this TVM needs, builds and matches the eager module on boxes over every level."""
     import torchvision
 
-    from surgery.rewrites.row_dispatch import MultiScaleCase
-
-    generator = torch.Generator().manual_seed(0)
-    features = tuple(torch.randn(1, 8, 128 // s, 160 // s, generator=generator) for s in (4, 8, 16, 32))
-    sizes = torch.tensor([20.0, 60, 130, 200, 300, 420, 600, 0])  # levels 2, 2, 3, 3, 4, 4, 5 and padding
-    corners = torch.rand(8, 2, generator=generator) * torch.tensor([160.0, 128.0])
-    boxes = torch.cat([corners, corners + sizes[:, None]], dim=1)
-    case = MultiScaleCase(features, (boxes,), (128, 160), (7, 7), 2, ())
+    case, boxes = _box_pooler_case(128, 160, seed=0)
     program = torch.export.export(case.module(), case.args())
     rewritten = surgery.rewrite(program, probe.needed())
     fn, _ = tvm_backend.compile_program(rewritten)
@@ -84,14 +91,7 @@ def test_multiscale_roi_align_as_shipped_pools_fine_levels_from_taps(probe):
     """The same pooler on maps large enough that roi_align_taps takes the two finest levels (7x7
     bins on 96x128 and 48x64: work ratios 118 and 31) and roi_align_separable the coarser ones
     (8.9 and 2.7), built as shipped (speed rewrites, our schedules): TVM matches the eager module."""
-    from surgery.rewrites.row_dispatch import MultiScaleCase
-
-    generator = torch.Generator().manual_seed(1)
-    features = tuple(torch.randn(1, 8, 384 // s, 512 // s, generator=generator) for s in (4, 8, 16, 32))
-    sizes = torch.tensor([20.0, 60, 130, 200, 300, 420, 600, 0])  # levels 2, 2, 3, 3, 4, 4, 5 and padding
-    corners = torch.rand(8, 2, generator=generator) * torch.tensor([512.0, 384.0])
-    boxes = torch.cat([corners, corners + sizes[:, None]], dim=1)
-    case = MultiScaleCase(features, (boxes,), (384, 512), (7, 7), 2, ())
+    case, _ = _box_pooler_case(384, 512, seed=1)
     program = torch.export.export(case.module(), case.args())
     rewritten, replaced = tvm_backend.speed_rewrites(surgery.rewrite(program, probe.needed()))
     assert replaced["roi_align_taps"] == {"torchvision.roi_align.default": 2}
