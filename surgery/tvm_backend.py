@@ -35,7 +35,7 @@ from .equivalence.compare import compare
 from .equivalence.judge import judge_outputs
 from .paths import display_path
 from .probes import digest, user_cases
-from .rewrites import REGISTRY, SPEED_REWRITES, MatmulPacking
+from .rewrites import REGISTRY, SPEED_REWRITES, ConvIm2col, MatmulPacking
 from .versions import installed_versions
 
 # TVM (and surgery.schedules, which imports it) is imported inside the functions that use it:
@@ -235,8 +235,13 @@ def speed_rewrites(
     from .schedules.matmul import vector_registers
 
     registers, lanes = vector_registers(host_target())
+    configured = {
+        MatmulPacking.name: MatmulPacking(stage_inputs, registers, lanes),
+        # the Conv schedule rule computes most convolutions in place; im2col takes the rest
+        ConvIm2col.name: ConvIm2col(leave_direct=True),
+    }
     rewrites = [
-        MatmulPacking(stage_inputs, registers, lanes) if name == MatmulPacking.name else name
+        configured.get(name, name)
         for name in SPEED_REWRITES
         if not (stage_inputs and name == "attention_reassociation")
     ]

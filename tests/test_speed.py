@@ -565,3 +565,184 @@ def test_the_flattening_check_agrees_with_evaluating_every_point():
         assert flattened_wrongly(index, domains) == wrong, (index, extent, simplified)
         seen.add(wrong)
     assert seen == {True, False}  # both kinds occur among these cases with this TVM
+
+
+def test_conv_tiles_stay_within_one_row_and_the_registers():
+    """A tile of output pixels never crosses a row's end (TVM writes a tile back over the rows
+    and columns it spans), divides the output channels, and its accumulators plus the weight's
+    vectors fit the register file with two spare, on AVX-512 and on AVX2."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from surgery.conv_tiling import CHANNEL_MULTIPLE, plan_conv
+    from surgery.matmul_tiling import AVX2_LANES, AVX2_REGISTERS, MAX_ACCUMULATORS, VECTOR_LANES, VECTOR_REGISTERS
+
+    @given(
+        st.integers(1, 400),
+        st.integers(1, 64).map(lambda v: v * CHANNEL_MULTIPLE),
+        st.integers(1, 2048),
+        st.sampled_from([(VECTOR_REGISTERS, VECTOR_LANES), (AVX2_REGISTERS, AVX2_LANES)]),
+    )
+    def check(width, out_channels, in_channels, cpu):
+        registers, lanes = cpu
+        mr, nr = plan_conv(width, out_channels, in_channels, registers)
+        assert width % mr == 0 and out_channels % nr == 0 and nr % lanes == 0
+        accumulators = mr * nr // lanes
+        assert accumulators <= MAX_ACCUMULATORS and accumulators + nr // lanes <= registers - 2
+
+    check()
+    assert plan_conv(80, 128, 128) == (5, 64)  # a ResNet stage's 3x3 convolution, measured best
+    assert plan_conv(20, 256, 256) == (5, 64)  # 8 pixels would cross the end of a 20-pixel row
+    assert plan_conv(33, 64, 64)[0] == 11  # an odd width: its largest divisor that fits
+
+
+# stride, padding, kernel, input channels, output channels, width, batch: the detectors' kinds
+# of convolution, a tile that would cross a row's end (8 pixels of a 20-pixel row), an odd width
+_DIRECT_CONVOLUTIONS = [
+    (1, 1, 3, 32, 64, 20, 1),
+    (2, 1, 3, 3, 32, 33, 1),
+    (2, 1, 3, 256, 64, 40, 1),
+    (1, 0, 1, 48, 32, 13, 2),
+    (1, 1, 3, 256, 32, 20, 1),
+]
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("stride, padding, kernel, channels, out_channels, width, batch", _DIRECT_CONVOLUTIONS)
+def test_convolutions_are_computed_in_place_channels_last_and_match_pytorch(
+    stride, padding, kernel, channels, out_channels, width, batch
+):
+    """A convolution with batch norm and ReLU after it is one kernel of ours (register tiles in
+    a local buffer, no columns gathered, no product), reading the padded input in place, and its
+    numbers are PyTorch's."""
+
+    class ConvBnRelu(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(channels, out_channels, kernel, stride, padding)
+            self.norm = torch.nn.BatchNorm2d(out_channels)
+            self.norm.running_var.uniform_(0.5, 1.5)
+            self.norm.running_mean.uniform_(-0.5, 0.5)
+
+        def forward(self, x):
+            return torch.relu(self.norm(self.conv(x)))
+
+    torch.manual_seed(0)
+    model, x = ConvBnRelu().eval(), torch.randn(batch, channels, width + 1, width)
+    kernels = _scheduled_kernels_of(model, (x,))
+    [conv] = [f.script() for name, f in kernels.items() if "conv2d" in name]
+    assert '"local"' in conv and "T.vectorized" in conv and "surgery.fma_contractible" in conv, conv
+    assert not any("take" in name or "matmul" in name for name in kernels), list(kernels)
+    with torch.no_grad():
+        program, _ = tvm_backend.speed_rewrites(torch.export.export(model, (x,)).run_decompositions())
+        fn, _ = tvm_backend.compile_program(program, schedules="ours")
+        assert_equivalent(fn(x)[0], model(x))
+
+
+class _ConvThen(torch.nn.Module):
+    def __init__(self, after):
+        super().__init__()
+        self.conv, self.after = torch.nn.Conv2d(16, 16, 3, padding=1), after
+
+    def forward(self, x):
+        return self.after(self.conv(x))
+
+
+@pytest.mark.tvm
+def test_a_negative_squeeze_axis_does_not_stop_convolutions_going_channels_last():
+    """apache-tvm 0.27's ConvertLayout fails on ``squeeze(x, axis=[-1])`` anywhere in the
+    program (RT-DETR's query selection has one): the axis is made positive first, and the
+    convolution is ours."""
+    torch.manual_seed(0)
+    model, x = _ConvThen(lambda y: y[:, :, :, :1].squeeze(-1)).eval(), torch.randn(1, 16, 10, 10)
+    kernels = _scheduled_kernels_of(model, (x,))
+    [conv] = [f.script() for name, f in kernels.items() if "conv2d" in name]
+    assert '"local"' in conv and "T.Buffer((T.int64(3), T.int64(3), T.int64(16), T.int64(16))" in conv, conv
+    with torch.no_grad():
+        fn, _ = tvm_backend.compile_program(torch.export.export(model, (x,)), schedules="ours")
+        assert_equivalent(fn(x)[0], model(x))
+
+
+@pytest.mark.tvm
+def test_a_program_convertlayout_fails_on_keeps_its_layouts_and_its_numbers():
+    """``sum(keepdim)`` then ``squeeze`` of a kept axis stops ConvertLayout ("undefined bijective
+    layout"): the program compiles with its convolution as it is, and computes the same."""
+    torch.manual_seed(0)
+    model = _ConvThen(lambda y: y.sum(dim=(1, 2), keepdim=True).squeeze(-1)).eval()
+    x = torch.randn(1, 16, 10, 10)
+    kernels = _scheduled_kernels_of(model, (x,))
+    [conv] = [f.script() for name, f in kernels.items() if "conv2d" in name]
+    assert "T.Buffer((T.int64(16), T.int64(16), T.int64(3), T.int64(3))" in conv, conv  # OIHW: unconverted
+    with torch.no_grad():
+        fn, _ = tvm_backend.compile_program(torch.export.export(model, (x,)), schedules="ours")
+        assert_equivalent(fn(x)[0], model(x))
+
+
+@pytest.mark.tvm
+def test_a_transpose_into_a_concatenation_is_copied_in_tiles():
+    """Deformable attention's values, transposed and given a padding column: the transpose reads
+    its input under the concatenation's branch, where its last index is the row iterator; it is
+    still recognised, and copied in tiles rather than element by element with strided reads."""
+
+    class TransposedWithPad(torch.nn.Module):
+        def forward(self, v, pad):
+            return torch.cat([v.reshape(1, 640, 8, 32).permute(0, 2, 3, 1).reshape(8, 32, 640), pad], dim=2)
+
+    v, pad = torch.randn(1, 640, 256), torch.zeros(8, 32, 1)
+    kernels = _scheduled_kernels_of(TransposedWithPad(), (v, pad))
+    [copy] = [f.script() for name, f in kernels.items() if "concatenate" in name]
+    assert "T.unroll(T.int64(16))" in copy, copy  # the tile's inner loop
+    with torch.no_grad():
+        fn, _ = tvm_backend.compile_program(torch.export.export(TransposedWithPad(), (v, pad)), schedules="ours")
+        assert torch.equal(fn(v, pad)[0], TransposedWithPad()(v, pad))
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("part", ["first row", "first columns"])
+def test_a_slice_of_a_product_is_computed_from_the_whole_product(part):
+    """A slice after a product is not folded into the product's write-back: TVM folds a
+    consumer that reads part of its producer as if it read all of it (``linear(x)[:1]`` came
+    out as the product's last row)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 128).eval()
+    sliced = {"first row": lambda y: y[:1], "first columns": lambda y: y[:, :16]}[part]
+
+    class Sliced(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, x):
+            return sliced(self.linear(x))
+
+    x = torch.randn(64, 256)
+    with torch.no_grad():
+        fn, _ = tvm_backend.compile_program(torch.export.export(Sliced(), (x,)), schedules="ours")
+        assert_equivalent(fn(x)[0], Sliced()(x))
+
+
+def test_conv_im2col_leaves_the_convolutions_the_conv_rule_computes():
+    """In the shipped build (``leave_direct``) a convolution whose output channels are whole
+    16-float vectors stays a convolution for the Conv rule; 91 output channels and a transposed
+    one still become products, and the program computes the same."""
+    from surgery.rewrites import ConvIm2col
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.direct = torch.nn.Conv2d(8, 32, 3, padding=1)
+            self.up = torch.nn.ConvTranspose2d(32, 16, 2, stride=2)
+            self.logits = torch.nn.Conv2d(16, 91, 1)
+
+        def forward(self, x):
+            return self.logits(self.up(self.direct(x)))
+
+    torch.manual_seed(0)
+    model, x = Head().eval(), torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        program = torch.export.export(model, (x,)).run_decompositions()
+        shipped = ConvIm2col(leave_direct=True)(program)
+        every = ConvIm2col()(program)
+        assert shipped.replaced == {"aten.convolution.default": 2}
+        assert every.replaced == {"aten.convolution.default": 3}
+        assert_equivalent(shipped.program.module()(x), model(x))

@@ -13,7 +13,10 @@ the right where ``matmul_packing`` packs it at build time.
 
 A speed rewrite: TVM converts ``convolution`` correctly, so the probe never asks for this one;
 ``surgery.tvm_backend`` applies it when building the shipped configuration, after
-``conv_as_matmul`` (which turns a kernel covering its whole input into one ``addmm``).
+``conv_as_matmul`` (which turns a kernel covering its whole input into one ``addmm``), with
+``leave_direct``: the convolutions our Conv schedule rule computes in place, channels-last
+(``surgery.conv_tiling.conv_directly``: groups 1, not transposed, output channels whole 16-float
+vectors), are left to it, as it saves the columns' copy; this rewrite takes the rest.
 A transposed convolution whose stride equals its kernel and that has no padding (each input
 pixel writes its own ``KH x KW`` block of the output: Mask R-CNN's mask head upsamples so) is
 one product ``[F*KH*KW, C] @ [C, H*W]`` followed by a depth-to-space; stock TVM's loop nest for
@@ -34,6 +37,7 @@ import torch
 from hypothesis import strategies as st
 from torch import Tensor
 
+from ..conv_tiling import conv_directly
 from ..equivalence.strategies import dtypes, seeded_tensor
 from .base import Rewrite, RewriteResult
 from .conv_as_matmul import replace_convolutions
@@ -118,27 +122,38 @@ def block_transposed_convolution(input: Tensor, weight: Tensor, bias: Tensor | N
     return out if bias is None else out + bias.reshape(1, f, 1, 1)
 
 
-def _convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
-    if not takes_convolution(input, weight, stride, padding, dilation, transposed, output_padding, groups):
-        return NotImplemented  # run_decompositions keeps the convolution
-    if transposed:
-        return block_transposed_convolution(input, weight, bias)
-    return im2col_convolution(input, weight, bias, stride, padding, dilation)
-
-
 class ConvIm2col(Rewrite):
+    """``leave_direct``: leave the convolutions that our Conv schedule rule computes as they are
+    (``surgery.conv_tiling.conv_directly``: in place, channels-last, no columns), as the shipped
+    build does; take only the rest (transposed ones, output channels no whole number of vectors)."""
+
     name = "conv_im2col"
     summary = "aten.convolution (2-d, groups 1; transposed with stride = kernel) -> one matmul (speed)"
     contract = CONTRACT
+
+    def __init__(self, leave_direct: bool = False):
+        self.leave_direct = leave_direct
 
     @staticmethod
     def cases(dtype=None):
         return im2col_cases(dtype)
 
+    def settings(self) -> dict:
+        return {"leave_direct": self.leave_direct}
+
     def decompositions(self):
-        return {aten.convolution.default: _convolution}
+        def convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+            if not self.takes(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+                return NotImplemented  # run_decompositions keeps the convolution
+            if transposed:
+                return block_transposed_convolution(input, weight, bias)
+            return im2col_convolution(input, weight, bias, stride, padding, dilation)
+
+        return {aten.convolution.default: convolution}
 
     def takes(self, input, weight, bias, stride, padding, dilation, transposed, output_padding, groups) -> bool:
+        if self.leave_direct and conv_directly(weight.shape[0], groups, transposed):
+            return False
         return takes_convolution(input, weight, stride, padding, dilation, transposed, output_padding, groups)
 
     def __call__(self, program: torch.export.ExportedProgram) -> RewriteResult:

@@ -10,6 +10,7 @@ stalled after its initial candidates here and each build costs seconds (README, 
 So we ship deterministic rules, applied at build time by ``pipeline`` with dlight's
 ``ApplyDefaultSchedule``; the first rule that accepts a kernel wins (``rules()``, in order):
 
+- ``conv``: ``Conv``, channels-last convolutions tiled by ``surgery.conv_tiling``;
 - ``matmul``: ``Matmul``, register-blocked products laid out by ``surgery.matmul_tiling``;
 - ``row_reduction``: ``RowReduction``, softmax / layer norm rows (then dlight's ``cpu.Reduction``);
 - ``injective``: ``Injective``, elementwise / broadcast / transpose / gather kernels;
@@ -18,7 +19,8 @@ So we ship deterministic rules, applied at build time by ``pipeline`` with dligh
 - ``fma``: which kernels may be compiled with fused multiply-add (``FMA_ANNOTATION``);
 - ``flattening``: ``Checked``, wrapping each rule: a schedule with an index TVM's buffer
   flattening would compute wrongly is declined;
-- ``relax_passes``: ``absorb_matmul_broadcasts`` and ``pad_matmul_columns``, run before legalisation;
+- ``relax_passes``: ``channels_last_convolutions``, ``absorb_matmul_broadcasts`` and
+  ``pad_matmul_columns``, run before legalisation;
 - ``compat``: what differs between apache-tvm 0.25, 0.26 and 0.27.
 
 Schedules change the loop order, never the arithmetic of a single output element except for the
@@ -43,18 +45,24 @@ from ..matmul_tiling import (
     MatmulPlan,
     plan_matmul,
 )
+from .conv import Conv
 from .flattening import Checked
 from .fma import FMA_ANNOTATION, is_fma_kernel
 from .injective import Injective
 from .matmul import Matmul
 from .parallel_outer import ParallelOuter
-from .relax_passes import absorb_matmul_broadcasts, pad_matmul_columns
+from .relax_passes import (
+    absorb_matmul_broadcasts,
+    channels_last_convolutions,
+    pad_matmul_columns,
+    positive_squeeze_axes,
+)
 from .row_reduction import RowReduction
 
 
 @functools.cache
 def rules() -> tuple:
-    rules = (Matmul(), RowReduction(), dlight.cpu.Reduction(), Injective(), ParallelOuter())
+    rules = (Conv(), Matmul(), RowReduction(), dlight.cpu.Reduction(), Injective(), ParallelOuter())
     return tuple(Checked(rule) for rule in rules)
 
 
@@ -81,8 +89,11 @@ def pipeline(target: tvm.target.Target):
     def _pipeline(mod, _ctx):
         with target:
             seq = tvm.transform.Sequential(
+                # convolutions channels-last (weights HWIO): the Conv rule's layout; layout
+                # changes between them and their neighbours cancel out
+                [channels_last_convolutions]
                 # the same image + position sum feeds all three layers: compute it once
-                [relax.transform.EliminateCommonSubexpr()]
+                + [relax.transform.EliminateCommonSubexpr()]
                 # exp as TVM's fast_exp (a polynomial LLVM vectorises) instead of libm's scalar
                 # expf, one call per element: softmax over 5,184 image tokens was 2/3 exp
                 + [relax.transform.FastMathTransform()]
@@ -110,6 +121,7 @@ def pipeline(target: tvm.target.Target):
 __all__ = [
     "FMA_ANNOTATION",
     "Checked",
+    "Conv",
     "MAX_ACCUMULATORS",
     "VECTOR_LANES",
     "VECTOR_REGISTERS",
@@ -119,7 +131,9 @@ __all__ = [
     "ParallelOuter",
     "RowReduction",
     "absorb_matmul_broadcasts",
+    "channels_last_convolutions",
     "pad_matmul_columns",
+    "positive_squeeze_axes",
     "is_fma_kernel",
     "pipeline",
     "plan_matmul",

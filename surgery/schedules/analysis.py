@@ -9,7 +9,7 @@ from tvm.s_tir.dlight.analysis import get_root_block
 from tvm.s_tir.dlight.base import get_extent
 
 from ..matmul_tiling import VECTOR_LANES
-from .compat import stmt_simplify
+from .compat import region_buffer, stmt_simplify
 
 PARALLEL_MIN_ELEMENTS = 1 << 14  # below this a thread-pool launch costs more than it saves
 
@@ -109,3 +109,21 @@ def product(values) -> int:
     for v in values:
         out *= v
     return out
+
+
+def inline_consumers(sch: s_tir.Schedule, producer) -> None:
+    """Reverse-inline into ``producer`` (a tile's write-back) the spatial blocks that compute one
+    value per element of its output (bias, batch norm, activation, a residual sum, a layout):
+    they run on the tile just written. A consumer of another extent (a slice) stays a loop nest
+    of its own: TVM inlines one that reads a part of the output as if it read every element, and
+    the result held the last element written where the sliced-off ones collapsed
+    (``linear(x)[:1]`` came out as row 63 of the product)."""
+    (output,) = [region_buffer(w) for w in sch.get(producer).writes]
+    extents = [str(d) for d in output.shape]
+    for consumer in [b for b in root_blocks(sch) if is_spatial(sch, b) and not sch.get(b).same_as(sch.get(producer))]:
+        if [str(iv.dom.extent) for iv in sch.get(consumer).iter_vars] != extents:
+            continue
+        try:
+            sch.reverse_compute_inline(consumer)
+        except Exception:  # noqa: BLE001 - TVM refuses: left as its own loop nest, scheduled after
+            pass

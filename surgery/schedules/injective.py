@@ -4,7 +4,9 @@ tiles. ``schedule_injective`` is also how the other rules schedule the spatial b
 
 from __future__ import annotations
 
-from tvm import s_tir
+import contextlib
+
+from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 from tvm.s_tir.dlight.analysis import collect_vars_used_in_prim_expr
 
@@ -20,27 +22,69 @@ from .analysis import (
     static_extent,
     vectorize_inner,
 )
-from .compat import analyzer, region_buffer
+from .compat import PrimExpr, analyzer
 
 TILE = 16  # transposes are copied in TILE x TILE blocks, so reads and writes both stay in cache
 
 
+def _loads(expr, conditions=()):
+    """Every buffer load in ``expr`` with the branch conditions it is read under: a concatenation
+    reads each part under ``if_then_else(index < end of part, ...)``."""
+    if type(expr).__name__ in ("TensorLoad", "BufferLoad"):
+        yield expr, conditions
+        return
+    op = getattr(getattr(expr, "op", None), "name", "")
+    if op.endswith("if_then_else") or isinstance(expr, tirx.Select):
+        condition, true_value, false_value = (
+            expr.args if op.endswith("if_then_else") else (expr.condition, expr.true_value, expr.false_value)
+        )
+        yield from _loads(condition, conditions)
+        yield from _loads(true_value, (*conditions, condition))
+        yield from _loads(false_value, (*conditions, tirx.Not(condition)))
+        return
+    for field in ("a", "b", "value"):
+        child = getattr(expr, field, None)
+        if isinstance(child, PrimExpr):
+            yield from _loads(child, conditions)
+    for child in getattr(expr, "args", None) or ():
+        if isinstance(child, PrimExpr):
+            yield from _loads(child, conditions)
+
+
+def _as_bound(condition, ranges):
+    """``x != c`` where ``c`` is the end of ``x``'s range as ``x < c`` (the other branch of a
+    concatenation's ``x == 640``), which the analyzer can use to simplify ``x // 640``."""
+    if isinstance(condition, tirx.Not) and isinstance(condition.a, tirx.EQ):
+        x, c = condition.a.a, condition.a.b
+        if isinstance(c, tirx.IntImm):
+            bound = ranges.const_int_bound(x)
+            if bound.max_value == c.value:
+                return x < c
+            if bound.min_value == c.value:
+                return x > c
+    return condition
+
+
 def _transposed_axis(sch: s_tir.Schedule, block) -> int | None:
-    """For a block whose innermost iterator does not index the last axis of a buffer it reads
+    """For a block whose innermost iterator does not index the last axis of a buffer it loads
     (a transpose: consecutive writes, strided reads), the position of the iterator that does
-    index that last axis; else None. Indices are simplified over the iterators' ranges first
-    (inlined reshapes leave ``(72 * y + x) // 5184 + c`` where ``c`` is meant)."""
+    index that last axis; else None. Indices are simplified over the iterators' ranges and the
+    branch they are read in first (inlined reshapes leave ``(72 * y + x) // 5184 + c`` where
+    ``c`` is meant; a concatenation's ``(x // 6400 + c) % 32`` is ``c`` where ``x < 6400``)."""
     stmt = sch.get(block)
     iters = [iv.var for iv in stmt.iter_vars]
-    if len(iters) < 2:
+    if len(iters) < 2 or not isinstance(stmt.body, tirx.BufferStore):
         return None
     ranges = analyzer()
     for iv in stmt.iter_vars:
         ranges.bind(iv.var, iv.dom)
-    for read in stmt.reads:
-        if len(region_buffer(read).shape) < 2:
+    for load, conditions in _loads(stmt.body.value):
+        if len(load.indices) < 2:
             continue
-        last = collect_vars_used_in_prim_expr(ranges.simplify(read.region[-1].min))
+        with contextlib.ExitStack() as scope:
+            for condition in conditions:
+                scope.enter_context(ranges.constraint_scope(_as_bound(condition, ranges)))
+            last = collect_vars_used_in_prim_expr(ranges.simplify(load.indices[-1]))
         if iters[-1] in last:
             continue
         for position, var in enumerate(iters[:-1]):

@@ -28,6 +28,7 @@ from ..matmul_tiling import (
     row_block,
 )
 from .analysis import (
+    inline_consumers,
     inline_elementwise,
     is_scheduled,
     is_spatial,
@@ -144,7 +145,7 @@ class Matmul(dlight.ScheduleRule):
         accumulator = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(accumulator, tile_order[-1], preserve_unit_loops=True)
         if final is None:
-            self._inline_consumers(sch, accumulator)
+            inline_consumers(sch, accumulator)
             tiles = sch.fuse(*outer, *tile_order)
             if product(extents) >= PARALLEL_MIN_MACS:
                 sch.parallel(tiles)
@@ -176,21 +177,10 @@ class Matmul(dlight.ScheduleRule):
         partial = sch.rfactor(ko, 0)
         return partial, block
 
-    @staticmethod
-    def _inline_consumers(sch, producer) -> None:
-        """Elementwise consumers (bias add, activation, layout) run on the tile just written."""
-        for consumer in [
-            b for b in root_blocks(sch) if is_spatial(sch, b) and not sch.get(b).same_as(sch.get(producer))
-        ]:
-            try:
-                sch.reverse_compute_inline(consumer)
-            except Exception:  # noqa: BLE001 - left as its own loop nest, scheduled after
-                pass
-
     def _schedule_sum_of_parts(self, sch, final) -> None:
         """``C[..., i, j] = sum_p C_rf[p, ..., i, j]``: parallel over rows, the parts inside, j
         vectorised; elementwise consumers fused into it."""
-        self._inline_consumers(sch, final)
+        inline_consumers(sch, final)
         ko, *rest = sch.get_loops(final)
         *outer, j = rest
         sch.reorder(*outer, ko, j)

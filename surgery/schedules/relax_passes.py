@@ -103,3 +103,39 @@ def pad_matmul_columns(mod, _ctx):
         if isinstance(func, relax.Function):
             mod[gv] = rewrite_call(pattern, rewrite, func)
     return mod
+
+
+@tvm.transform.module_pass(opt_level=0, name="PositiveSqueezeAxes")
+def positive_squeeze_axes(mod, _ctx):
+    """``squeeze(x, axis=[-1])`` -> ``squeeze(x, axis=[rank - 1])``: the same operation, spelled
+    so that ``ConvertLayout`` can take the program. apache-tvm 0.27's layout inference for
+    squeeze fails on a negative axis (``std::bad_alloc``), whatever the layout of ``x``; RT-DETR's
+    query selection squeezes its top-k scores so."""
+    x = wildcard()
+    pattern = is_op("relax.squeeze")(x)
+
+    def rewrite(call, matches):
+        rank = len(_static_shape(matches[x]) or ()) or getattr(relax_type(matches[x]), "ndim", -1)
+        axes = call.attrs.axis
+        if rank < 0 or axes is None or all(int(a) >= 0 for a in axes):
+            return call
+        return relax.op.squeeze(matches[x], axis=[int(a) % rank for a in axes])
+
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = rewrite_call(pattern, rewrite, func)
+    return mod
+
+
+@tvm.transform.module_pass(opt_level=0, name="ChannelsLastConvolutions")
+def channels_last_convolutions(mod, _ctx):
+    """Every ``conv2d`` channels-last, its weight HWIO (the Conv rule's layout), by TVM's
+    ``ConvertLayout``, which also moves the operators around them to that layout so that the
+    transposes between convolutions cancel. Where ``ConvertLayout`` fails on some other operator
+    of the program (apache-tvm 0.27: ``sum(x, axes, keepdims)`` then ``squeeze`` of a kept axis,
+    "undefined bijective layout"), the program keeps its layouts: it compiles and computes the
+    same, its convolutions left to the other rules (slower)."""
+    try:
+        return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(positive_squeeze_axes(mod))
+    except tvm.error.InternalError:  # a TVM check failed (or std::bad_alloc) inside the pass
+        return mod

@@ -1,0 +1,56 @@
+"""Which convolutions our CPU convolution kernel computes directly, and its register tile, in
+plain Python.
+
+The Conv schedule rule (``surgery.schedules.conv``) computes a channels-last convolution where it
+is, reading the padded input in place; ``conv_im2col`` then leaves such convolutions alone and
+takes only the rest. Both decide from here. Nothing here imports TVM: the rewrites must not.
+"""
+
+from __future__ import annotations
+
+from .matmul_tiling import VECTOR_REGISTERS
+
+# Output channels come in whole 16-float vectors (one AVX-512 register, two AVX2 ones): every
+# detector's backbone and neck has such widths. Others (3 input planes of a stem are fine; 91
+# output classes are not) go through conv_im2col's product, whose columns TVM pads.
+CHANNEL_MULTIPLE = 16
+
+# Register tiles (output pixels x output channels) in order of preference, by the vector
+# register file; like the matmul's, at most 28 accumulators and two registers spare. Measured on
+# a 2-core Xeon with AVX-512, two 3x3 convolutions of a ResNet stage, pixel tiles outermost (ms;
+# the matmul's own 10 x 32 tile in brackets): 64 channels at 160x160, 5 x 64 13.6, 4 x 64 14.5,
+# 8 x 32 14.3 (21.3); 128 at 80x80, 5 x 64 13.9, 8 x 32 15.1, 16 x 16 17.2 (22.2); 256 at
+# 40x40, 8 x 32 30.3, 5 x 64 38.3 (32.8); 512 at 20x20, 5 x 64 41.3, 8 x 32 40.7 (42.1). A
+# pixel of the tile is a broadcast from a strided row of the input, where a matmul's comes from
+# a contiguous one: wider, shorter tiles than the matmul's pay. On a 2-core EPYC with AVX-512
+# (half-width FMA units) every such tile ran at ~100 G multiply-adds a second, within 10%.
+_AVX512_TILES = ((5, 64), (4, 64), (6, 64), (8, 32), (6, 32), (12, 32), (7, 32), (4, 32), (2, 64), (14, 16))
+# 16 registers of 8 floats: BLIS's 6 x 16 and its neighbours.
+_AVX2_TILES = ((6, 16), (4, 16), (5, 16), (2, 32), (3, 16), (2, 16))
+# From this many input channels to twice as many, 8 x 32 first (see above).
+_WIDE_INPUT_CHANNELS = 256
+
+
+def conv_directly(out_channels: int, groups: int, transposed: bool) -> bool:
+    """Whether the Conv schedule rule computes this 2-d convolution as it is (channels-last)."""
+    return groups == 1 and not transposed and out_channels % CHANNEL_MULTIPLE == 0
+
+
+def plan_conv(width: int, out_channels: int, in_channels: int, registers: int = VECTOR_REGISTERS) -> tuple[int, int]:
+    """The register tile ``(mr, nr)``: ``mr`` consecutive output pixels of one row (of the
+    output's ``width``) by ``nr`` output channels (of ``out_channels``), dividing both; on
+    AVX-512, wide inputs prefer the 8 x 32 tile (see ``_AVX512_TILES``). A tile stays within
+    one row: TVM writes a tile's results back over the rows and columns it spans, and a tile
+    across a row's end would span pixels of other tiles."""
+    wide = registers >= VECTOR_REGISTERS
+    tiles = _AVX512_TILES if wide else _AVX2_TILES
+    if wide and _WIDE_INPUT_CHANNELS <= in_channels < 2 * _WIDE_INPUT_CHANNELS:
+        tiles = ((8, 32), *tiles)
+    for mr, nr in tiles:
+        if width % mr == 0 and out_channels % nr == 0:
+            return mr, nr
+    # an odd width (33 after a stride of 2): its largest divisor that fits as many accumulators
+    nr = 32 if wide and out_channels % 32 == 0 else CHANNEL_MULTIPLE
+    accumulators = nr // (16 if wide else 8)
+    mr = max(d for d in range(1, 15) if width % d == 0 and d * accumulators <= (24 if wide else 12))
+    return mr, nr
