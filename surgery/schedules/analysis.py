@@ -111,17 +111,24 @@ def product(values) -> int:
     return out
 
 
+def _elements(extents) -> int | str:
+    """How many elements a shape holds; its text where a dimension is symbolic."""
+    if all(isinstance(e, tirx.IntImm) for e in extents):
+        return product(int(e) for e in extents)
+    return str(list(extents))
+
+
 def inline_consumers(sch: s_tir.Schedule, producer) -> None:
     """Reverse-inline into ``producer`` (a tile's write-back) the spatial blocks that compute one
-    value per element of its output (bias, batch norm, activation, a residual sum, a layout):
-    they run on the tile just written. A consumer of another extent (a slice) stays a loop nest
-    of its own: TVM inlines one that reads a part of the output as if it read every element, and
-    the result held the last element written where the sliced-off ones collapsed
-    (``linear(x)[:1]`` came out as row 63 of the product)."""
+    value per element of its output (bias, batch norm, activation, a residual sum, a layout such
+    as unpacking a product's panels): they run on the tile just written. A consumer of fewer
+    elements (a slice) stays a loop nest of its own: TVM inlines one that reads a part of the
+    output as if it read every element, and the result held the last element written where the
+    sliced-off ones collapsed (``linear(x)[:1]`` came out as row 63 of the product)."""
     (output,) = [region_buffer(w) for w in sch.get(producer).writes]
-    extents = [str(d) for d in output.shape]
+    elements = _elements(output.shape)
     for consumer in [b for b in root_blocks(sch) if is_spatial(sch, b) and not sch.get(b).same_as(sch.get(producer))]:
-        if [str(iv.dom.extent) for iv in sch.get(consumer).iter_vars] != extents:
+        if _elements([iv.dom.extent for iv in sch.get(consumer).iter_vars]) != elements:
             continue
         try:
             sch.reverse_compute_inline(consumer)
