@@ -134,7 +134,8 @@ def channels_last_convolutions(mod, _ctx):
     transposes between convolutions cancel. Where ``ConvertLayout`` fails on some other operator
     of the program (apache-tvm 0.27: ``sum(x, axes, keepdims)`` then ``squeeze`` of a kept axis,
     "undefined bijective layout"), the program keeps its layouts: it compiles and computes the
-    same, its convolutions left to the other rules (slower)."""
+    same, its convolutions left to the generic rules (slow: the shipped build's ``conv_im2col``
+    leaves them for the Conv rule)."""
     try:
         return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(positive_squeeze_axes(mod))
     except tvm.error.InternalError:  # a TVM check failed (or std::bad_alloc) inside the pass
