@@ -24,19 +24,16 @@ from ..conv_tiling import plan_conv
 from ..matmul_tiling import VECTOR_LANES
 from .analysis import (
     inline_consumers,
-    is_scheduled,
     is_spatial,
     iter_kinds,
     root_blocks,
     schedule_for,
     simplified,
     static_extent,
-    vectorize_inner,
 )
 from .compat import accessed_buffer, loaded_buffer_name, region_buffer
-from .fma import FMA_ANNOTATION, contraction_safe
-from .injective import schedule_injective
-from .matmul import PARALLEL_MIN_MACS, _is_mul_add, vector_registers
+from .fma import contraction_safe
+from .matmul import PARALLEL_MIN_MACS, _is_mul_add, finish_register_tile, schedule_remaining_spatial, vector_registers
 
 
 def _same(index, var) -> bool:
@@ -114,17 +111,8 @@ class Conv(dlight.ScheduleRule):
         tiles = sch.fuse(*tile_order)
         if (batch or 2) * height * width * channels * kh * kw * depth >= PARALLEL_MIN_MACS:
             sch.parallel(tiles)
-        sch.unroll(pi)
-        sch.unroll(fvo)
-        sch.vectorize(fvi)
-        if contractible:
-            sch.annotate(block, FMA_ANNOTATION, 1)
-        init = sch.decompose_reduction(block, ry)  # last: TVM only vectorises complete reduction blocks
-        sch.vectorize(sch.get_loops(init)[-1])
-        vectorize_inner(sch, sch.get_loops(accumulator)[-1], VECTOR_LANES)
-        for other in root_blocks(sch):
-            if is_spatial(sch, other) and not is_scheduled(sch, other):
-                schedule_injective(sch, other)
+        finish_register_tile(sch, block, ry, accumulator, (pi, fvo, fvi), contractible)
+        schedule_remaining_spatial(sch)
         return sch
 
     @staticmethod

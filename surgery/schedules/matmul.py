@@ -78,6 +78,30 @@ def _rows_shared_across_batch(stmt) -> bool:
     return False
 
 
+def finish_register_tile(sch, block, reduction, accumulator, tile_loops, contractible: bool) -> None:
+    """The register tile's last steps, the same for every rule that builds one: its rows and
+    vector groups unrolled and its lanes vectorised (``tile_loops``), FMA allowed where
+    ``contractible``, the reduction's initialisation split off at ``reduction`` (last: TVM only
+    vectorises complete reduction blocks) and vectorised, and the write-back vectorised."""
+    rows, vector_groups, lanes = tile_loops
+    sch.unroll(rows)
+    sch.unroll(vector_groups)
+    sch.vectorize(lanes)
+    if contractible:
+        sch.annotate(block, FMA_ANNOTATION, 1)
+    init = sch.decompose_reduction(block, reduction)
+    sch.vectorize(sch.get_loops(init)[-1])
+    vectorize_inner(sch, sch.get_loops(accumulator)[-1], VECTOR_LANES)
+
+
+def schedule_remaining_spatial(sch) -> None:
+    """Spatial blocks a rule left as loop nests of their own (a padding copy, a slice after a
+    product) get the injective schedule."""
+    for block in root_blocks(sch):
+        if is_spatial(sch, block) and not is_scheduled(sch, block):
+            schedule_injective(sch, block)
+
+
 class Matmul(dlight.ScheduleRule):
     """``C[..., i, j] (+)= A[..., i, k] * B[..., k, j]``: register-blocked, vectorised over j,
     parallel over tiles (or over parts of the reduction), laid out by ``plan_matmul``."""
@@ -152,20 +176,10 @@ class Matmul(dlight.ScheduleRule):
         else:
             # the reduction's parts are the parallel loop; each part's tiles run in order
             sch.parallel(outer[0])
-        sch.unroll(ii)
-        sch.unroll(jvo)
-        sch.vectorize(jvi)
-        if contractible:
-            sch.annotate(block, FMA_ANNOTATION, 1)
-        init = sch.decompose_reduction(block, k)  # last: TVM only vectorises complete reduction blocks
-        sch.vectorize(sch.get_loops(init)[-1])
-        write_back = sch.get_loops(accumulator)[len(sch.get_loops(accumulator)) - 2 :]
-        vectorize_inner(sch, write_back[-1], VECTOR_LANES)
+        finish_register_tile(sch, block, k, accumulator, (ii, jvo, jvi), contractible)
         if final is not None:
             self._schedule_sum_of_parts(sch, final)
-        for other in root_blocks(sch):
-            if is_spatial(sch, other) and not is_scheduled(sch, other):
-                schedule_injective(sch, other)
+        schedule_remaining_spatial(sch)
         return sch
 
     @staticmethod

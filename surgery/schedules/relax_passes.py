@@ -18,6 +18,16 @@ def _static_shape(expr) -> list[int] | None:
     return [int(v) for v in dims]
 
 
+def _rewrite_functions(mod, *rewrites):
+    """Each ``(pattern, rewrite)`` in turn (``rewrite_call``) on every relax function of ``mod``."""
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            for pattern, rewrite in rewrites:
+                func = rewrite_call(pattern, rewrite, func)
+            mod[gv] = func
+    return mod
+
+
 @tvm.transform.module_pass(opt_level=0, name="AbsorbMatmulBroadcasts")
 def absorb_matmul_broadcasts(mod, _ctx):
     """``matmul(broadcast_to(x), y)`` -> ``matmul(x, y)`` where only batch dimensions were
@@ -67,11 +77,7 @@ def absorb_matmul_broadcasts(mod, _ctx):
         product = relax.op.matmul(x, relax.op.reshape(y, [*sb[:-2], *sy[-2:]]), out_dtype=call.attrs.out_dtype)
         return relax.op.reshape(product, out)
 
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            func = rewrite_call(pattern, rewrite, func)
-            mod[gv] = rewrite_call(merged_pattern, rewrite_merged, func)
-    return mod
+    return _rewrite_functions(mod, (pattern, rewrite), (merged_pattern, rewrite_merged))
 
 
 COLUMN_MULTIPLE = 8  # a product's columns are padded to whole 8-float vectors (AVX2's width; half of AVX-512's)
@@ -99,10 +105,7 @@ def pad_matmul_columns(mod, _ctx):
         product = relax.op.matmul(matches[x], padded, out_dtype=call.attrs.out_dtype)
         return relax.op.strided_slice(product, axes=[len(out) - 1], begin=[0], end=[cols])
 
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            mod[gv] = rewrite_call(pattern, rewrite, func)
-    return mod
+    return _rewrite_functions(mod, (pattern, rewrite))
 
 
 @tvm.transform.module_pass(opt_level=0, name="PositiveSqueezeAxes")
@@ -115,16 +118,13 @@ def positive_squeeze_axes(mod, _ctx):
     pattern = is_op("relax.squeeze")(x)
 
     def rewrite(call, matches):
-        rank = len(_static_shape(matches[x]) or ()) or getattr(relax_type(matches[x]), "ndim", -1)
+        rank = getattr(relax_type(matches[x]), "ndim", -1)
         axes = call.attrs.axis
         if rank < 0 or axes is None or all(int(a) >= 0 for a in axes):
             return call
         return relax.op.squeeze(matches[x], axis=[int(a) % rank for a in axes])
 
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            mod[gv] = rewrite_call(pattern, rewrite, func)
-    return mod
+    return _rewrite_functions(mod, (pattern, rewrite))
 
 
 @tvm.transform.module_pass(opt_level=0, name="ChannelsLastConvolutions")
