@@ -657,10 +657,43 @@ def test_a_negative_squeeze_axis_does_not_stop_convolutions_going_channels_last(
     model, x = _ConvThen(lambda y: y[:, :, :, :1].squeeze(-1)).eval(), torch.randn(1, 16, 10, 10)
     kernels = _scheduled_kernels_of(model, (x,))
     [conv] = [f.script() for name, f in kernels.items() if "conv2d" in name]
-    assert '"local"' in conv and "T.Buffer((T.int64(3), T.int64(3), T.int64(16), T.int64(16))" in conv, conv
+    packed = "T.Buffer((T.int64(1), T.int64(3), T.int64(3), T.int64(16), T.int64(16))"  # [F / nr, 3, 3, C, nr]
+    assert '"local"' in conv and packed in conv, conv
     with torch.no_grad():
         fn, _ = tvm_backend.compile_program(torch.export.export(model, (x,)), schedules="ours")
         assert_equivalent(fn(x)[0], model(x))
+
+
+@pytest.mark.tvm
+def test_a_convolution_weight_is_packed_once_at_build_time():
+    """The Conv rule reads its weight in panels of output channels; the packing is split off
+    into a function of its own and evaluated at build time: the compiled program calls the
+    convolution with the packed weight as a constant and never calls the packing."""
+    import tvm
+    from tvm import relax
+
+    from surgery import schedules
+
+    torch.manual_seed(0)
+    model, x = _ConvThen(torch.relu).eval(), torch.randn(1, 16, 10, 10)
+    with torch.no_grad():
+        mod = tvm_backend.import_program(torch.export.export(model, (x,)))
+    target = tvm_backend.host_target("ours")
+    with target:
+        mod = schedules.pipeline(target)(mod)
+    calls = {}
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.GlobalVar):
+            calls[expr.op.name_hint] = expr.args
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    [conv] = [name for name in calls if "conv2d" in name]
+    assert conv.endswith("_prepacked") and not any("prepack" in name and name != conv for name in calls), calls
+    weights = [arg for arg in calls[conv] if isinstance(arg, tvm.ir.expr.Constant) and len(arg.value.shape) == 5]
+    assert [tuple(w.value.shape) for w in weights] == [(1, 3, 3, 16, 16)], calls[conv]
+    expected = model.conv.weight.detach().permute(2, 3, 1, 0).reshape(3, 3, 16, 1, 16).permute(3, 0, 1, 2, 4)
+    torch.testing.assert_close(torch.from_numpy(weights[0].value.numpy()), expected, rtol=0, atol=0)
 
 
 @pytest.mark.tvm

@@ -14,6 +14,11 @@ from .compat import region_buffer, stmt_simplify
 PARALLEL_MIN_ELEMENTS = 1 << 14  # below this a thread-pool launch costs more than it saves
 
 
+# The block annotation that marks a copy of a weight into the layout a kernel reads, for TVM's
+# SplitLayoutRewritePreproc to move into a function of its own (MetaSchedule's name for it).
+LAYOUT_REWRITE = "meta_schedule.layout_rewrite_preproc"
+
+
 def static_extent(sch: s_tir.Schedule, loop) -> int | None:
     """A loop's extent when it is a constant."""
     extent = get_extent(sch, loop)

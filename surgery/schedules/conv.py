@@ -6,7 +6,7 @@ Where ``conv_im2col`` gathers the input's patches into a matrix ``KH * KW`` time
 size and multiplies that, this kernel reads the (padded) input in place: a register tile of
 ``mr`` consecutive output pixels by ``nr`` output channels accumulates over the taps and input
 channels, each tap's ``mr`` input pixels broadcast against ``nr`` channels of the weight
-(contiguous in HWIO). Tiles are planned by ``surgery.conv_tiling.plan_conv`` and stay within
+(read from a copy packed in panels of ``nr`` channels, made once at build time). Tiles are planned by ``surgery.conv_tiling.plan_conv`` and stay within
 one output row. The padding block stays a separate copy (inlined, every tap would test the
 border; without padding the input is read directly); elementwise consumers (bias, batch norm's
 scale and shift, activation, a residual sum) are fused into the tile's write-back. Where the
@@ -23,6 +23,7 @@ from tvm.s_tir import dlight
 from ..conv_tiling import plan_conv
 from ..matmul_tiling import VECTOR_LANES
 from .analysis import (
+    LAYOUT_REWRITE,
     inline_consumers,
     is_spatial,
     iter_kinds,
@@ -60,6 +61,23 @@ def _operands(stmt):
     return (image, weight) if image is not None and weight is not None else None
 
 
+def _pack_weight(sch, block, weight, nr: int) -> None:
+    """The weight read from a copy laid out in panels of ``nr`` output channels,
+    ``[F / nr, KH, KW, C, nr]``: a register tile then reads its ``KH * KW * C * nr`` weights as
+    one contiguous run, where in HWIO they lie ``F`` floats apart and, ``F * 4`` bytes being a
+    multiple of the L1 cache's way size, fall into a few of its sets. The copy is marked as a
+    layout rewrite: ``pipeline`` moves it into a function of its own
+    (``split_weight_packing``), which ``FoldConstant`` evaluates once, at build time, for a
+    constant weight. Measured on a 2-core Zen 3 (AVX2), best of 30 calls: 512 channels at
+    20x20, 3x3, 28.6 -> 14.5 ms; 256 at 40x40 27.8 -> 17.8; 128 at 80x80 16.6 -> 14.3; Mask
+    R-CNN's mask head (100 boxes, 256 channels at 14x14) 380 -> 205; 1x1, 1024 channels at
+    50x68, 119 -> 61."""
+    index = next(i for i, r in enumerate(sch.get(block).reads) if region_buffer(r).same_as(weight))
+    packed = sch.cache_read(block, index, "global")
+    sch.transform_layout(block, ("read", index), lambda ry, rx, c, f: (f // nr, ry, rx, c, f % nr))
+    sch.annotate(packed, LAYOUT_REWRITE, True)
+
+
 class Conv(dlight.ScheduleRule):
     """A channels-last convolution: register tiles of output pixels x channels, vectorised over
     channels, parallel over tiles, accumulated over taps and input channels in registers."""
@@ -85,6 +103,7 @@ class Conv(dlight.ScheduleRule):
         self._inline_producers(sch, block, padded)
         sch = simplified(sch)
         block = sch.get_sblock(name)
+        weight = next(region_buffer(r) for r in sch.get(block).reads if region_buffer(r).name == operands[1].name)
         loops = sch.get_loops(block)
         if len(loops) != 7:
             return None
@@ -95,6 +114,7 @@ class Conv(dlight.ScheduleRule):
         height, width, channels, kh, kw, depth = extents
         registers, _ = vector_registers(target)
         mr, nr = plan_conv(width, channels, depth, registers)
+        _pack_weight(sch, block, weight, nr)
         n, y, x, f, ry, rx, rc = loops
         po, pi = sch.split(sch.fuse(y, x), [None, mr])
         fo, fv = sch.split(f, [None, nr])

@@ -1,12 +1,14 @@
-"""Relax-level rewrites our pipeline runs before legalisation."""
+"""Relax-level rewrites our pipeline runs before legalisation, and the split of weight packing
+after scheduling."""
 
 from __future__ import annotations
 
 import numpy as np
 import tvm
-from tvm import relax, tirx
+from tvm import relax, s_tir, tirx
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
+from .analysis import LAYOUT_REWRITE, root_blocks
 from .compat import relax_type
 
 
@@ -140,3 +142,30 @@ def channels_last_convolutions(mod, _ctx):
         return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(positive_squeeze_axes(mod))
     except tvm.error.InternalError:  # a TVM check failed (or std::bad_alloc) inside the pass
         return mod
+
+
+def _packs_a_weight(func: tirx.PrimFunc) -> bool:
+    """Whether a kernel copies a weight into the layout it reads (at its root, where the Conv
+    rule leaves the copy)."""
+    sch = s_tir.Schedule(func)
+    return any(LAYOUT_REWRITE in sch.get(block).annotations for block in root_blocks(sch))
+
+
+@tvm.transform.module_pass(opt_level=0, name="SplitWeightPacking")
+def split_weight_packing(mod, _ctx):
+    """Kernels that copy a weight into the layout they read (``LAYOUT_REWRITE`` blocks) split in
+    two, the copy a function of its own called before the kernel (TVM's
+    ``SplitLayoutRewritePreproc``), so that ``FoldConstant`` can evaluate it at build time. TVM's
+    pass fails on a kernel without blocks (apache-tvm 0.27: "There should be a compute block if
+    there is only one subtree under the root"; RT-DETR has such kernels), so it is shown only
+    the kernels that pack."""
+    packing = {gv for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc) and _packs_a_weight(f)}
+    if not packing:
+        return mod
+    others = {gv: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc) and gv not in packing}
+    split = relax.transform.SplitLayoutRewritePreproc()(
+        tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv not in others}, attrs=mod.attrs)
+    )
+    for gv, func in others.items():
+        split[gv] = func
+    return split
