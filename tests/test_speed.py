@@ -594,6 +594,7 @@ def test_conv_tiles_stay_within_one_row_and_the_registers():
     assert plan_conv(80, 128, 128) == (5, 64)  # a ResNet stage's 3x3 convolution, measured best
     assert plan_conv(20, 256, 256) == (5, 64)  # 8 pixels would cross the end of a 20-pixel row
     assert plan_conv(33, 64, 64)[0] == 11  # an odd width: its largest divisor that fits
+    assert plan_conv(80, 128, 128, AVX2_REGISTERS) == (5, 16)  # 10 accumulators, not 4 x 16's 8
 
 
 # stride, padding, kernel, input channels, output channels, width, batch: the detectors' kinds
