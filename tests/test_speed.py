@@ -666,6 +666,22 @@ def test_a_negative_squeeze_axis_does_not_stop_convolutions_going_channels_last(
 
 
 @pytest.mark.tvm
+def test_a_convolution_of_a_weight_computed_at_run_time_matches_pytorch():
+    """A weight computed from an input can't be packed at build time: the packing runs on
+    every call, before the convolution, and the numbers are PyTorch's."""
+
+    class ScaledWeight(torch.nn.Module):
+        def forward(self, x, w):
+            return torch.relu(torch.nn.functional.conv2d(x, torch.tanh(w), padding=1))
+
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 16, 10, 10) / 8, torch.randn(32, 16, 3, 3)  # outputs of about 1
+    with torch.no_grad():
+        fn, _ = tvm_backend.compile_program(torch.export.export(ScaledWeight(), (x, w)), schedules="ours")
+        assert_equivalent(fn(x, w)[0], ScaledWeight()(x, w))
+
+
+@pytest.mark.tvm
 def test_a_convolution_weight_is_packed_once_at_build_time():
     """The Conv rule reads its weight in panels of output channels; the packing is split off
     into a function of its own and evaluated at build time: the compiled program calls the

@@ -31,6 +31,11 @@ def region_buffer(region):
     return region.source if hasattr(region, "source") else region.buffer
 
 
+def param_buffers(func) -> list:
+    """The buffers a kernel is given (its parameters in 0.27, ``buffer_map``'s values before)."""
+    return list(func.buffer_map.values()) if hasattr(func, "buffer_map") else list(func.params)
+
+
 def loaded_buffer_name(expr) -> str | None:
     """The name of the buffer a load reads (``TensorLoad.source`` in 0.27, ``BufferLoad.buffer`` before)."""
     if type(expr).__name__ not in ("TensorLoad", "BufferLoad"):

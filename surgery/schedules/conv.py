@@ -6,8 +6,8 @@ Where ``conv_im2col`` gathers the input's patches into a matrix ``KH * KW`` time
 size and multiplies that, this kernel reads the (padded) input in place: a register tile of
 ``mr`` consecutive output pixels by ``nr`` output channels accumulates over the taps and input
 channels, each tap's ``mr`` input pixels broadcast against ``nr`` channels of the weight
-(read from a copy packed in panels of ``nr`` channels, made once at build time). Tiles are planned by ``surgery.conv_tiling.plan_conv`` and stay within
-one output row. The padding block stays a separate copy (inlined, every tap would test the
+(read from a copy packed in panels of ``nr`` channels, made once at build time). Tiles are
+planned by ``surgery.conv_tiling.plan_conv`` and stay within one output row. The padding block stays a separate copy (inlined, every tap would test the
 border; without padding the input is read directly); elementwise consumers (bias, batch norm's
 scale and shift, activation, a residual sum) are fused into the tile's write-back. Where the
 weight outgrows an image, the channel panels run outside the pixel tiles.
@@ -32,7 +32,7 @@ from .analysis import (
     simplified,
     static_extent,
 )
-from .compat import accessed_buffer, loaded_buffer_name, region_buffer
+from .compat import accessed_buffer, loaded_buffer_name, param_buffers, region_buffer
 from .fma import contraction_safe
 from .matmul import PARALLEL_MIN_MACS, _is_mul_add, finish_register_tile, schedule_remaining_spatial, vector_registers
 
@@ -64,14 +64,17 @@ def _operands(stmt):
 def _pack_weight(sch, block, weight, nr: int) -> None:
     """The weight read from a copy laid out in panels of ``nr`` output channels,
     ``[F / nr, KH, KW, C, nr]``: a register tile then reads its ``KH * KW * C * nr`` weights as
-    one contiguous run, where in HWIO they lie ``F`` floats apart and, ``F * 4`` bytes being a
-    multiple of the L1 cache's way size, fall into a few of its sets. The copy is marked as a
-    layout rewrite: ``pipeline`` moves it into a function of its own
-    (``split_weight_packing``), which ``FoldConstant`` evaluates once, at build time, for a
-    constant weight. Measured on a 2-core Zen 3 (AVX2), best of 30 calls: 512 channels at
+    one contiguous run, where in HWIO they lie ``F`` floats apart (a strided walk across pages
+    and a few of L1's sets). The copy is marked as a layout rewrite: ``pipeline`` moves it
+    into a function of its own (``split_weight_packing``), which ``FoldConstant`` evaluates
+    once, at build time, for a constant weight (a weight computed at run time is packed on
+    every call). A weight the kernel computes itself, which TVM's split can't move out, is
+    read as it is. Measured on a 2-core Zen 3 (AVX2), best of 30 calls: 512 channels at
     20x20, 3x3, 28.6 -> 14.5 ms; 256 at 40x40 27.8 -> 17.8; 128 at 80x80 16.6 -> 14.3; Mask
     R-CNN's mask head (100 boxes, 256 channels at 14x14) 380 -> 205; 1x1, 1024 channels at
     50x68, 119 -> 61."""
+    if not any(given.same_as(weight) for given in param_buffers(sch.mod["main"])):
+        return
     index = next(i for i, r in enumerate(sch.get(block).reads) if region_buffer(r).same_as(weight))
     packed = sch.cache_read(block, index, "global")
     sch.transform_layout(block, ("read", index), lambda ry, rx, c, f: (f // nr, ry, rx, c, f % nr))
