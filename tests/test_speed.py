@@ -676,25 +676,22 @@ def test_a_convolution_of_a_weight_computed_at_run_time_matches_pytorch():
 
     torch.manual_seed(0)
     x, w = torch.randn(1, 16, 10, 10) / 8, torch.randn(32, 16, 3, 3)  # outputs of about 1
+    calls = _kernel_calls(ScaledWeight(), (x, w))
+    assert any(name.endswith("_weight_prepack") for name in calls), list(calls)
     with torch.no_grad():
         fn, _ = tvm_backend.compile_program(torch.export.export(ScaledWeight(), (x, w)), schedules="ours")
         assert_equivalent(fn(x, w)[0], ScaledWeight()(x, w))
 
 
-@pytest.mark.tvm
-def test_a_convolution_weight_is_packed_once_at_build_time():
-    """The Conv rule reads its weight in panels of output channels; the packing is split off
-    into a function of its own and evaluated at build time: the compiled program calls the
-    convolution with the packed weight as a constant and never calls the packing."""
+def _kernel_calls(module, args) -> dict:
+    """The kernels our pipeline's compiled program calls: {kernel name: its arguments}."""
     import tvm
     from tvm import relax
 
     from surgery import schedules
 
-    torch.manual_seed(0)
-    model, x = _ConvThen(torch.relu).eval(), torch.randn(1, 16, 10, 10)
     with torch.no_grad():
-        mod = tvm_backend.import_program(torch.export.export(model, (x,)))
+        mod = tvm_backend.import_program(torch.export.export(module.eval(), args))
     target = tvm_backend.host_target("ours")
     with target:
         mod = schedules.pipeline(target)(mod)
@@ -705,6 +702,19 @@ def test_a_convolution_weight_is_packed_once_at_build_time():
             calls[expr.op.name_hint] = expr.args
 
     relax.analysis.post_order_visit(mod["main"], visit)
+    return calls
+
+
+@pytest.mark.tvm
+def test_a_convolution_weight_is_packed_once_at_build_time():
+    """The Conv rule reads its weight in panels of output channels; the packing is split off
+    into a function of its own and evaluated at build time: the compiled program calls the
+    convolution with the packed weight as a constant and never calls the packing."""
+    import tvm
+
+    torch.manual_seed(0)
+    model, x = _ConvThen(torch.relu).eval(), torch.randn(1, 16, 10, 10)
+    calls = _kernel_calls(model, (x,))
     [conv] = [name for name in calls if "conv2d" in name]
     assert conv.endswith("_prepacked") and not any("prepack" in name and name != conv for name in calls), calls
     weights = [arg for arg in calls[conv] if isinstance(arg, tvm.ir.expr.Constant) and len(arg.value.shape) == 5]
