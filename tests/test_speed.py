@@ -437,10 +437,8 @@ def test_inlined_reshapes_leave_simple_index_arithmetic():
     assert stores and not any("//" in read or "%" in read for read in stores), stores
 
 
-def _scheduled_kernels_of(module, args):
-    """Our pipeline up to code generation: {kernel name: PrimFunc}."""
-    import tvm
-
+def _pipelined(module, args):
+    """The module exported and run through our pipeline up to code generation."""
     from surgery import schedules
 
     with torch.no_grad():
@@ -448,7 +446,14 @@ def _scheduled_kernels_of(module, args):
     mod = tvm_backend.import_program(program)
     target = tvm_backend.host_target("ours")
     with target:
-        mod = schedules.pipeline(target)(mod)
+        return schedules.pipeline(target)(mod)
+
+
+def _scheduled_kernels_of(module, args):
+    """Our pipeline up to code generation: {kernel name: PrimFunc}."""
+    import tvm
+
+    mod = _pipelined(module, args)
     return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
 
 
@@ -688,13 +693,7 @@ def _kernel_calls(module, args) -> dict:
     import tvm
     from tvm import relax
 
-    from surgery import schedules
-
-    with torch.no_grad():
-        mod = tvm_backend.import_program(torch.export.export(module.eval(), args))
-    target = tvm_backend.host_target("ours")
-    with target:
-        mod = schedules.pipeline(target)(mod)
+    mod = _pipelined(module, args)
     calls = {}
 
     def visit(expr):

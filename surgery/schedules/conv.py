@@ -7,10 +7,11 @@ size and multiplies that, this kernel reads the (padded) input in place: a regis
 ``mr`` consecutive output pixels by ``nr`` output channels accumulates over the taps and input
 channels, each tap's ``mr`` input pixels broadcast against ``nr`` channels of the weight
 (read from a copy packed in panels of ``nr`` channels, made once at build time). Tiles are
-planned by ``surgery.conv_tiling.plan_conv`` and stay within one output row. The padding block stays a separate copy (inlined, every tap would test the
-border; without padding the input is read directly); elementwise consumers (bias, batch norm's
-scale and shift, activation, a residual sum) are fused into the tile's write-back. Where the
-weight outgrows an image, the channel panels run outside the pixel tiles.
+planned by ``surgery.conv_tiling.plan_conv`` and stay within one output row. The padding block
+stays a separate copy (inlined, every tap would test the border; without padding the input is
+read directly); elementwise consumers (bias, batch norm's scale and shift, activation, a
+residual sum) are fused into the tile's write-back. Where the weight outgrows an image, the
+channel panels run outside the pixel tiles.
 """
 
 from __future__ import annotations
@@ -61,9 +62,9 @@ def _operands(stmt):
     return (image, weight) if image is not None and weight is not None else None
 
 
-def _pack_weight(sch, block, weight, nr: int) -> None:
-    """The weight read from a copy laid out in panels of ``nr`` output channels,
-    ``[F / nr, KH, KW, C, nr]``: a register tile then reads its ``KH * KW * C * nr`` weights as
+def _pack_weight(sch, block, weight_name: str, nr: int) -> None:
+    """The weight (the buffer of that name the block reads) read from a copy laid out in panels
+    of ``nr`` output channels, ``[F / nr, KH, KW, C, nr]``: a register tile then reads its ``KH * KW * C * nr`` weights as
     one contiguous run, where in HWIO they lie ``F`` floats apart (a strided walk across pages
     and a few of L1's sets). The copy is marked as a layout rewrite: ``pipeline`` moves it
     into a function of its own (``split_weight_packing``), which ``FoldConstant`` evaluates
@@ -73,9 +74,11 @@ def _pack_weight(sch, block, weight, nr: int) -> None:
     20x20, 3x3, 28.6 -> 14.5 ms; 256 at 40x40 27.8 -> 17.8; 128 at 80x80 16.6 -> 14.3; Mask
     R-CNN's mask head (100 boxes, 256 channels at 14x14) 380 -> 205; 1x1, 1024 channels at
     50x68, 119 -> 61."""
+    index, weight = next(
+        (i, region_buffer(r)) for i, r in enumerate(sch.get(block).reads) if region_buffer(r).name == weight_name
+    )
     if not any(given.same_as(weight) for given in param_buffers(sch.mod["main"])):
         return
-    index = next(i for i, r in enumerate(sch.get(block).reads) if region_buffer(r).same_as(weight))
     packed = sch.cache_read(block, index, "global")
     sch.transform_layout(block, ("read", index), lambda ry, rx, c, f: (f // nr, ry, rx, c, f % nr))
     sch.annotate(packed, LAYOUT_REWRITE, True)
@@ -106,7 +109,6 @@ class Conv(dlight.ScheduleRule):
         self._inline_producers(sch, block, padded)
         sch = simplified(sch)
         block = sch.get_sblock(name)
-        weight = next(region_buffer(r) for r in sch.get(block).reads if region_buffer(r).name == operands[1].name)
         loops = sch.get_loops(block)
         if len(loops) != 7:
             return None
@@ -117,7 +119,7 @@ class Conv(dlight.ScheduleRule):
         height, width, channels, kh, kw, depth = extents
         registers, _ = vector_registers(target)
         mr, nr = plan_conv(width, channels, depth, registers)
-        _pack_weight(sch, block, weight, nr)
+        _pack_weight(sch, block, operands[1].name, nr)  # buffers of the schedule before simplified
         n, y, x, f, ry, rx, rc = loops
         po, pi = sch.split(sch.fuse(y, x), [None, mr])
         fo, fv = sch.split(f, [None, nr])
