@@ -24,7 +24,14 @@ CHANNEL_MULTIPLE = 16
 # pixel of the tile is a broadcast from a strided row of the input, where a matmul's comes from
 # a contiguous one: wider, shorter tiles than the matmul's pay. On a 2-core EPYC with AVX-512
 # (half-width FMA units) every such tile ran at ~100 G multiply-adds a second, within 10%.
-_AVX512_TILES = ((5, 64), (4, 64), (6, 64), (8, 32), (6, 32), (12, 32), (7, 32), (4, 32), (2, 64), (14, 16))
+#
+# Tiles may span a row's end (the Conv rule's pixel axis runs over the whole image), so Mask
+# R-CNN's widths 34 and 68 take 5 x 64 where only 2 x 64 and 4 x 64 fitted a row. On a 2-core
+# Zen 5 EPYC (AVX-512, full-width FMA), medians of 12 interleaved calls of one 3x3 convolution
+# and ReLU: 512 channels at 25x34, 2 x 64 23.3 -> 5 x 64 12.2 ms; 256 at 50x68, 4 x 64 15.1,
+# 5 x 64 13.0, 8 x 32 12.4. 8 x 32 before 4 x 64 (where 5 divides no pixel count): 512 at 16x16
+# 4.57 -> 3.69 ms, 256 at 32x32 3.39 -> 3.35, 128 at 64x64 4.04 -> 4.00, 64 at 128x128 4.70 -> 4.96.
+_AVX512_TILES = ((5, 64), (8, 32), (4, 64), (6, 64), (6, 32), (12, 32), (7, 32), (4, 32), (2, 64), (14, 16))
 # 16 registers of 8 floats: BLIS's 6 x 16 and its neighbours. Detectors' widths (20, 40, 80,
 # 160, 320) have no divisor 6; 5 x 16 (10 accumulators) beat 4 x 16 (8, under the 2 FMA units'
 # latency) on a 2-core Zen 3, medians of 18 interleaved calls, packed weights, 3x3 convolutions
@@ -40,21 +47,20 @@ def conv_directly(out_channels: int, groups: int, transposed: bool) -> bool:
     return groups == 1 and not transposed and out_channels % CHANNEL_MULTIPLE == 0
 
 
-def plan_conv(width: int, out_channels: int, in_channels: int, registers: int = VECTOR_REGISTERS) -> tuple[int, int]:
-    """The register tile ``(mr, nr)``: ``mr`` consecutive output pixels of one row (of the
-    output's ``width``) by ``nr`` output channels (of ``out_channels``), dividing both; on
-    AVX-512, wide inputs prefer the 8 x 32 tile (see ``_AVX512_TILES``). A tile stays within
-    one row: TVM writes a tile's results back over the rows and columns it spans, and a tile
-    across a row's end would span pixels of other tiles."""
+def plan_conv(pixels: int, out_channels: int, in_channels: int, registers: int = VECTOR_REGISTERS) -> tuple[int, int]:
+    """The register tile ``(mr, nr)``: ``mr`` consecutive output pixels of one image (of its
+    ``pixels``, row after row, so a tile may span a row's end) by ``nr`` output channels (of
+    ``out_channels``), dividing both; on AVX-512, wide inputs prefer the 8 x 32 tile (see
+    ``_AVX512_TILES``)."""
     wide = registers >= VECTOR_REGISTERS
     tiles = _AVX512_TILES if wide else _AVX2_TILES
     if wide and _WIDE_INPUT_CHANNELS <= in_channels < 2 * _WIDE_INPUT_CHANNELS:
         tiles = ((8, 32), *tiles)
     for mr, nr in tiles:
-        if width % mr == 0 and out_channels % nr == 0:
+        if pixels % mr == 0 and out_channels % nr == 0:
             return mr, nr
-    # an odd width (33 after a stride of 2): its largest divisor that fits as many accumulators
+    # an odd pixel count (17x17 after a stride of 2): its largest divisor that fits as many accumulators
     nr = 32 if wide and out_channels % 32 == 0 else CHANNEL_MULTIPLE
     accumulators = nr // (16 if wide else 8)
-    mr = max(d for d in range(1, 15) if width % d == 0 and d * accumulators <= (24 if wide else 12))
+    mr = max(d for d in range(1, 15) if pixels % d == 0 and d * accumulators <= (24 if wide else 12))
     return mr, nr

@@ -572,10 +572,11 @@ def test_the_flattening_check_agrees_with_evaluating_every_point():
     assert seen == {True, False}  # both kinds occur among these cases with this TVM
 
 
-def test_conv_tiles_stay_within_one_row_and_the_registers():
-    """A tile of output pixels never crosses a row's end (TVM writes a tile back over the rows
-    and columns it spans), divides the output channels, and its accumulators plus the weight's
-    vectors fit the register file with two spare, on AVX-512 and on AVX2."""
+def test_conv_tiles_divide_the_image_and_fit_the_registers():
+    """A tile of output pixels divides the image's pixel count (it may span a row's end; the
+    Conv rule then indexes its write-back by pixel), divides the output channels, and its
+    accumulators plus the weight's vectors fit the register file with two spare, on AVX-512
+    and on AVX2."""
     from hypothesis import given
     from hypothesis import strategies as st
 
@@ -583,23 +584,24 @@ def test_conv_tiles_stay_within_one_row_and_the_registers():
     from surgery.matmul_tiling import AVX2_LANES, AVX2_REGISTERS, MAX_ACCUMULATORS, VECTOR_LANES, VECTOR_REGISTERS
 
     @given(
-        st.integers(1, 400),
+        st.integers(1, 400 * 400),
         st.integers(1, 64).map(lambda v: v * CHANNEL_MULTIPLE),
         st.integers(1, 2048),
         st.sampled_from([(VECTOR_REGISTERS, VECTOR_LANES), (AVX2_REGISTERS, AVX2_LANES)]),
     )
-    def check(width, out_channels, in_channels, cpu):
+    def check(pixels, out_channels, in_channels, cpu):
         registers, lanes = cpu
-        mr, nr = plan_conv(width, out_channels, in_channels, registers)
-        assert width % mr == 0 and out_channels % nr == 0 and nr % lanes == 0
+        mr, nr = plan_conv(pixels, out_channels, in_channels, registers)
+        assert pixels % mr == 0 and out_channels % nr == 0 and nr % lanes == 0
         accumulators = mr * nr // lanes
         assert accumulators <= MAX_ACCUMULATORS and accumulators + nr // lanes <= registers - 2
 
     check()
-    assert plan_conv(80, 128, 128) == (5, 64)  # a ResNet stage's 3x3 convolution, measured best
-    assert plan_conv(20, 256, 256) == (5, 64)  # 8 pixels would cross the end of a 20-pixel row
-    assert plan_conv(33, 64, 64)[0] == 11  # an odd width: its largest divisor that fits
-    assert plan_conv(80, 128, 128, AVX2_REGISTERS) == (5, 16)  # 10 accumulators, not 4 x 16's 8
+    assert plan_conv(80 * 80, 128, 128) == (5, 64)  # a ResNet stage's 3x3 convolution, measured best
+    assert plan_conv(25 * 34, 512, 512) == (5, 64)  # across rows: no divisor 5 of 34, one of 850
+    assert plan_conv(128 * 128, 64, 64) == (8, 32)  # no divisor 5: 8 x 32 before 4 x 64
+    assert plan_conv(3 * 11, 64, 64)[0] == 11  # an odd pixel count: its largest divisor that fits
+    assert plan_conv(80 * 80, 128, 128, AVX2_REGISTERS) == (5, 16)  # 10 accumulators, not 4 x 16's 8
 
 
 # stride, padding, kernel, input channels, output channels, width, batch: the detectors' kinds
@@ -610,6 +612,8 @@ _DIRECT_CONVOLUTIONS = [
     (2, 1, 3, 256, 64, 40, 1),
     (1, 0, 1, 48, 32, 13, 2),
     (1, 1, 3, 256, 32, 20, 1),
+    (1, 1, 3, 64, 64, 34, 1),  # 5-pixel tiles across the ends of 34-pixel rows
+    (1, 1, 3, 32, 64, 14, 3),  # 14x14 images of a batch (Mask R-CNN's mask head): 4 x 64 across rows
 ]
 
 
@@ -642,6 +646,40 @@ def test_convolutions_are_computed_in_place_channels_last_and_match_pytorch(
     with torch.no_grad():
         program, _ = tvm_backend.speed_rewrites(torch.export.export(model, (x,)).run_decompositions())
         fn, _ = tvm_backend.compile_program(program, schedules="ours")
+        assert_equivalent(fn(x)[0], model(x))
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norms_run_in_the_convolutions_write_back_and_match_pytorch(affine):
+    """Inference batch norm is a scale and shift computed at build time: after two branches'
+    convolutions (RT-DETR's RepVGG blocks) no kernel of its own runs, the sum and SiLU join the
+    second convolution, and the numbers are PyTorch's."""
+
+    class TwoBranches(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv3, self.conv1 = torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.Conv2d(32, 32, 1)
+            self.norm3, self.norm1 = torch.nn.BatchNorm2d(32, affine=affine), torch.nn.BatchNorm2d(32, affine=affine)
+            for norm in (self.norm3, self.norm1):
+                norm.running_var.uniform_(0.5, 2.0)
+                norm.running_mean.uniform_(-0.5, 0.5)
+                if affine:
+                    torch.nn.init.uniform_(norm.weight, -2.0, 2.0)
+                    torch.nn.init.uniform_(norm.bias, -0.5, 0.5)
+
+        def forward(self, x):
+            return torch.nn.functional.silu(self.norm3(self.conv3(x)) + self.norm1(self.conv1(x)))
+
+    torch.manual_seed(0)
+    model, x = TwoBranches().eval(), torch.randn(1, 32, 12, 12)
+    kernels = _kernel_calls(model, (x,))
+    assert not any("batch_norm" in name for name in kernels), list(kernels)
+    assert [name for name in kernels if "sigmoid" in name] == [
+        name for name in kernels if "conv2d" in name and "sigmoid" in name
+    ] != [], list(kernels)
+    with torch.no_grad():
+        fn, _ = tvm_backend.compile_program(torch.export.export(model, (x,)), schedules="ours")
         assert_equivalent(fn(x)[0], model(x))
 
 
@@ -680,7 +718,8 @@ def test_a_convolution_of_a_weight_computed_at_run_time_matches_pytorch():
             return torch.relu(torch.nn.functional.conv2d(x, torch.tanh(w), padding=1))
 
     torch.manual_seed(0)
-    x, w = torch.randn(1, 16, 10, 10) / 8, torch.randn(32, 16, 3, 3)  # outputs of about 1
+    # 96 channels: packed in panels of 16 or 32 (with a single panel the packing is a reshape)
+    x, w = torch.randn(1, 16, 10, 10) / 8, torch.randn(96, 16, 3, 3)  # outputs of about 1
     calls = _kernel_calls(ScaledWeight(), (x, w))
     assert any(name.endswith("_weight_prepack") for name in calls), list(calls)
     with torch.no_grad():

@@ -53,6 +53,7 @@ from .matmul import Matmul
 from .parallel_outer import ParallelOuter
 from .relax_passes import (
     absorb_matmul_broadcasts,
+    batch_norm_as_scale_shift,
     channels_last_convolutions,
     pad_matmul_columns,
     positive_squeeze_axes,
@@ -74,6 +75,8 @@ def pipeline(target: tvm.target.Target):
       tuple (the import turns attention's packed in-projection split into one) is made that
       constant (``CanonicalizeBindings``), and ``FoldConstant`` runs again after fusion, so
       weight transposes are evaluated once, at build time;
+    - applies an inference batch norm as a scale and shift computed at build time
+      (``batch_norm_as_scale_shift``), which fuse into the convolution's write-back;
     - packs each convolution's weight into the panels of output channels the Conv rule reads,
       once, at build time (``split_weight_packing``, then ``FoldConstant``);
     - computes ``exp`` as TVM's ``fast_exp`` (``FastMathTransform``), a polynomial LLVM
@@ -95,6 +98,9 @@ def pipeline(target: tvm.target.Target):
                 # convolutions channels-last (weights HWIO): the Conv rule's layout; layout
                 # changes between them and their neighbours cancel out
                 [channels_last_convolutions]
+                # inference batch norm as a constant scale and shift: elementwise steps the
+                # convolution before it computes in its write-back
+                + [batch_norm_as_scale_shift]
                 # the same image + position sum feeds all three layers: compute it once
                 + [relax.transform.EliminateCommonSubexpr()]
                 # exp as TVM's fast_exp (a polynomial LLVM vectorises) instead of libm's scalar
@@ -137,6 +143,7 @@ __all__ = [
     "ParallelOuter",
     "RowReduction",
     "absorb_matmul_broadcasts",
+    "batch_norm_as_scale_shift",
     "channels_last_convolutions",
     "pad_matmul_columns",
     "positive_squeeze_axes",

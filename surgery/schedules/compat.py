@@ -7,6 +7,9 @@ import tvm
 # A TIR expression: ``tvm.ir.Expr`` in 0.27, ``tvm.ir.PrimExpr`` before.
 PrimExpr = getattr(tvm.ir, "Expr", None) or tvm.ir.PrimExpr
 
+# A relax constant: ``tvm.ir.expr.Constant`` in 0.27, ``tvm.relax.Constant`` before.
+RelaxConstant = getattr(tvm.relax, "Constant", None) or tvm.ir.expr.Constant
+
 
 def stmt_simplify():
     """TIR's ``StmtSimplify`` pass (``tvm.s_tir.transform`` in 0.27, ``tvm.tirx.transform`` before)."""
@@ -47,6 +50,12 @@ def dtype_name(expr) -> str:
     """A TIR expression's data type as text (``.dtype`` before 0.27, its type ``.ty`` from 0.27)."""
     dtype = getattr(expr, "dtype", None)
     return str(dtype if dtype is not None else getattr(expr, "ty", ""))
+
+
+def constant_array(const):
+    """A relax constant's value as a numpy array (``.value`` in 0.27, ``.data`` before)."""
+    value = getattr(const, "value", None)
+    return (value if value is not None else const.data).numpy()
 
 
 def relax_type(expr):

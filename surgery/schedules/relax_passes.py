@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm import relax, s_tir, tirx
-from tvm.relax.dpl import is_op, rewrite_call, wildcard
+from tvm.relax.dpl import is_op, is_tuple_get_item, rewrite_call, wildcard
 
 from .analysis import LAYOUT_REWRITE, root_blocks
-from .compat import relax_type
+from .compat import RelaxConstant, constant_array, relax_type
 
 
 def _static_shape(expr) -> list[int] | None:
@@ -106,6 +106,39 @@ def pad_matmul_columns(mod, _ctx):
         padded = relax.op.nn.pad(matches[y], [0, 0] * (len(sy) - 1) + [0, -cols % COLUMN_MULTIPLE], pad_value=0.0)
         product = relax.op.matmul(matches[x], padded, out_dtype=call.attrs.out_dtype)
         return relax.op.strided_slice(product, axes=[len(out) - 1], begin=[0], end=[cols])
+
+    return _rewrite_functions(mod, (pattern, rewrite))
+
+
+@tvm.transform.module_pass(opt_level=0, name="BatchNormAsScaleShift")
+def batch_norm_as_scale_shift(mod, _ctx):
+    """``batch_norm(x, gamma, beta, mean, var)[0]`` in inference with constant statistics ->
+    ``x * scale + shift``, computed at build time as PyTorch's CPU kernel computes them
+    (float32: ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale``), and then
+    applied as it applies them. Legalised as it is, ``batch_norm`` is a kernel TVM does not fuse
+    into the convolution before it (RT-DETR's encoder: each 80x80 map read back and written again
+    on its own); as two elementwise steps it runs in the convolution's write-back."""
+    x, gamma, beta, mean, var = wildcard(), wildcard(), wildcard(), wildcard(), wildcard()
+    norm = is_op("relax.nn.batch_norm")(x, gamma, beta, mean, var)
+    pattern = is_tuple_get_item(norm, 0)
+
+    def rewrite(call, matches):
+        attrs = matches[norm].attrs
+        stats = [matches[p] for p in (gamma, beta, mean, var)]
+        shape = _static_shape(matches[x])
+        if attrs.training or shape is None or not all(isinstance(s, RelaxConstant) for s in stats):
+            return call
+        g, b, m, v = (constant_array(s) for s in stats)
+        if {a.dtype for a in (g, b, m, v)} != {np.dtype("float32")} or relax_type(matches[x]).dtype != "float32":
+            return call
+        invstd = np.float32(1) / np.sqrt(v + np.float32(attrs.epsilon))  # [C]
+        scale = (invstd * g if attrs.scale else invstd).astype(np.float32)  # [C]
+        shift = ((b if attrs.center else np.float32(0)) - m * scale).astype(np.float32)  # [C]
+        axis = int(attrs.axis) % len(shape)
+        along = [1] * len(shape)
+        along[axis] = shape[axis]
+        as_const = lambda a: relax.const(a.reshape(along), "float32")  # noqa: E731
+        return relax.op.add(relax.op.multiply(matches[x], as_const(scale)), as_const(shift))
 
     return _rewrite_functions(mod, (pattern, rewrite))
 
