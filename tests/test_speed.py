@@ -675,9 +675,11 @@ def test_batch_norms_run_in_the_convolutions_write_back_and_match_pytorch(affine
     model, x = TwoBranches().eval(), torch.randn(1, 32, 12, 12)
     kernels = _kernel_calls(model, (x,))
     assert not any("batch_norm" in name for name in kernels), list(kernels)
-    assert [name for name in kernels if "sigmoid" in name] == [
-        name for name in kernels if "conv2d" in name and "sigmoid" in name
-    ] != [], list(kernels)
+    assert (
+        [name for name in kernels if "sigmoid" in name]
+        == [name for name in kernels if "conv2d" in name and "sigmoid" in name]
+        != []
+    ), list(kernels)
     with torch.no_grad():
         fn, _ = tvm_backend.compile_program(torch.export.export(model, (x,)), schedules="ours")
         assert_equivalent(fn(x)[0], model(x))
