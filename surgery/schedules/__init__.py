@@ -12,7 +12,8 @@ So we ship deterministic rules, applied at build time by ``pipeline`` with dligh
 
 - ``conv``: ``Conv``, channels-last convolutions tiled by ``surgery.conv_tiling``;
 - ``matmul``: ``Matmul``, register-blocked products laid out by ``surgery.matmul_tiling``;
-- ``row_reduction``: ``RowReduction``, softmax / layer norm rows (then dlight's ``cpu.Reduction``);
+- ``row_reduction``: ``RowReduction``, softmax / layer norm rows (then ``reduction.Reduction``: dlight's
+  ``cpu.Reduction`` where it computes each reduction once);
 - ``injective``: ``Injective``, elementwise / broadcast / transpose / gather kernels;
 - ``parallel_outer``: ``ParallelOuter``, the fallback for anything else;
 - ``analysis``: what the rules share (blocks, loops, inlining, vectorising);
@@ -51,6 +52,7 @@ from .fma import FMA_ANNOTATION, is_fma_kernel
 from .injective import Injective
 from .matmul import Matmul
 from .parallel_outer import ParallelOuter
+from .reduction import Reduction
 from .relax_passes import (
     absorb_matmul_broadcasts,
     batch_norm_as_scale_shift,
@@ -64,7 +66,7 @@ from .row_reduction import RowReduction
 
 @functools.cache
 def rules() -> tuple:
-    rules = (Conv(), Matmul(), RowReduction(), dlight.cpu.Reduction(), Injective(), ParallelOuter())
+    rules = (Conv(), Matmul(), RowReduction(), Reduction(), Injective(), ParallelOuter())
     return tuple(Checked(rule) for rule in rules)
 
 

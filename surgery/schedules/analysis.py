@@ -139,3 +139,31 @@ def inline_consumers(sch: s_tir.Schedule, producer) -> None:
             sch.reverse_compute_inline(consumer)
         except Exception:  # noqa: BLE001 - TVM refuses: left as its own loop nest, scheduled after
             pass
+
+
+def _realize_of(sch: s_tir.Schedule, block, loop):
+    """The realisation of ``block`` directly under ``loop`` (its innermost loop)."""
+    body = sch.get(loop).body
+    for stmt in getattr(body, "seq", None) or [body]:
+        if type(stmt).__name__ in ("SBlockRealize", "BlockRealize") and stmt.block.same_as(sch.get(block)):
+            return stmt
+    return None
+
+
+def recomputed_reduction(sch: s_tir.Schedule) -> str | None:
+    """The first reduction block placed under a loop (longer than 1) that none of its iterators
+    is bound to, as text: it is computed again, whole, on every iteration of that loop. None
+    when there is none."""
+    for block in root_blocks(sch):
+        loops = sch.get_loops(block)
+        if "R" not in iter_kinds(sch, block) or not loops:
+            continue
+        realize = _realize_of(sch, block, loops[-1])
+        if realize is None:
+            continue
+        bound = {var for value in realize.iter_values for var in tirx.analysis.undefined_vars(value)}
+        for loop in loops:
+            stmt = sch.get(loop)
+            if (static_extent(sch, loop) or 2) > 1 and not any(var.same_as(stmt.loop_var) for var in bound):
+                return f"{sch.get(block).name_hint} under {stmt.loop_var.name}"
+    return None
