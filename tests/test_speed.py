@@ -653,8 +653,8 @@ def test_convolutions_are_computed_in_place_channels_last_and_match_pytorch(
 @pytest.mark.parametrize("affine", [True, False])
 def test_batch_norms_run_in_the_convolutions_write_back_and_match_pytorch(affine):
     """Inference batch norm is a scale and shift computed at build time: after two branches'
-    convolutions (RT-DETR's RepVGG blocks) no kernel of its own runs, the sum and SiLU join the
-    second convolution, and the numbers are PyTorch's."""
+    convolutions (RT-DETR's RepVGG blocks) no kernel of its own runs, the sum and SiLU (its exp)
+    join the second convolution, and the numbers are PyTorch's."""
 
     class TwoBranches(torch.nn.Module):
         def __init__(self):
@@ -676,13 +676,33 @@ def test_batch_norms_run_in_the_convolutions_write_back_and_match_pytorch(affine
     kernels = _kernel_calls(model, (x,))
     assert not any("batch_norm" in name for name in kernels), list(kernels)
     assert (
-        [name for name in kernels if "sigmoid" in name]
-        == [name for name in kernels if "conv2d" in name and "sigmoid" in name]
+        [name for name in kernels if "exp" in name]
+        == [name for name in kernels if "conv2d" in name and "exp" in name]
         != []
     ), list(kernels)
     with torch.no_grad():
         fn, _ = tvm_backend.compile_program(torch.export.export(model, (x,)), schedules="ours")
         assert_equivalent(fn(x)[0], model(x))
+
+
+@pytest.mark.tvm
+def test_sigmoid_and_silu_compute_exp_in_vectors_and_match_pytorch():
+    """Legalised as they are, sigmoid and SiLU call libm's scalar expf once per element; spelled
+    as PyTorch computes them, 1 / (1 + exp(-x)), their exp is the vectorised fast_exp, and the
+    numbers are PyTorch's over the whole float range, saturated ends included."""
+
+    class Activations(torch.nn.Module):
+        def forward(self, x):
+            return torch.sigmoid(x), torch.nn.functional.silu(x)
+
+    x = torch.cat([torch.linspace(-120.0, 120.0, 2401), torch.randn(4096) * 4, torch.tensor([-1e30, 1e30])])
+    scripts = [f.script() for f in _scheduled_kernels(Activations(), x).values()]
+    assert not any("T.sigmoid" in s or "T.exp(" in s for s in scripts), scripts
+    assert any("fast_exp" in s for s in scripts), scripts
+    with torch.no_grad():
+        fn, _ = tvm_backend.compile_program(torch.export.export(Activations(), (x,)), schedules="ours")
+    for actual, expected in zip(fn(x), Activations()(x)):
+        assert_equivalent(actual, expected)
 
 
 @pytest.mark.tvm

@@ -143,6 +143,33 @@ def batch_norm_as_scale_shift(mod, _ctx):
     return _rewrite_functions(mod, (pattern, rewrite))
 
 
+@tvm.transform.module_pass(opt_level=0, name="SigmoidThroughExp")
+def sigmoid_through_exp(mod, _ctx):
+    """``sigmoid(x)`` -> ``1 / (1 + exp(-x))`` and ``silu(x)`` -> ``x * sigmoid(x)`` so spelled,
+    on float32: PyTorch's CPU kernels compute them by that formula. Legalised as it is, TVM's
+    ``sigmoid`` lowers to libm's scalar ``expf``, one call per element (RT-DETR's encoder: a
+    3x3 convolution of 128 channels at 80x80 with SiLU 7.1 ms against 6.0 with ReLU); spelled
+    with ``exp``, ``FastMathTransform`` (after this pass) makes it ``fast_exp``, which LLVM
+    vectorises, in the convolution's write-back."""
+    x = wildcard()
+    sigmoid, silu = is_op("relax.sigmoid")(x), is_op("relax.nn.silu")(x)
+
+    def through_exp(value):
+        one = relax.const(1.0, "float32")
+        return relax.op.divide(one, relax.op.add(one, relax.op.exp(relax.op.negative(value))))
+
+    def float32(matches) -> bool:
+        return getattr(relax_type(matches[x]), "dtype", None) == "float32"
+
+    def rewrite_sigmoid(call, matches):
+        return through_exp(matches[x]) if float32(matches) else call
+
+    def rewrite_silu(call, matches):
+        return relax.op.multiply(matches[x], through_exp(matches[x])) if float32(matches) else call
+
+    return _rewrite_functions(mod, (sigmoid, rewrite_sigmoid), (silu, rewrite_silu))
+
+
 @tvm.transform.module_pass(opt_level=0, name="PositiveSqueezeAxes")
 def positive_squeeze_axes(mod, _ctx):
     """``squeeze(x, axis=[-1])`` -> ``squeeze(x, axis=[rank - 1])``: the same operation, spelled
