@@ -706,6 +706,74 @@ def test_sigmoid_and_silu_compute_exp_in_vectors_and_match_pytorch():
 
 
 @pytest.mark.tvm
+def test_roi_pooling_weights_its_taps_where_they_lie_and_matches_torchvision():
+    """ROI pooling's taps are gathered and weighted in one kernel: no kernel writes the gathered
+    taps (boxes x bins x taps x channels floats) for another to read back, and the numbers are
+    torchvision's."""
+    import torchvision
+
+    from surgery.rewrites.roi_align_taps import roi_align_taps
+    from surgery.schedules.compat import relax_type
+
+    class Pool(torch.nn.Module):
+        def forward(self, x, rois):
+            return roi_align_taps(x, rois, 0.25, 7, 7, 2, False)
+
+    torch.manual_seed(0)
+    x, corner = torch.randn(1, 32, 40, 48), torch.rand(20, 2) * 120
+    rois = torch.cat([torch.zeros(20, 1), corner, corner + torch.rand(20, 2) * 60 + 4], dim=1)
+    taps = [20, 7, 7, 16, 32]  # 2 x 2 samples a bin, 4 taps each
+    types = [relax_type(arg) for args in _kernel_calls(Pool(), (x, rois)).values() for arg in args]
+    shapes = [[int(d) for d in t.shape.values] for t in types if getattr(t, "shape", None) is not None]
+    assert shapes and taps not in shapes, shapes
+    with torch.no_grad():
+        fn, _ = tvm_backend.compile_program(torch.export.export(Pool(), (x, rois)), schedules="ours")
+    expected = torchvision.ops.roi_align(x, rois, (7, 7), spatial_scale=0.25, sampling_ratio=2, aligned=False)
+    assert_equivalent(fn(x, rois)[0], expected)
+
+
+def _column_sum(reads: str, shape=(12, 5, 4, 16)):
+    """``sum over r`` of a ``[I, J, R, C]`` (``"column"``, ``out[i, j, c]``) or ``[I, J, C, R]``
+    (``"row"``, reduction innermost) input, as a PrimFunc."""
+    from tvm import te
+
+    x = te.placeholder(shape, name="x")
+    rows, cols, taps, width = shape if reads == "column" else (*shape[:2], shape[3], shape[2])
+    r = te.reduce_axis((0, taps), name="r")
+    at = (lambda i, j, c: x[i, j, r, c]) if reads == "column" else (lambda i, j, c: x[i, j, c, r])
+    out = te.compute((rows, cols, width), lambda i, j, c: te.sum(at(i, j, c) * 2.0, axis=r), name="out")
+    return te.create_prim_func([x, out])
+
+
+@pytest.mark.tvm
+def test_a_sum_over_leading_axes_runs_in_vectors_along_the_kept_innermost_axis():
+    """ColumnReduction takes a sum whose innermost kept axis is the innermost axis of what it
+    reads: parallel over the leading axes, vectors along the innermost, numbers as summed in
+    order. It declines a sum over the innermost axis, and one too small to share among cores."""
+    import numpy as np
+    import tvm
+
+    from surgery.schedules import ColumnReduction
+
+    target = tvm.target.Target(tvm_backend.host_target("ours"))
+    sch = ColumnReduction().apply(_column_sum("column"), target, False)
+    assert sch is not None
+    script = sch.mod.script()
+    assert "T.parallel(60)" in script and "T.vectorized(8)" in script, script
+    lib = tvm.compile(sch.mod, target=target)
+    a = np.random.default_rng(0).standard_normal((12, 5, 4, 16), dtype=np.float32)
+    out = tvm.runtime.tensor(np.zeros((12, 5, 16), "float32"))
+    lib["main"](tvm.runtime.tensor(a), out)
+    expected = a[:, :, 0] * 2
+    for r in range(1, 4):
+        expected = expected + a[:, :, r] * 2
+    assert np.array_equal(out.numpy(), expected)
+    assert ColumnReduction().apply(_column_sum("row"), target, False) is None
+    few = 4 * int(target.attrs["num-cores"]) - 1  # fewer than 4 rows per core
+    assert ColumnReduction().apply(_column_sum("column", (few, 1, 4, 16)), target, False) is None
+
+
+@pytest.mark.tvm
 def test_a_channels_last_group_norm_computes_its_statistics_once_and_matches_pytorch():
     """dlight's reduction rule put a channels-last group norm's statistics under the output's
     row loop, computing all of them again for every row (Deformable DETR's input projections:

@@ -8,7 +8,9 @@ is two taps (the low and the high pixel, with the kernel's clamping and edge rul
     out[k, c, ph, pw] = sum_{ty, tx} wy[k, ph, ty] * wx[k, pw, tx] * F[b_k, c, iy[k, ph, ty], ix[k, pw, tx]]
 
 The map is taken channels-last, ``[N*H*W, C]``, and every tap is one C-long row of it: one
-``index_select`` of ``K * PH * PW * TY * TX`` rows, then a weighted sum over each bin's taps.
+gather of ``K * PH * PW * TY * TX`` rows, indexed ``[K, PH, PW, TY * TX]`` so that the weighted
+sum over each bin's taps reads it with no reshape between (TVM then computes both in one
+kernel: ``surgery.schedules.gathers_into_weighted_sums``).
 
 Why next to ``roi_align_separable``: the separable form multiplies every box's row weights by the
 whole map (``K * PH * H * W * C`` multiply-adds however small the box), which is cheap on SAM3's
@@ -110,7 +112,7 @@ def taps_pool(input: Tensor, rois: Tensor, at: SamplePositions) -> Tensor:
     # Channels-last, a pixel's C values are one contiguous row; Mask R-CNN's FPN levels come out
     # of the convolution rewrites channels-last, so this permute undoes theirs.
     rows = input.permute(0, 2, 3, 1).reshape(N * H * W, C)  # [N*H*W, C]
-    taps = aten.index_select(rows, 0, row.reshape(-1)).reshape(K, PH, PW, TY * TX, C)  # [K, PH, PW, T, C]
+    taps = aten.index.Tensor(rows, [row.reshape(K, PH, PW, TY * TX)])  # [K, PH, PW, T, C]
     out = (taps * weight.reshape(K, PH, PW, TY * TX, 1)).sum(3)  # [K, PH, PW, C]
     # contiguous, as roi_align's result is (Mask R-CNN's box head views it)
     return out.permute(0, 3, 1, 2).contiguous()  # [K, C, PH, PW]

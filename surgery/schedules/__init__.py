@@ -12,8 +12,10 @@ So we ship deterministic rules, applied at build time by ``pipeline`` with dligh
 
 - ``conv``: ``Conv``, channels-last convolutions tiled by ``surgery.conv_tiling``;
 - ``matmul``: ``Matmul``, register-blocked products laid out by ``surgery.matmul_tiling``;
-- ``row_reduction``: ``RowReduction``, softmax / layer norm rows (then ``reduction.Reduction``: dlight's
-  ``cpu.Reduction`` where it computes each reduction once);
+- ``row_reduction``: ``RowReduction``, softmax / layer norm rows;
+- ``column_reduction``: ``ColumnReduction``, reductions over leading axes that keep the innermost one,
+  in vectors along it (ROI pooling's taps); then ``reduction.Reduction``: dlight's
+  ``cpu.Reduction`` where it computes each reduction once;
 - ``injective``: ``Injective``, elementwise / broadcast / transpose / gather kernels;
 - ``parallel_outer``: ``ParallelOuter``, the fallback for anything else;
 - ``analysis``: what the rules share (blocks, loops, inlining, vectorising);
@@ -46,6 +48,7 @@ from ..matmul_tiling import (
     MatmulPlan,
     plan_matmul,
 )
+from .column_reduction import ColumnReduction
 from .conv import Conv
 from .flattening import Checked
 from .fma import FMA_ANNOTATION, is_fma_kernel
@@ -57,6 +60,7 @@ from .relax_passes import (
     absorb_matmul_broadcasts,
     batch_norm_as_scale_shift,
     channels_last_convolutions,
+    gathers_into_weighted_sums,
     pad_matmul_columns,
     positive_squeeze_axes,
     sigmoid_through_exp,
@@ -67,7 +71,7 @@ from .row_reduction import RowReduction
 
 @functools.cache
 def rules() -> tuple:
-    rules = (Conv(), Matmul(), RowReduction(), Reduction(), Injective(), ParallelOuter())
+    rules = (Conv(), Matmul(), RowReduction(), ColumnReduction(), Reduction(), Injective(), ParallelOuter())
     return tuple(Checked(rule) for rule in rules)
 
 
@@ -87,6 +91,8 @@ def pipeline(target: tvm.target.Target):
       at most 4.1e-6 relative (68 ulp) from the exact value, where ``torch.exp`` is within 1 ulp;
       ``sigmoid`` and ``silu`` too, spelled with ``exp`` as PyTorch computes them
       (``sigmoid_through_exp``);
+    - computes a gather that feeds a weighted sum (ROI pooling's taps) in the sum's kernel
+      (``gathers_into_weighted_sums``);
     - turns ``matmul(broadcast_to(x), y)`` into ``matmul(x, y)``, also with the broadcast merged
       into the batch by a reshape (``absorb_matmul_broadcasts``);
     - pads a product's columns to whole vectors when they are no whole number of 4-float ones,
@@ -120,6 +126,8 @@ def pipeline(target: tvm.target.Target):
                 + [absorb_matmul_broadcasts]
                 # columns no whole number of vectors (91 classes): padded, so the Matmul rule tiles them
                 + [pad_matmul_columns]
+                # a gather feeding a weighted sum (ROI pooling's taps) one kernel with it
+                + [gathers_into_weighted_sums()]
                 + cpu.library_dispatch_passes(target)
                 + cpu.legalize_passes(target)
                 # again after fusion: a fused kernel whose inputs are all constants (a slice of
@@ -140,6 +148,7 @@ def pipeline(target: tvm.target.Target):
 __all__ = [
     "FMA_ANNOTATION",
     "Checked",
+    "ColumnReduction",
     "Conv",
     "MAX_ACCUMULATORS",
     "VECTOR_LANES",
