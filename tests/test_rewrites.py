@@ -805,23 +805,24 @@ def test_roi_align_separable_result_can_be_viewed_as_roi_align_s():
 
 
 def test_roi_align_taps_takes_large_maps_and_leaves_small_ones_to_the_separable_form():
-    """Mask R-CNN's finest FPN levels (7x7 and 14x14 bins, 2 samples, on 200x272 and 100x136)
-    are pooled from gathered taps; SAM3's adaptive 7x7 bins on 72x72 and the coarsest level
-    stay separable. Both forms in one program give roi_align's numbers, and the result can be
-    viewed as roi_align's."""
+    """Mask R-CNN's FPN levels (7x7 and 14x14 bins, 2 samples, on 200x272 down to 25x34) are
+    pooled from gathered taps; SAM3's adaptive 7x7 bins on 72x72 and an 8x8 map stay separable.
+    Both forms in one program give roi_align's numbers, and the result can be viewed as
+    roi_align's."""
     from surgery.rewrites.roi_align_taps import taps_cheaper
 
     assert taps_cheaper((1, 256, 200, 272), 14, 14, 2) and taps_cheaper((1, 256, 100, 136), 7, 7, 2)
-    assert not taps_cheaper((1, 256, 72, 72), 7, 7, 0) and not taps_cheaper((1, 256, 25, 34), 14, 14, 2)
+    assert taps_cheaper((1, 256, 25, 34), 14, 14, 2) and taps_cheaper((1, 256, 25, 34), 7, 7, 2)
+    assert not taps_cheaper((1, 256, 72, 72), 7, 7, 0) and not taps_cheaper((1, 256, 8, 8), 7, 7, 2)
 
     class TwoLevels(torch.nn.Module):
         def forward(self, fine, coarse, boxes):
             a = torchvision.ops.roi_align(fine, boxes, 7, 0.25, 2)  # [K, C, 7, 7], taps
-            b = torchvision.ops.roi_align(coarse, boxes, 7, 0.03125, 2)  # [K, C, 7, 7], separable
+            b = torchvision.ops.roi_align(coarse, boxes, 7, 0.015625, 2)  # [K, C, 7, 7], separable
             return (a + b).flatten(1)  # [K, C*49]
 
     torch.manual_seed(0)
-    fine, coarse = torch.randn(1, 8, 96, 128), torch.randn(1, 8, 12, 16)
+    fine, coarse = torch.randn(1, 8, 96, 128), torch.randn(1, 8, 8, 8)
     boxes = torch.tensor([[0, 1.0, 2.0, 40.0, 30.0], [0, 100.0, 50.0, 390.0, 370.0], [0, -8.0, 300.0, 520.0, 390.0]])
     program = torch.export.export(TwoLevels(), (fine, coarse, boxes)).run_decompositions()
     rewritten, log = surgery.rewrite_with_log(program, ["roi_align_taps", "roi_align_separable"])

@@ -18,16 +18,20 @@ whole map (``K * PH * H * W * C`` multiply-adds however small the box), which is
 level (row_dispatch) and whose finest level is 200x272. The taps form's work does not grow with
 the map. ``taps_cheaper`` chooses per call, from shapes alone (the box count cancels out of the
 comparison, so it holds for a data-dependent number of boxes): the ratio of the separable
-form's multiply-adds to the taps read. Measured in TVM (shipped schedules, 100 boxes, 256
-channels, sampling ratio 2; separable ms / taps ms at each ratio):
+form's multiply-adds to the taps read. Measured in TVM (shipped schedules, 256 channels, 100
+boxes with sampling ratio 2 unless said; separable ms / taps ms at each ratio), on a 2-core AMD
+EPYC with AVX2, with the taps gathered in their weighted sum's kernel:
 
-    ratio                    6      10      19      35      69     130     260     503
-    AMD EPYC, AVX2        0.60    0.73    0.91    1.49    2.11    3.43    4.60    7.78
-    Intel Xeon, AVX-512   0.42    0.72    0.77    1.42    1.76    2.70    4.21    5.59
+    ratio          1.1   1.7 (SAM3)    2.1    3.0    5.9    9.7   19.4   34.6   69.2  129.9
+    sep / taps    1.34   0.72-1.01    1.93   2.37   3.59   3.99   8.33   7.88   11.6   11.2
 
-and on SAM3's two boxes of adaptive 7x7 bins over 72x72 (ratio 1.7) separable is ~4x faster.
-The threshold, ``MIN_RATIO = 25``, sits between the last ratio where separable won on both
-machines and the first where taps did.
+(1.1: 7x7 bins on an 8x8 map; SAM3: adaptive 7x7 bins, 11x11 samples each, over 72x72, 16
+and 2 boxes; the rest Mask R-CNN's levels and a 13x17 and a 16x16 map.) The threshold,
+``MIN_RATIO = 2``, sits between SAM3's calls, where separable won or tied, and the next ratio
+measured, where taps won by 1.9x. The 8x8 map is on the wrong side of it (taps 1.34x faster
+there, left separable): no model here pools so small a map at its default sizes. Before the
+taps were gathered in the sum's kernel the crossover was at ~19-35 on both AVX2 and AVX-512
+CPUs (threshold 25).
 
 A speed rewrite, run before ``roi_align_separable``, which takes the calls this one leaves.
 
@@ -51,13 +55,13 @@ aten = torch.ops.aten
 
 CONTRACT = (
     ROI_ALIGN_CONTRACT + "; the same terms as the kernel summed in another order (speed rewrite); only calls whose "
-    "map makes the separable form's multiply-adds at least min_ratio (default 25) times the taps read are "
+    "map makes the separable form's multiply-adds at least min_ratio (default 2) times the taps read are "
     "taken, the others are left as they are (for roi_align_separable)"
 )
 
 # The ratio of the separable form's multiply-adds to the taps read at which the taps form is
 # chosen (see the module docstring for the measurements it comes from).
-MIN_RATIO = 25.0
+MIN_RATIO = 2.0
 
 
 def samples_per_bin(
