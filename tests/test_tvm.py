@@ -88,14 +88,14 @@ def test_multiscale_roi_align_runs_on_tvm_after_row_dispatch(probe):
 
 
 def test_multiscale_roi_align_as_shipped_pools_fine_levels_from_taps(probe):
-    """The same pooler on maps large enough that roi_align_taps takes the two finest levels (7x7
-    bins on 96x128 and 48x64: work ratios 118 and 31) and roi_align_separable the coarser ones
-    (8.9 and 2.7), built as shipped (speed rewrites, our schedules): TVM matches the eager module."""
-    case, _ = _box_pooler_case(384, 512, seed=1)
+    """The same pooler on maps where roi_align_taps takes the three finest levels (7x7 bins on
+    64x80, 32x40 and 16x20: work ratios 51, 14 and 4.1) and roi_align_separable the coarsest
+    (8x10: 1.3), built as shipped (speed rewrites, our schedules): TVM matches the eager module."""
+    case, _ = _box_pooler_case(256, 320, seed=1)
     program = torch.export.export(case.module(), case.args())
     rewritten, replaced = tvm_backend.speed_rewrites(surgery.rewrite(program, probe.needed()))
-    assert replaced["roi_align_taps"] == {"torchvision.roi_align.default": 2}
-    assert replaced["roi_align_separable"] == {"torchvision.roi_align.default": 2}
+    assert replaced["roi_align_taps"] == {"torchvision.roi_align.default": 3}
+    assert replaced["roi_align_separable"] == {"torchvision.roi_align.default": 1}
     fn, _ = tvm_backend.compile_program(rewritten, schedules="ours")
     assert_equivalent(fn(*case.args())[0], case.reference(), context="TVM")
 
@@ -104,9 +104,13 @@ def test_deformable_attention_as_shipped_matches_eager(probe):
     """Multi-scale deformable attention as transformers' PyTorch path computes it (a grid sampler
     per level, stacked, weighted and summed), on samples inside, straddling and outside the
     maps: built as shipped, its off-map taps read an appended zero (masked_gather_padding), its
-    taps are read with broadcast indices (gather_as_index) and its sum over levels is split per
-    level (sum_over_concat), and TVM matches the eager module."""
+    taps are read with broadcast indices (gather_as_index) and weighted in the kernel that
+    gathers them (no gather kernel of its own), its sum over levels is split per level
+    (sum_over_concat), and TVM matches the eager module."""
     import torch.nn.functional as F
+    import tvm
+
+    from surgery import schedules
 
     shapes = [(6, 8), (3, 4)]
 
@@ -137,6 +141,12 @@ def test_deformable_attention_as_shipped_matches_eager(probe):
     assert replaced["masked_gather_padding"] == {"aten.where of aten.gather": 8}  # 4 taps x 2 levels
     assert replaced["gather_as_index"] == {"aten.gather.default": 8}
     assert replaced["sum_over_concat"] == {"aten.sum.dim_IntList": 1}
+    target = tvm_backend.host_target("ours")
+    with target:
+        mod = schedules.pipeline(target)(tvm_backend.import_program(rewritten))
+    kernels = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    gathering = [name for name in kernels if "index_tensor" in name]
+    assert len(gathering) == 2 and all(name.startswith("fused_") for name in gathering), kernels  # one a level
     fn, _ = tvm_backend.compile_program(rewritten, schedules="ours")
     assert_equivalent(fn(*args)[0], DeformableAttention()(*args), context="TVM")
 

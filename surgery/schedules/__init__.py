@@ -91,8 +91,8 @@ def pipeline(target: tvm.target.Target):
       at most 4.1e-6 relative (68 ulp) from the exact value, where ``torch.exp`` is within 1 ulp;
       ``sigmoid`` and ``silu`` too, spelled with ``exp`` as PyTorch computes them
       (``sigmoid_through_exp``);
-    - computes a gather that feeds a weighted sum (ROI pooling's taps) in the sum's kernel
-      (``gathers_into_weighted_sums``);
+    - computes gathers that feed a weighted sum (ROI pooling's taps, the bilinear sampler's four)
+      in the sum's kernel (``gathers_into_weighted_sums``);
     - turns ``matmul(broadcast_to(x), y)`` into ``matmul(x, y)``, also with the broadcast merged
       into the batch by a reshape (``absorb_matmul_broadcasts``);
     - pads a product's columns to whole vectors when they are no whole number of 4-float ones,
@@ -126,7 +126,7 @@ def pipeline(target: tvm.target.Target):
                 + [absorb_matmul_broadcasts]
                 # columns no whole number of vectors (91 classes): padded, so the Matmul rule tiles them
                 + [pad_matmul_columns]
-                # a gather feeding a weighted sum (ROI pooling's taps) one kernel with it
+                # gathers feeding a weighted sum (ROI pooling's taps, bilinear sampling's) one kernel with it
                 + [gathers_into_weighted_sums()]
                 + cpu.library_dispatch_passes(target)
                 + cpu.legalize_passes(target)

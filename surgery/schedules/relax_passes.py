@@ -171,17 +171,31 @@ def sigmoid_through_exp(mod, _ctx):
 
 
 def gathers_into_weighted_sums():
-    """``sum(take(rows, index) * weight)`` (ROI pooling's taps) grouped into one kernel before
-    legalisation (``FuseOpsByPattern``), so that the weighted sum reads each tap's row where it
-    lies instead of a gathered copy (Mask R-CNN's mask pooling: 100x14x14x16x256 floats, 80 MB,
-    written and read back). ``FuseOps`` cannot do it: apache-tvm 0.27 marks a legalised gather
-    opaque, a reduction takes only elementwise and broadcast producers, and marked a broadcast
-    the gather pulls the whole index computation before it into the kernel (ROI pooling alone 47
-    -> 266 ms). Grouped, the kernel computes the same terms in the same order."""
+    """Gathers grouped with the weighted sums that read them, one kernel each, before
+    legalisation (``FuseOpsByPattern``), so that the sum reads each gathered value where it lies
+    instead of a gathered copy written and read back:
+
+    - ``sum(take(rows, index) * weight)``: ROI pooling's taps (Mask R-CNN's mask pooling:
+      100x14x14x16x256 floats, 80 MB);
+    - ``index_tensor(x, i0) * w0 + ... + index_tensor(x, i3) * w3``: the bilinear sampler's four
+      taps (Deformable DETR's: four ``[heads, channels, samples]`` copies, 22 MB each per level
+      and layer).
+
+    ``FuseOps`` cannot do it: apache-tvm 0.27 marks a legalised gather opaque, and a reduction
+    takes only elementwise and broadcast producers; marked a broadcast, the gather pulls the
+    whole index computation before it into the kernel too (ROI pooling alone 47 -> 266 ms).
+    Grouped, the kernel computes the same terms in the same order."""
     rows, index, weight = wildcard(), wildcard(), wildcard()
-    pattern = is_op("relax.sum")(is_op("relax.multiply")(is_op("relax.take")(rows, index), weight))
+    roi_taps = is_op("relax.sum")(is_op("relax.multiply")(is_op("relax.take")(rows, index), weight))
+
+    def tap():
+        return is_op("relax.multiply")(is_op("relax.index_tensor")(wildcard(), wildcard()), wildcard())
+
+    bilinear_taps = is_op("relax.add")(is_op("relax.add")(is_op("relax.add")(tap(), tap()), tap()), tap())
     return relax.transform.FuseOpsByPattern(
-        [("weighted_gather", pattern)], bind_constants=False, annotate_codegen=False
+        [("weighted_gather", roi_taps), ("bilinear_gather", bilinear_taps)],
+        bind_constants=False,
+        annotate_codegen=False,
     )
 
 
