@@ -46,6 +46,17 @@ def schedule_for(func, target) -> s_tir.Schedule | None:
     return sch if has_root_block(sch) else None
 
 
+def reduction_blocks(sch: s_tir.Schedule) -> list:
+    """The root blocks with a reduction axis."""
+    return [b for b in root_blocks(sch) if "R" in iter_kinds(sch, b)]
+
+
+def target_threads(target) -> int:
+    """The cores the target is compiled for (its ``num-cores``; 1 when it names none)."""
+    cores = target.attrs.get("num-cores") if hasattr(target, "attrs") else None
+    return int(cores) if cores else 1
+
+
 def iter_kinds(sch: s_tir.Schedule, block) -> str:
     """One letter per block iterator: S(patial), R(eduction), O(ther). Unlike dlight's
     ``SBlockInfo.dom_kind``, which pairs iterators with loops, this counts every iterator

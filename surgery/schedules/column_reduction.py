@@ -19,20 +19,22 @@ from tvm import tirx
 from tvm.s_tir import dlight
 from tvm.s_tir.dlight.analysis import collect_vars_used_in_prim_expr
 
+from ..matmul_tiling import AVX2_LANES
 from .analysis import (
     inline_elementwise,
     iter_kinds,
+    reduction_blocks,
     root_blocks,
     schedule_for,
     simplified,
     static_extent,
+    target_threads,
     vectorize_inner,
 )
 from .compat import region_buffer
-from .matmul import _threads
 
 # vectors of the target the kernel is compiled for without FMA (AVX2 on x86: 8 floats)
-_LANES = 8
+_LANES = AVX2_LANES
 
 
 def _uses(expr, var) -> bool:
@@ -53,7 +55,7 @@ class ColumnReduction(dlight.ScheduleRule):
         sch = schedule_for(func, target)
         if sch is None:
             return None
-        reductions = [b for b in root_blocks(sch) if "R" in iter_kinds(sch, b)]
+        reductions = reduction_blocks(sch)
         if len(reductions) != 1:
             return None
         inline_elementwise(sch, reductions[0])
@@ -83,7 +85,7 @@ class ColumnReduction(dlight.ScheduleRule):
         if width is None or width % _LANES != 0:
             return None
         outer = sch.fuse(*loops[: kept - 1]) if kept > 2 else loops[0]
-        if (static_extent(sch, outer) or 0) < 4 * _threads(target):
+        if (static_extent(sch, outer) or 0) < 4 * target_threads(target):
             return None
         sch.reorder(outer, *loops[kept:], loops[kept - 1])
         sch.parallel(outer)

@@ -29,6 +29,7 @@ from .analysis import (
     inline_consumers,
     is_spatial,
     iter_kinds,
+    reduction_blocks,
     root_blocks,
     schedule_for,
     simplified,
@@ -93,7 +94,7 @@ class Conv(dlight.ScheduleRule):
         sch = schedule_for(func, target)
         if sch is None:
             return None
-        reductions = [b for b in root_blocks(sch) if "R" in iter_kinds(sch, b)]
+        reductions = reduction_blocks(sch)
         if len(reductions) != 1 or iter_kinds(sch, reductions[0]) != "SSSSRRR":
             return None
         block = reductions[0]

@@ -34,10 +34,12 @@ from .analysis import (
     is_spatial,
     iter_kinds,
     product,
+    reduction_blocks,
     root_blocks,
     schedule_for,
     simplified,
     static_extent,
+    target_threads,
     vectorize_inner,
 )
 from .fma import FMA_ANNOTATION, contraction_safe
@@ -55,11 +57,6 @@ def vector_registers(target) -> tuple[int, int]:
     except Exception:  # noqa: BLE001 - not an x86 target: assume the wide register file
         wide = True
     return (VECTOR_REGISTERS, VECTOR_LANES) if wide else (AVX2_REGISTERS, AVX2_LANES)
-
-
-def _threads(target) -> int:
-    cores = target.attrs.get("num-cores") if hasattr(target, "attrs") else None
-    return int(cores) if cores else 1
 
 
 def _is_mul_add(store: tirx.BufferStore) -> bool:
@@ -110,7 +107,7 @@ class Matmul(dlight.ScheduleRule):
         sch = schedule_for(func, target)
         if sch is None:
             return None
-        reductions = [b for b in root_blocks(sch) if "R" in iter_kinds(sch, b)]
+        reductions = reduction_blocks(sch)
         if len(reductions) != 1:
             return None
         block = reductions[0]
@@ -125,7 +122,7 @@ class Matmul(dlight.ScheduleRule):
         contractible = contraction_safe(func)
         inline_elementwise(sch, block)
         sch = simplified(sch)
-        block = [b for b in root_blocks(sch) if "R" in iter_kinds(sch, b)][0]
+        block = reduction_blocks(sch)[0]
         loops = sch.get_loops(block)
         if len(loops) != len(kinds):
             return None
@@ -140,7 +137,7 @@ class Matmul(dlight.ScheduleRule):
         # 9 MB of B, 400x4608 @ 4608x512, it was slower in one run, 51 -> 38).
         shared_rows = bool(batch_extents) and _rows_shared_across_batch(sch.get(block))
         batch_inside = shared_rows and 4 * product(batch_extents) * depth * cols <= L2_PANEL_BYTES
-        threads = _threads(target)
+        threads = target_threads(target)
         registers, lanes = vector_registers(target)
         plan = plan_matmul(product(batch_extents), rows, cols, depth, threads, registers, lanes)
         if plan is None:
