@@ -32,12 +32,16 @@ CHANNEL_MULTIPLE = 16
 # 5 x 64 13.0, 8 x 32 12.4. 8 x 32 before 4 x 64 (where 5 divides no pixel count): 512 at 16x16
 # 4.57 -> 3.69 ms, 256 at 32x32 3.39 -> 3.35, 128 at 64x64 4.04 -> 4.00, 64 at 128x128 4.70 -> 4.96.
 _AVX512_TILES = ((5, 64), (8, 32), (4, 64), (6, 64), (6, 32), (12, 32), (7, 32), (4, 32), (2, 64), (14, 16))
-# 16 registers of 8 floats: BLIS's 6 x 16 and its neighbours. Detectors' widths (20, 40, 80,
-# 160, 320) have no divisor 6; 5 x 16 (10 accumulators) beat 4 x 16 (8, under the 2 FMA units'
-# latency) on a 2-core Zen 3, medians of 18 interleaved calls, packed weights, 3x3 convolutions
-# (ms): 512 channels at 20x20 17.9 -> 16.4, 256 at 40x40 17.2 -> 15.8, 128 at 80x80 19.9 ->
-# 18.3, 64 at 160x160 23.0 -> 21.7, 32 at 320x320 30.1 -> 26.7.
+# 16 registers of 8 floats: BLIS's 6 x 16 (12 accumulators) and its neighbours, dividing the
+# pixels. Detectors' maps (20x20 ... 200x272, 14x14 boxes) have no divisor 6; 5 x 16 (10
+# accumulators) beat 4 x 16 (8, under the 2 FMA units' latency) on a 2-core Zen 3, medians of 18
+# interleaved calls, packed weights, 3x3 convolutions (ms): 512 channels at 20x20 17.9 -> 16.4,
+# 256 at 40x40 17.2 -> 15.8, 128 at 80x80 19.9 -> 18.3, 64 at 160x160 23.0 -> 21.7, 32 at
+# 320x320 30.1 -> 26.7.
 _AVX2_TILES = ((6, 16), (5, 16), (4, 16), (2, 32), (3, 16), (2, 16))
+# A convolution of several taps takes 6 x 16 on every image, its last tile cut short: see
+# ``plan_conv``.
+_AVX2_RAGGED_TILE = (6, 16)
 # From this many input channels to twice as many, 8 x 32 first (see above).
 _WIDE_INPUT_CHANNELS = 256
 
@@ -47,12 +51,27 @@ def conv_directly(out_channels: int, groups: int, transposed: bool) -> bool:
     return groups == 1 and not transposed and out_channels % CHANNEL_MULTIPLE == 0
 
 
-def plan_conv(pixels: int, out_channels: int, in_channels: int, registers: int = VECTOR_REGISTERS) -> tuple[int, int]:
+def plan_conv(
+    pixels: int, out_channels: int, in_channels: int, registers: int = VECTOR_REGISTERS, taps: int = 9
+) -> tuple[int, int]:
     """The register tile ``(mr, nr)``: ``mr`` consecutive output pixels of one image (of its
     ``pixels``, row after row, so a tile may span a row's end) by ``nr`` output channels (of
     ``out_channels``), dividing both; on AVX-512, wide inputs prefer the 8 x 32 tile (see
-    ``_AVX512_TILES``)."""
+    ``_AVX512_TILES``).
+
+    On AVX2 a convolution of several ``taps`` (3x3, 7x7) takes 6 x 16 whatever the pixels:
+    where 6 does not divide them, the image's last tile is cut short by a predicate, which LLVM
+    moves out of the taps' loops (one copy of the loop nest for whole tiles). Measured on a
+    2-core Zen 3, medians of 12 interleaved calls, convolution and ReLU, against the dividing
+    tile (ms): Mask R-CNN's mask head (100 boxes, 256 channels at 14x14) 4 x 16 204.0 -> 167.8;
+    256 at 100x136 5 x 16 111.4 -> 107.9; 512 at 20x20 13.1 -> 12.5; 128 at 80x80 15.2 ->
+    14.3; 64 at 160x160 13.6 -> 13.7; 256 at 40x40 12.0 -> 12.2. A 1x1 convolution keeps the
+    dividing tile: its reduction is one loop, out of which LLVM does not move the predicate,
+    and the cut tile's accumulators stay in memory (256 to 1024 channels at 50x68: 14.3 ->
+    25.8 ms)."""
     wide = registers >= VECTOR_REGISTERS
+    if not wide and taps > 1:
+        return min(_AVX2_RAGGED_TILE[0], pixels), _AVX2_RAGGED_TILE[1]
     tiles = _AVX512_TILES if wide else _AVX2_TILES
     if wide and _WIDE_INPUT_CHANNELS <= in_channels < 2 * _WIDE_INPUT_CHANNELS:
         tiles = ((8, 32), *tiles)

@@ -572,11 +572,12 @@ def test_the_flattening_check_agrees_with_evaluating_every_point():
     assert seen == {True, False}  # both kinds occur among these cases with this TVM
 
 
-def test_conv_tiles_divide_the_image_and_fit_the_registers():
+def test_conv_tiles_divide_the_image_or_are_cut_short_and_fit_the_registers():
     """A tile of output pixels divides the image's pixel count (it may span a row's end; the
-    Conv rule then indexes its write-back by pixel), divides the output channels, and its
-    accumulators plus the weight's vectors fit the register file with two spare, on AVX-512
-    and on AVX2."""
+    Conv rule then indexes its write-back by pixel), except on AVX2 for a convolution of several
+    taps, whose tile is 6 pixels whatever the image (the last one cut short) and never more
+    pixels than the image has; it divides the output channels, and its accumulators plus the
+    weight's vectors fit the register file with two spare, on AVX-512 and on AVX2."""
     from hypothesis import given
     from hypothesis import strategies as st
 
@@ -588,11 +589,16 @@ def test_conv_tiles_divide_the_image_and_fit_the_registers():
         st.integers(1, 64).map(lambda v: v * CHANNEL_MULTIPLE),
         st.integers(1, 2048),
         st.sampled_from([(VECTOR_REGISTERS, VECTOR_LANES), (AVX2_REGISTERS, AVX2_LANES)]),
+        st.sampled_from([1, 9, 49]),
     )
-    def check(pixels, out_channels, in_channels, cpu):
+    def check(pixels, out_channels, in_channels, cpu, taps):
         registers, lanes = cpu
-        mr, nr = plan_conv(pixels, out_channels, in_channels, registers)
-        assert pixels % mr == 0 and out_channels % nr == 0 and nr % lanes == 0
+        mr, nr = plan_conv(pixels, out_channels, in_channels, registers, taps)
+        if registers == AVX2_REGISTERS and taps > 1:
+            assert mr == min(6, pixels)
+        else:
+            assert pixels % mr == 0
+        assert out_channels % nr == 0 and nr % lanes == 0
         accumulators = mr * nr // lanes
         assert accumulators <= MAX_ACCUMULATORS and accumulators + nr // lanes <= registers - 2
 
@@ -601,7 +607,8 @@ def test_conv_tiles_divide_the_image_and_fit_the_registers():
     assert plan_conv(25 * 34, 512, 512) == (5, 64)  # across rows: no divisor 5 of 34, one of 850
     assert plan_conv(128 * 128, 64, 64) == (8, 32)  # no divisor 5: 8 x 32 before 4 x 64
     assert plan_conv(3 * 11, 64, 64)[0] == 11  # an odd pixel count: its largest divisor that fits
-    assert plan_conv(80 * 80, 128, 128, AVX2_REGISTERS) == (5, 16)  # 10 accumulators, not 4 x 16's 8
+    assert plan_conv(14 * 14, 256, 256, AVX2_REGISTERS, taps=9) == (6, 16)  # the mask head: 33 tiles, the last of 4
+    assert plan_conv(80 * 80, 128, 128, AVX2_REGISTERS, taps=1) == (5, 16)  # 10 accumulators, not 4 x 16's 8
 
 
 # stride, padding, kernel, input channels, output channels, width, batch: the detectors' kinds
@@ -647,6 +654,39 @@ def test_convolutions_are_computed_in_place_channels_last_and_match_pytorch(
         program, _ = tvm_backend.speed_rewrites(torch.export.export(model, (x,)).run_decompositions())
         fn, _ = tvm_backend.compile_program(program, schedules="ours")
         assert_equivalent(fn(x)[0], model(x))
+
+
+# batch, width, stride, kernel: images whose pixel count 6 does not divide
+_CUT_SHORT_TILES = [(3, 14, 1, 3), (1, 33, 2, 3), (1, 22, 1, 7), (2, 1, 1, 3)]
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("batch, width, stride, kernel", _CUT_SHORT_TILES)
+def test_a_convolution_on_avx2_cuts_each_images_last_tile_short_and_matches_pytorch(batch, width, stride, kernel):
+    """Compiled for an AVX2-only CPU (Zen 3; the kernel runs on any x86 CPU with AVX2), a
+    convolution of several taps takes 6-pixel tiles on images whose pixel count 6 does not
+    divide (Mask R-CNN's 14x14 boxes: 33 tiles, the last of 4): the tile is unrolled 6 pixels
+    deep, the pixels past the image's end are cut off by a predicate, and the numbers, the last
+    tile's included, are PyTorch's; an image of one pixel takes a tile of one."""
+    import tvm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(32, 48, kernel, stride, kernel // 2), torch.nn.ReLU()).eval()
+    x = torch.randn(batch, 32, width, width)
+    pixels = model(x).shape[-1] * model(x).shape[-2]
+    assert pixels == 1 or pixels % 6 != 0
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2, "mattr": ["-fma"]})
+    from surgery import schedules
+
+    with torch.no_grad():
+        program = torch.export.export(model, (x,))
+    with target:
+        mod = schedules.pipeline(target)(tvm_backend.import_program(program))
+    [conv] = [f.script() for gv, f in mod.functions_items() if "conv2d" in gv.name_hint]
+    assert f"T.unroll(T.int64({min(6, pixels)}))" in conv, conv
+    assert ("T.where(" in conv) == (pixels > 1), conv
+    fn, _ = tvm_backend.compile_program(program, target=target, schedules="ours")
+    assert_equivalent(fn(x)[0], model(x))
 
 
 @pytest.mark.tvm

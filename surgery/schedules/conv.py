@@ -7,8 +7,10 @@ size and multiplies that, this kernel reads the (padded) input in place: a regis
 ``mr`` consecutive output pixels by ``nr`` output channels accumulates over the taps and input
 channels, each tap's ``mr`` input pixels broadcast against ``nr`` channels of the weight
 (read from a copy packed in panels of ``nr`` channels, made once at build time). Tiles are
-planned by ``surgery.conv_tiling.plan_conv``; one may span the end of an output row (Mask R-CNN's
-widths of 34 and 68 have no divisor 5, their pixel counts do). The padding block
+planned by ``surgery.conv_tiling.plan_conv``; one may span the end of an output row (the block
+iterates over an image's pixels as one axis), and where the tile does not divide the pixels the
+image's last tile is cut short by a predicate (AVX2's 6-pixel tiles on the detectors' maps,
+none of which 6 divides). The padding block
 stays a separate copy (inlined, every tap would test the border; without padding the input is
 read directly); elementwise consumers (bias, batch norm's scale and shift, activation, a
 residual sum) are fused into the tile's write-back. Where the weight outgrows an image, the
@@ -118,34 +120,29 @@ class Conv(dlight.ScheduleRule):
             return None
         height, width, channels, kh, kw, depth = extents
         registers, _ = vector_registers(target)
-        mr, nr = plan_conv(height * width, channels, depth, registers)
-        # Tiles across a row's end: the block then iterates over the image's pixels as one
-        # axis, and its accumulator too, so that a tile's write-back covers its own pixels
-        # exactly (over rows and columns, TVM would write back the rectangle they span).
-        across = width % mr != 0
-        if across:
-            sch.transform_block_layout(block, lambda n, y, x, f, ry, rx, rc: (n, y * width + x, f, ry, rx, rc))
+        pixels = height * width
+        mr, nr = plan_conv(pixels, channels, depth, registers, taps=kh * kw)
+        # The block iterates over the image's pixels as one axis, and its accumulator too: a
+        # tile may span a row's end and its write-back covers its own pixels exactly (over rows
+        # and columns, TVM would write back the rectangle they span). Where mr does not divide
+        # the pixels, the image's last tile is cut short by a predicate on its pixels.
+        sch.transform_block_layout(block, lambda n, y, x, f, ry, rx, rc: (n, y * width + x, f, ry, rx, rc))
         sch = simplified(sch)
         block = sch.get_sblock(name)
         _pack_weight(sch, block, operands[1].name, nr)  # buffers of the schedule before simplified
-        if across:
-            n, p, f, ry, rx, rc = sch.get_loops(block)
-        else:
-            n, y, x, f, ry, rx, rc = sch.get_loops(block)
-            p = sch.fuse(y, x)
+        n, p, f, ry, rx, rc = sch.get_loops(block)
         po, pi = sch.split(p, [None, mr])
         fo, fv = sch.split(f, [None, nr])
         fvo, fvi = sch.split(fv, [None, math.gcd(nr, VECTOR_LANES)])
         # the larger operand is read once: where the weight outgrows an image (deep layers),
         # each panel of output channels stays in cache while every pixel tile passes it
         # (512 channels at 20x20, 5 x 64: 23.6 -> 21.1 ms on a 2-core EPYC, AVX-512)
-        weight_major = kh * kw * depth * channels >= height * width * depth
+        weight_major = kh * kw * depth * channels >= pixels * depth
         tile_order = [n, fo, po] if weight_major else [n, po, fo]
         sch.reorder(*tile_order, ry, rx, rc, pi, fvo, fvi)
         accumulator = sch.cache_write(block, 0, "local")
-        if across:  # the accumulator indexed by pixel too
-            sch.transform_layout(block, ("write", 0), lambda n, y, x, f: (n, y * width + x, f))
-            sch.transform_block_layout(accumulator, lambda n, y, x, f: (n, y * width + x, f))
+        sch.transform_layout(block, ("write", 0), lambda n, y, x, f: (n, y * width + x, f))
+        sch.transform_block_layout(accumulator, lambda n, y, x, f: (n, y * width + x, f))
         sch.reverse_compute_at(accumulator, tile_order[-1], preserve_unit_loops=True)
         inline_consumers(sch, accumulator)
         tiles = sch.fuse(*tile_order)
