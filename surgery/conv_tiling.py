@@ -52,7 +52,7 @@ def conv_directly(out_channels: int, groups: int, transposed: bool) -> bool:
 
 
 def plan_conv(
-    pixels: int, out_channels: int, in_channels: int, registers: int = VECTOR_REGISTERS, taps: int = 9
+    pixels: int, out_channels: int, in_channels: int, registers: int = VECTOR_REGISTERS, *, taps: int = 1
 ) -> tuple[int, int]:
     """The register tile ``(mr, nr)``: ``mr`` consecutive output pixels of one image (of its
     ``pixels``, row after row, so a tile may span a row's end) by ``nr`` output channels (of

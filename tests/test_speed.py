@@ -593,7 +593,7 @@ def test_conv_tiles_divide_the_image_or_are_cut_short_and_fit_the_registers():
     )
     def check(pixels, out_channels, in_channels, cpu, taps):
         registers, lanes = cpu
-        mr, nr = plan_conv(pixels, out_channels, in_channels, registers, taps)
+        mr, nr = plan_conv(pixels, out_channels, in_channels, registers, taps=taps)
         if registers == AVX2_REGISTERS and taps > 1:
             assert mr == min(6, pixels)
         else:
