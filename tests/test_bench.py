@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from surgery.bench import System, bench, check_systems, write_bench_report
+from surgery.bench import System, bench, check_systems, time_systems, write_bench_report
 from surgery.pipeline import ModelSpec, export
 from tests.helpers import run_cli_in_process
 
@@ -38,6 +38,21 @@ def test_a_system_with_wrong_outputs_is_not_timed():
     assert checks["eager"]["ok"] and not checks["tvm_shipped"]["ok"]
     assert wrong.fn is None and "not timed" in wrong.info["error"]
     assert right.fn is not None
+
+
+def test_each_round_starts_one_system_later_so_none_always_follows_the_same_one():
+    """A system's speed depends on what ran just before it (threads still spinning, caches full
+    of another's data): the rounds rotate the order, and every system is timed as often."""
+    calls = []
+
+    def recording(name):
+        return System(name, lambda x: calls.append(name), {})
+
+    systems = [recording(name) for name in ("a", "b", "c")]
+    times = time_systems(systems, (torch.zeros(1),), rounds=3, calls=1, warmup=0, progress=lambda m: None)
+    timed = calls[3:]  # after one untimed call each
+    assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b"], timed
+    assert all(times[name]["calls"] == 3 for name in "abc")
 
 
 @pytest.mark.tvm
