@@ -41,7 +41,7 @@ _AVX512_TILES = ((5, 64), (8, 32), (4, 64), (6, 64), (6, 32), (12, 32), (7, 32),
 _AVX2_TILES = ((6, 16), (5, 16), (4, 16), (2, 32), (3, 16), (2, 16))
 # A convolution of several taps takes 6 x 16 on every image, its last tile cut short: see
 # ``plan_conv``.
-_AVX2_RAGGED_TILE = (6, 16)
+_AVX2_RAGGED_TILE = _AVX2_TILES[0]
 # From this many input channels to twice as many, 8 x 32 first (see above).
 _WIDE_INPUT_CHANNELS = 256
 
