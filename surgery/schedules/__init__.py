@@ -10,6 +10,8 @@ stalled after its initial candidates here and each build costs seconds (README, 
 So we ship deterministic rules, applied at build time by ``pipeline`` with dlight's
 ``ApplyDefaultSchedule``; the first rule that accepts a kernel wins (``rules()``, in order):
 
+- ``winograd``: ``WinogradInput``, the input transform of the convolutions that
+  ``winograd_convolutions`` (a pass before legalisation) computes as F(2x2, 3x3);
 - ``conv``: ``Conv``, channels-last convolutions tiled by ``surgery.conv_tiling``;
 - ``matmul``: ``Matmul``, register-blocked products laid out by ``surgery.matmul_tiling``;
 - ``row_reduction``: ``RowReduction``, softmax / layer norm rows;
@@ -28,8 +30,10 @@ So we ship deterministic rules, applied at build time by ``pipeline`` with dligh
 
 Schedules change the loop order, never the arithmetic of a single output element except for the
 order in which a reduction is accumulated and its FMA contraction (as with any BLAS); with
-``fast_exp`` (see ``pipeline``) that is the shipped build's whole numeric difference, and the
-whole-model property test bounds it (float32, max abs 1e-5 on unit-scale inputs).
+``fast_exp`` and Winograd's F(2x2, 3x3) (see ``pipeline``; its float32 error against float64
+measured below the direct convolution's, ``winograd``) that is the shipped build's whole numeric
+difference, and the whole-model property test bounds it (float32, max abs 1e-5 on unit-scale
+inputs).
 """
 
 from __future__ import annotations
@@ -67,11 +71,21 @@ from .relax_passes import (
     split_weight_packing,
 )
 from .row_reduction import RowReduction
+from .winograd import WinogradInput, winograd_convolutions
 
 
 @functools.cache
 def rules() -> tuple:
-    rules = (Conv(), Matmul(), RowReduction(), ColumnReduction(), Reduction(), Injective(), ParallelOuter())
+    rules = (
+        WinogradInput(),
+        Conv(),
+        Matmul(),
+        RowReduction(),
+        ColumnReduction(),
+        Reduction(),
+        Injective(),
+        ParallelOuter(),
+    )
     return tuple(Checked(rule) for rule in rules)
 
 
@@ -84,6 +98,10 @@ def pipeline(target: tvm.target.Target):
       weight transposes are evaluated once, at build time;
     - applies an inference batch norm as a scale and shift computed at build time
       (``batch_norm_as_scale_shift``), which fuse into the convolution's write-back;
+    - computes 3x3 convolutions of stride 1 with at least 64 channels in and out as
+      Winograd's F(2x2, 3x3) (``winograd_convolutions``): an input transform, one batched
+      product on the Matmul rule with 2.25x fewer multiply-adds, and an output transform into
+      which the convolution's consumers fuse; the weight transformed at build time;
     - packs each convolution's weight into the panels of output channels the Conv rule reads,
       once, at build time (``split_weight_packing``, then ``FoldConstant``);
     - computes ``exp`` as TVM's ``fast_exp`` (``FastMathTransform``), a polynomial LLVM
@@ -112,6 +130,8 @@ def pipeline(target: tvm.target.Target):
                 # inference batch norm as a constant scale and shift: elementwise steps the
                 # convolution before it computes in its write-back
                 + [batch_norm_as_scale_shift]
+                # 3x3 convolutions of stride 1 as Winograd's F(2x2, 3x3): 2.25x fewer multiply-adds
+                + [winograd_convolutions()]
                 # the same image + position sum feeds all three layers: compute it once
                 + [relax.transform.EliminateCommonSubexpr()]
                 # sigmoid as 1 / (1 + exp(-x)), so that its exp is the fast_exp below
@@ -158,12 +178,14 @@ __all__ = [
     "MatmulPlan",
     "ParallelOuter",
     "RowReduction",
+    "WinogradInput",
     "absorb_matmul_broadcasts",
     "batch_norm_as_scale_shift",
     "channels_last_convolutions",
     "pad_matmul_columns",
     "positive_squeeze_axes",
     "split_weight_packing",
+    "winograd_convolutions",
     "is_fma_kernel",
     "pipeline",
     "plan_matmul",

@@ -64,6 +64,17 @@ def _is_mul_add(store: tirx.BufferStore) -> bool:
     return isinstance(value, tirx.Add) and any(isinstance(side, tirx.Mul) for side in (value.a, value.b))
 
 
+def _batch_axes_of_rows(stmt) -> list[bool]:
+    """For each batch axis, whether the product's A (the operand read along i and k, not j)
+    is indexed by it."""
+    *batch, i, j, _ = [iv.var for iv in stmt.iter_vars]
+    for read in stmt.reads:
+        used = [v for r in read.region for v in collect_vars_used_in_prim_expr(r.min)]
+        if any(v.same_as(i) for v in used) and not any(v.same_as(j) for v in used):
+            return [any(v.same_as(b) for v in used) for b in batch]
+    return [True] * len(batch)
+
+
 def _rows_shared_across_batch(stmt) -> bool:
     """Whether the product's A (the operand read along i and k, not j) is the same for every
     batch: its indices use none of the batch iterators."""
@@ -88,7 +99,10 @@ def finish_register_tile(sch, block, reduction, accumulator, tile_loops, contrac
         sch.annotate(block, FMA_ANNOTATION, 1)
     init = sch.decompose_reduction(block, reduction)
     sch.vectorize(sch.get_loops(init)[-1])
-    vectorize_inner(sch, sch.get_loops(accumulator)[-1], VECTOR_LANES)
+    # the write-back in the tile's own vectors (24 columns: three of 8, where 16-float ones
+    # leave it scalar and, small enough not to run in parallel, unscheduled)
+    write_back = sch.get_loops(accumulator)[-1]
+    vectorize_inner(sch, write_back, math.gcd(static_extent(sch, write_back) or VECTOR_LANES, VECTOR_LANES))
 
 
 def schedule_remaining_spatial(sch) -> None:
@@ -127,15 +141,20 @@ class Matmul(dlight.ScheduleRule):
         if len(loops) != len(kinds):
             return None
         extents = [static_extent(sch, loop) for loop in loops]
-        if None in extents:
+        if None in extents[-3:]:
             return None
         *batch_extents, rows, cols, depth = extents
+        # a batch known only at run time (a Winograd convolution of Mask R-CNN's boxes) is
+        # counted as 2, and a program's A is then never taken as shared by all of it
+        dynamic = None in batch_extents
+        batch_extents = [2 if e is None else e for e in batch_extents]
+        extents = [*batch_extents, rows, cols, depth]
         # Every batch reads the same A (the panels of a packed weight) and all of B is within
         # the L2 budget: a row tile of A then serves every panel while it is in cache, and A is
         # read from memory once rather than once per panel (2-core EPYC, 512 KB L2, best of 21:
         # 25600x576 @ 576x64 56 -> 65 GMAC/s, 6400x1152 @ 1152x128, 590 KB of B, 64 -> 72; with
         # 9 MB of B, 400x4608 @ 4608x512, it was slower in one run, 51 -> 38).
-        shared_rows = bool(batch_extents) and _rows_shared_across_batch(sch.get(block))
+        shared_rows = bool(batch_extents) and not dynamic and _rows_shared_across_batch(sch.get(block))
         batch_inside = shared_rows and 4 * product(batch_extents) * depth * cols <= L2_PANEL_BYTES
         threads = target_threads(target)
         registers, lanes = vector_registers(target)
@@ -151,8 +170,26 @@ class Matmul(dlight.ScheduleRule):
         jo, jv = sch.split(j, [None, plan.nr])
         jvo, jvi = sch.split(jv, [None, math.gcd(plan.nr, VECTOR_LANES)])  # whole vectors
         tile_order = [jo, io] if plan.j_major else [io, jo]
+        by_rows = _batch_axes_of_rows(sch.get(block))
+        panels = [e for e, used in zip(batch_extents, by_rows) if not used]
         if final is None and batch_inside and not plan.j_major:
             tile_order, outer = [io, *outer, jo], []
+        elif (
+            final is None
+            and not plan.j_major
+            and any(by_rows)
+            and panels
+            and 4 * product(panels) * depth * cols <= L2_PANEL_BYTES
+        ):
+            # the batch axes A is not read along (the panels of a packed weight, per Winograd
+            # position) run inside the row tiles: a row tile of A serves every panel from L1
+            tile_order = [
+                *[o for o, u in zip(outer, by_rows) if u],
+                io,
+                *[o for o, u in zip(outer, by_rows) if not u],
+                jo,
+            ]
+            outer = []
         elif final is None and shared_rows and not plan.j_major and row_block(rows, depth, plan.mr):
             # A outgrows the cache and all of B outgrows L2: panel by panel, A came from memory
             # once per panel. A block of rows serves every panel from cache instead, B's panels
