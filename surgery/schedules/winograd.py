@@ -115,9 +115,9 @@ def output_transform(m: te.Tensor, shape: list[int], tiles: tuple[int, int]) -> 
     _, tx = tiles
     nr = m.shape[-1]
 
-    def a_t(xi, i):  # A^T[i, xi] for i in {0, 1}, as arithmetic in i (no branch)
-        i = tirx.Cast("float32", i)
-        return (1 - i, tirx.const(1.0, "float32"), 1 - 2 * i, -i)[xi]
+    def a_t(xi, i):  # A^T[i, xi] for i in {0, 1}, as a line through its two values (no branch)
+        value, slope = tirx.const(A_T[0, xi], "float32"), A_T[1, xi] - A_T[0, xi]
+        return value + tirx.const(slope, "float32") * tirx.Cast("float32", i) if slope else value
 
     def value(b, y, x, k):
         t = y // 2 * tx + x // 2
