@@ -1005,8 +1005,8 @@ def test_conv_im2col_leaves_the_convolutions_the_conv_rule_computes():
 
 
 def _winograd_from(monkeypatch, channels: int) -> None:
-    """Our pipeline with Winograd taking 3x3 convolutions from ``channels`` channels (the shipped
-    threshold, 128, makes every build of a test slow)."""
+    """Our pipeline with Winograd taking 3x3 convolutions from ``channels`` channels (at the
+    shipped threshold, ``MIN_CHANNELS`` = 64, every build of a test would be slow)."""
     from surgery import schedules
     from surgery.schedules import winograd
 
@@ -1018,7 +1018,7 @@ def test_winograd_convolutions_match_float64_within_pytorchs_own_float32_error(m
     """A 3x3 convolution of stride 1 as F(2x2, 3x3) leaves no convolution kernel, and each output
     is within 24 units of float32 rounding of its sum of |terms| (|x| * |w| over the window, plus
     |bias|) from the float64 convolution: the worst PyTorch's own float32 convolution reached on
-    40 random cases of these shapes (Winograd's worst: 2.8). Odd sizes (blocks cut by the
+    40 random cases of such shapes, up to 128 channels (Winograd's worst: 2.8). Odd sizes (blocks cut by the
     image's edge), no padding, a 1-pixel image, two images and inputs of any scale included."""
     from hypothesis import assume, given, settings
     from hypothesis import strategies as st
