@@ -46,6 +46,16 @@ def _divisors(n: int, limit: int) -> list[int]:
     return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
+def tile_rating(mr: int, b_registers: int) -> tuple[float, int]:
+    """How a register tile of ``mr`` rows by ``b_registers`` of B's registers rates: the share
+    of a k step's cycles that are FMAs (one per accumulator, two issue per cycle; ``mr``
+    broadcasts plus ``b_registers`` loads, two per cycle; at least one FMA latency), then its
+    accumulators."""
+    accumulators = mr * b_registers
+    fma = accumulators / 2
+    return round(fma / max(fma, (mr + b_registers) / 2, FMA_LATENCY), 3), accumulators
+
+
 def plan_matmul(
     batch: int,
     rows: int,
@@ -82,9 +92,7 @@ def plan_matmul(
             accumulators = mr * b_registers
             if accumulators > min(MAX_ACCUMULATORS, registers - 3) or accumulators + b_registers > registers - 2:
                 continue
-            fma = accumulators / 2
-            efficiency = fma / max(fma, (mr + b_registers) / 2, FMA_LATENCY)
-            tiles.append((round(efficiency, 3), accumulators, mr, nv))
+            tiles.append((*tile_rating(mr, b_registers), mr, nv))
     if not tiles:
         return None
     # Few rows (a vector-matrix product, memory-bound): one tile as tall as all of them, so each

@@ -66,24 +66,14 @@ def _is_mul_add(store: tirx.BufferStore) -> bool:
 
 def _batch_axes_of_rows(stmt) -> list[bool]:
     """For each batch axis, whether the product's A (the operand read along i and k, not j)
-    is indexed by it."""
+    is indexed by it; A indexed by none is the same for every batch (the panels of a packed
+    weight share it)."""
     *batch, i, j, _ = [iv.var for iv in stmt.iter_vars]
     for read in stmt.reads:
         used = [v for r in read.region for v in collect_vars_used_in_prim_expr(r.min)]
         if any(v.same_as(i) for v in used) and not any(v.same_as(j) for v in used):
             return [any(v.same_as(b) for v in used) for b in batch]
     return [True] * len(batch)
-
-
-def _rows_shared_across_batch(stmt) -> bool:
-    """Whether the product's A (the operand read along i and k, not j) is the same for every
-    batch: its indices use none of the batch iterators."""
-    *batch, i, j, _ = [iv.var for iv in stmt.iter_vars]
-    for read in stmt.reads:
-        used = [v for r in read.region for v in collect_vars_used_in_prim_expr(r.min)]
-        if any(v.same_as(i) for v in used) and not any(v.same_as(j) for v in used):
-            return not any(v.same_as(b) for v in used for b in batch)
-    return False
 
 
 def finish_register_tile(sch, block, reduction, accumulator, tile_loops, contractible: bool) -> None:
@@ -154,7 +144,8 @@ class Matmul(dlight.ScheduleRule):
         # read from memory once rather than once per panel (2-core EPYC, 512 KB L2, best of 21:
         # 25600x576 @ 576x64 56 -> 65 GMAC/s, 6400x1152 @ 1152x128, 590 KB of B, 64 -> 72; with
         # 9 MB of B, 400x4608 @ 4608x512, it was slower in one run, 51 -> 38).
-        shared_rows = bool(batch_extents) and not dynamic and _rows_shared_across_batch(sch.get(block))
+        by_rows = _batch_axes_of_rows(sch.get(block))
+        shared_rows = bool(batch_extents) and not dynamic and not any(by_rows)
         batch_inside = shared_rows and 4 * product(batch_extents) * depth * cols <= L2_PANEL_BYTES
         threads = target_threads(target)
         registers, lanes = vector_registers(target)
@@ -170,7 +161,6 @@ class Matmul(dlight.ScheduleRule):
         jo, jv = sch.split(j, [None, plan.nr])
         jvo, jvi = sch.split(jv, [None, math.gcd(plan.nr, VECTOR_LANES)])  # whole vectors
         tile_order = [jo, io] if plan.j_major else [io, jo]
-        by_rows = _batch_axes_of_rows(sch.get(block))
         panels = [e for e, used in zip(batch_extents, by_rows) if not used]
         if final is None and batch_inside and not plan.j_major:
             tile_order, outer = [io, *outer, jo], []

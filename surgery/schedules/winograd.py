@@ -42,12 +42,14 @@ short to gain, and the convolution is left to the Conv rule.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import tvm
 from tvm import relax, te, tirx
 from tvm.s_tir import dlight
 
-from ..matmul_tiling import VECTOR_LANES, plan_matmul
+from ..matmul_tiling import VECTOR_LANES, plan_matmul, tile_rating
 from .analysis import inline_elementwise, root_blocks, schedule_for, static_extent
 from .compat import RelaxConstant, constant_array, relax_type
 from .matmul import vector_registers
@@ -93,10 +95,9 @@ def input_transform(x: te.Tensor, pads: tuple[int, int], tiles: tuple[int, int],
             total = None
             for a in np.flatnonzero(B_T[xi]):
                 for bb in np.flatnonzero(B_T[nu]):
-                    term, sign = pixel(int(a), int(bb)), B_T[xi, a] * B_T[nu, bb]
-                    total = (
-                        (term if sign > 0 else -term) if total is None else (total + term if sign > 0 else total - term)
-                    )
+                    term = pixel(int(a), int(bb))
+                    term = term if B_T[xi, a] * B_T[nu, bb] > 0 else -term
+                    total = term if total is None else total + term
             return total
 
         # a branch per position, each resolved where WinogradInput unrolls e
@@ -131,26 +132,17 @@ def output_transform(m: te.Tensor, shape: list[int], tiles: tuple[int, int]) -> 
     return te.compute(shape, value, name="winograd_output")
 
 
-def tile_rating(plan, lanes: int) -> tuple[float, int]:
-    """How plan_matmul rates a register tile: the share of a k step's cycles that are FMAs (two
-    issue per cycle; the tile's broadcasts and loads, two per cycle; the FMA latency, 4), then
-    the accumulators."""
-    vectors = plan.nr // min(lanes, VECTOR_LANES)
-    fma = plan.mr * vectors / 2
-    return round(fma / max(fma, (plan.mr + vectors) / 2, 4), 3), plan.mr * vectors
-
-
 def product_rows(blocks: int, channels: int, outputs: int, registers: tuple[int, int]) -> int:
     """The product's rows: the blocks, padded by a few (fewer than 16, at most ~3%) to the
-    count whose register tile rates best (``tile_rating``; the fewest rows on ties): a prime
-    count of blocks would get 1-row tiles, and AVX2's 6 x 16 tile divides none of the
-    detectors' block counts."""
-    best = None
+    count whose register tile rates best (``surgery.matmul_tiling.tile_rating``; the fewest rows
+    on ties): a prime count of blocks would get 1-row tiles, and AVX2's 6 x 16 tile divides none
+    of the detectors' block counts."""
+    rated = []
     for rows in range(blocks, blocks + min(16, blocks // 32 + 7)):
         plan = plan_matmul(16, rows, outputs, channels, 1, *registers)
-        if plan is not None and (best is None or tile_rating(plan, registers[1]) > best[0]):
-            best = (tile_rating(plan, registers[1]), rows)
-    return best[1] if best else blocks
+        if plan is not None:  # B's registers: the plan's tile width in the CPU's vectors
+            rated.append((tile_rating(plan.mr, plan.nr // math.gcd(plan.nr, registers[1])), -rows))
+    return -max(rated)[1] if rated else blocks
 
 
 def _constant_weight(expr, lookup) -> np.ndarray | None:
