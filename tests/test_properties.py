@@ -282,6 +282,30 @@ def test_gather_as_index_graph_form(data):
 @pytest.mark.slow
 @settings(max_examples=graph_examples())
 @given(data=st.data())
+def test_channels_last_gathers_graph_form(data):
+    """Both taps taken exactly where channels are read whole and a sum over at least two points
+    shrinks the tensor before its layout is needed (never for a gather returned as it is), as
+    exported and as decomposed to core ATen; the gathers then read channels-last rows (the map
+    permuted, the channels innermost); results within the bound."""
+    case = data.draw(strategy_for("channels_last_gathers"), label="case")
+    program = torch.export.export(case.module(), case.args())
+    if data.draw(st.booleans(), label="decomposed"):
+        program = program.run_decompositions()
+    rewritten, log = surgery.rewrite_with_log(program, ["channels_last_gathers"])
+    event(f"tail={case.tail}, taken={case.taken()}")
+    assert sum(result.replaced.get("aten.index.Tensor", 0) for _, result in log) == (2 if case.taken() else 0)
+    gathers = [node for node in rewritten.graph.nodes if node.target is torch.ops.aten.index.Tensor]
+    assert len(gathers) == 2
+    channels = case.x.shape[1]
+    for node in gathers:
+        shape = node.meta["val"].shape
+        assert (shape[-1] == channels and len(node.args[1]) == 2) == case.taken(), (shape, node.args[1])
+    assert_equivalent(rewritten.module()(*case.args()), case.reference(), scale=case.scale, context=repr(case))
+
+
+@pytest.mark.slow
+@settings(max_examples=graph_examples())
+@given(data=st.data())
 def test_sum_over_concat_graph_form(data):
     """Split exactly where the parts are contiguous slices of the summed axis (found by viewing
     the parts' numbers), as exported and as decomposed to core ATen; results within the bound."""

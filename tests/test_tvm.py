@@ -106,7 +106,8 @@ def test_deformable_attention_as_shipped_matches_eager(probe):
     maps: built as shipped, its off-map taps read an appended zero (masked_gather_padding), its
     taps are read with broadcast indices (gather_as_index) and weighted in the kernel that
     gathers them (no gather kernel of its own), its sum over levels is split per level
-    (sum_over_concat), and TVM matches the eager module."""
+    (sum_over_concat), its taps are read as channels-last rows (channels_last_gathers), and TVM
+    matches the eager module."""
     import torch.nn.functional as F
     import tvm
 
@@ -141,6 +142,7 @@ def test_deformable_attention_as_shipped_matches_eager(probe):
     assert replaced["masked_gather_padding"] == {"aten.where of aten.gather": 8}  # 4 taps x 2 levels
     assert replaced["gather_as_index"] == {"aten.gather.default": 8}
     assert replaced["sum_over_concat"] == {"aten.sum.dim_IntList": 1}
+    assert replaced["channels_last_gathers"] == {"aten.index.Tensor": 8}
     target = tvm_backend.host_target("ours")
     with target:
         mod = schedules.pipeline(target)(tvm_backend.import_program(rewritten))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .attention_reassociation import AttentionReassociation
 from .base import Rewrite, RewriteError, RewriteResult, op_census
 from .bool_arithmetic import BoolArithmeticToLogical
+from .channels_last_gathers import ChannelsLastGathers
 from .conv_as_matmul import ConvAsMatmul
 from .conv_im2col import ConvIm2col
 from .div_rounding import DivRoundingToArithmetic
@@ -57,7 +58,8 @@ ORDER: list[type[Rewrite]] = [
 # gathers before the permutes left after that; masked_gather_padding moves the masks of the
 # gathers left (per-head indices) onto their indices, and gather_as_index reads those indices
 # broadcast. sum_over_concat splits a weighted sum over stacked parts (Deformable DETR's levels)
-# into one per part. matmul_packing runs last, as the others emit products it packs.
+# into one per part; channels_last_gathers then reads the per-part gathers as channels-last rows
+# and carries that layout through the weighted sums. matmul_packing runs last, as the others emit products it packs.
 # conv_as_matmul takes the convolutions whose kernel covers the input (one addmm) before
 # conv_im2col takes the rest.
 SPEED_ORDER: list[type[Rewrite]] = [
@@ -71,6 +73,7 @@ SPEED_ORDER: list[type[Rewrite]] = [
     MaskedGatherPadding,
     GatherAsIndex,
     SumOverConcat,
+    ChannelsLastGathers,
     MatmulPacking,
 ]
 
@@ -124,6 +127,7 @@ __all__ = [
     "strategy_for",
     "AttentionReassociation",
     "BoolArithmeticToLogical",
+    "ChannelsLastGathers",
     "ConvAsMatmul",
     "ConvIm2col",
     "DivRoundingToArithmetic",
