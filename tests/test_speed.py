@@ -212,6 +212,25 @@ def test_softmax_and_layer_norm_get_fma_but_not_a_floor_of_their_result():
 
 
 @pytest.mark.tvm
+def test_softmax_over_rows_16_does_not_divide_sums_in_fewer_vector_lanes():
+    """RT-DETR's decoder attends over 300 queries: 16 partial sums do not divide the row, 4 do,
+    so the max and the sum of the softmax each run as 4 vectorised partial accumulators (an
+    rfactor block) instead of one scalar chain; rows of 302 (2 lanes at most) are left to the
+    next rule. Both match PyTorch."""
+    for length, split in ((300, True), (302, False)):
+        x = torch.randn(8, length) * 4
+        kernels = _scheduled_kernels(torch.nn.Softmax(-1), x)
+        (softmax,) = [f for n, f in kernels.items() if "softmax" in n]
+        script = softmax.script()
+        assert ("T_softmax_maxelem_rf" in script and "T_softmax_expsum_rf" in script) == split, length
+        if split:
+            assert "T.vectorized(T.int64(4))" in script
+        program = torch.export.export(torch.nn.Softmax(-1), (x,))
+        fn = tvm_backend.TvmFunction(tvm_backend.build(tvm_backend.import_program(program), None, "ours"))
+        assert_equivalent(fn(x)[0], torch.softmax(x, -1), context=str(length))
+
+
+@pytest.mark.tvm
 @pytest.mark.slow
 def test_tvm_runs_on_every_core_unless_told_otherwise():
     """TVM's runtime defaults to hardware_concurrency / 2 threads on x86 (it assumes

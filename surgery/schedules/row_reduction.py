@@ -1,9 +1,12 @@
 """``RowReduction``: softmax / layer norm and their fused masking, or a lone row sum: parallel
-rows, each reduction split into 16 partial sums (``rfactor``) and vectorised, single-use
+rows, each reduction split into 16 partial sums (``rfactor``; fewer, down to 4, where 16 does not
+divide the row: RT-DETR's 300 queries) and vectorised, single-use
 elementwise steps computed where they are read. dlight's own ``cpu.Reduction`` runs after it for
 what it declines."""
 
 from __future__ import annotations
+
+import math
 
 from tvm.s_tir import dlight
 
@@ -20,6 +23,8 @@ from .analysis import (
     vectorize_inner,
 )
 from .fma import FMA_ANNOTATION, contraction_safe
+
+MIN_LANES = 4  # fewer partial sums than this barely shorten the chain of dependent adds
 
 
 class RowReduction(dlight.ScheduleRule):
@@ -40,9 +45,13 @@ class RowReduction(dlight.ScheduleRule):
         leading = min(len(k) - len(k.lstrip("S")) for k in kinds)
         if leading == 0 or any(k.count("R") > 1 or (("R" in k) and not k.endswith("R")) for k in kinds):
             return None
+        # partial sums a row splits into: the most lanes (up to a vector's) dividing every row
+        lanes = VECTOR_LANES
         for block, k in zip(blocks, kinds):
-            if "R" in k and (static_extent(sch, sch.get_loops(block)[-1]) or 0) % VECTOR_LANES:
-                return None  # rows that do not split into whole vectors: leave to the next rule
+            if "R" in k:
+                lanes = math.gcd(lanes, static_extent(sch, sch.get_loops(block)[-1]) or 0)
+        if lanes < MIN_LANES:
+            return None  # rows that do not split into vectors: leave to the next rule
         contractible = contraction_safe(func)
         # an elementwise step read once (x - max, the masking after the division) is computed
         # where it is read instead of through a row-sized buffer
@@ -59,8 +68,8 @@ class RowReduction(dlight.ScheduleRule):
             if "R" not in k:
                 continue
             reduce_loop = sch.get_loops(block)[-1]
-            _, lanes = sch.split(reduce_loop, [None, VECTOR_LANES])
-            sch.rfactor(lanes, factor_axis=len(k) - 1)
+            _, partial = sch.split(reduce_loop, [None, lanes])
+            sch.rfactor(partial, factor_axis=len(k) - 1)
         blocks = root_blocks(sch)
         last = blocks[-1]
         loops = sch.get_loops(last)
@@ -76,16 +85,16 @@ class RowReduction(dlight.ScheduleRule):
                 continue
             kind = iter_kinds(sch, block)
             if "R" not in kind:
-                vectorize_inner(sch, inner)
+                vectorize_inner(sch, inner, VECTOR_LANES if static_extent(sch, inner) % VECTOR_LANES == 0 else lanes)
             elif sch.get(block).name_hint.endswith("_rf"):
-                # partial accumulators of an rfactor block: the 16 lanes innermost, one vector
+                # partial accumulators of an rfactor block: the lanes innermost, one vector
                 below = [lp for lp in sch.get_loops(block) if not sch.get(lp).same_as(sch.get(rows))]
-                lanes = [lp for lp in below if static_extent(sch, lp) == VECTOR_LANES]
-                steps = [lp for lp in below if (static_extent(sch, lp) or 1) > 1 and lp not in lanes]
-                if lanes and len(steps) == 1:
+                vector = [lp for lp in below if static_extent(sch, lp) == lanes]
+                steps = [lp for lp in below if (static_extent(sch, lp) or 1) > 1 and lp not in vector]
+                if vector and len(steps) == 1:
                     try:
-                        sch.reorder(steps[0], lanes[-1])
-                        sch.vectorize(lanes[-1])
+                        sch.reorder(steps[0], vector[-1])
+                        sch.vectorize(vector[-1])
                     except Exception:  # noqa: BLE001 - stays scalar, still 16 independent chains
                         pass
         if contractible:
