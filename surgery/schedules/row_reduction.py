@@ -49,7 +49,10 @@ class RowReduction(dlight.ScheduleRule):
         lanes = VECTOR_LANES
         for block, k in zip(blocks, kinds):
             if "R" in k:
-                lanes = math.gcd(lanes, static_extent(sch, sch.get_loops(block)[-1]) or 0)
+                extent = static_extent(sch, sch.get_loops(block)[-1])
+                if extent is None:
+                    return None  # rows of a length known only at run time: the next rule's
+                lanes = math.gcd(lanes, extent)
         if lanes < MIN_LANES:
             return None  # rows that do not split into vectors: leave to the next rule
         contractible = contraction_safe(func)
@@ -85,7 +88,8 @@ class RowReduction(dlight.ScheduleRule):
                 continue
             kind = iter_kinds(sch, block)
             if "R" not in kind:
-                vectorize_inner(sch, inner, VECTOR_LANES if static_extent(sch, inner) % VECTOR_LANES == 0 else lanes)
+                extent = static_extent(sch, inner)  # None: known only at run time
+                vectorize_inner(sch, inner, lanes if extent and extent % VECTOR_LANES else VECTOR_LANES)
             elif sch.get(block).name_hint.endswith("_rf"):
                 # partial accumulators of an rfactor block: the lanes innermost, one vector
                 below = [lp for lp in sch.get_loops(block) if not sch.get(lp).same_as(sch.get(rows))]
@@ -95,7 +99,7 @@ class RowReduction(dlight.ScheduleRule):
                     try:
                         sch.reorder(steps[0], vector[-1])
                         sch.vectorize(vector[-1])
-                    except Exception:  # noqa: BLE001 - stays scalar, still 16 independent chains
+                    except Exception:  # noqa: BLE001 - stays scalar, still independent chains
                         pass
         if contractible:
             sch.annotate(root_blocks(sch)[-1], FMA_ANNOTATION, 1)
