@@ -156,6 +156,7 @@ class _Plan:
     """Which nodes take a physical layout, from which gathers (``layouts``), for a seed set."""
 
     def __init__(self, graph: fx.Graph, seeds: dict[fx.Node, list[int]]):
+        self.whole = seeds  # each gather's axes read whole
         self.layouts: dict[fx.Node, _Layout] = {}
         for node in graph.nodes:
             if node in seeds:
@@ -202,12 +203,10 @@ class _Plan:
             return _Layout(first.shape, [first.order[p] for p in perm], seeds)
         if node.target is aten.sum.dim_IntList and node.args[0] in self.layouts and len(node.args) >= 2:
             rank = len(first.order)
-            dims = sorted({d % rank for d in node.args[1]}) if node.args[1] else list(range(rank))
-            keep = len(node.args) > 2 and node.args[2]
-            if keep:
-                gone = {first.order[d] for d in dims}
-                return _Layout([1 if p in gone else s for p, s in enumerate(first.shape)], first.order, seeds)
+            dims, keep = _summed(node, rank)
             gone = {first.order[d] for d in dims}
+            if keep:
+                return _Layout([1 if p in gone else s for p, s in enumerate(first.shape)], first.order, seeds)
             left = [p for p in range(rank) if p not in gone]
             shape = [first.shape[p] for p in left]
             order = [left.index(first.order[d]) for d in range(rank) if d not in dims]
@@ -257,8 +256,8 @@ def _physical(graph, node, layout: _Layout, plan: _Plan, physical, sources) -> f
     rank = len(layout.order)
     if node.target is aten.index.Tensor:  # a gather: the map permuted, then indexed
         x, indices = node.args
-        physical_axes = sorted(range(rank), key=lambda d: layout.order[d])  # logical axis of each physical one
-        gathered = [d for d in physical_axes if d in _gathered_axes(node)]
+        physical_axes = _inverse(layout.order)  # the logical axis of each physical one
+        gathered = [d for d in physical_axes if d not in plan.whole[node]]
         key = (x, tuple(physical_axes))
         if key not in sources:  # before the first gather from it; the later ones come after it
             sources[key] = graph.call_function(aten.permute.default, (x, physical_axes))
@@ -291,15 +290,14 @@ def _physical(graph, node, layout: _Layout, plan: _Plan, physical, sources) -> f
         return source
     # sum.dim_IntList
     first = plan.layouts[node.args[0]]
-    in_rank = len(first.order)
-    dims = sorted({d % in_rank for d in node.args[1]}) if node.args[1] else list(range(in_rank))
-    keep = len(node.args) > 2 and node.args[2]
+    dims, keep = _summed(node, len(first.order))
     return graph.call_function(aten.sum.dim_IntList, (source, sorted(first.order[d] for d in dims), keep))
 
 
-def _gathered_axes(node: fx.Node) -> list[int]:
-    whole = _rows_axes(node) or []
-    return [d for d in range(len(node.args[1])) if d not in whole]
+def _summed(node: fx.Node, rank: int) -> tuple[list[int], bool]:
+    """A ``sum.dim_IntList``'s summed (logical) axes, made non-negative, and its ``keepdim``."""
+    dims = sorted({d % rank for d in node.args[1]}) if node.args[1] else list(range(rank))
+    return dims, bool(len(node.args) > 2 and node.args[2])
 
 
 def _inverse(order: list[int]) -> list[int]:
