@@ -245,6 +245,68 @@ def test_softmax_over_rows_of_a_length_known_at_run_time_matches_pytorch():
         assert_equivalent(fn(x)[0], torch.softmax(x, -1), context=str(length))
 
 
+class _GuardedSoftmax(torch.nn.Module):
+    """Attention's softmax with PyTorch's guard for rows with no valid key: zeros, not NaN."""
+
+    def forward(self, x):
+        p = torch.softmax(x, -1)
+        none_valid = torch.logical_not(torch.logical_not(x == float("-inf")).any(-1, keepdim=True))
+        return torch.where(none_valid, torch.zeros_like(p), p)
+
+
+@pytest.mark.tvm
+def test_softmax_rows_are_normalised_by_one_reciprocal_and_match_pytorch():
+    """Each row is multiplied by the reciprocal of its sum (a division per row, not per element);
+    the guard's zeros are a 0-d constant, not a folded tensor of the rows' size read on every
+    call. The numbers are PyTorch's, a fully masked row's zeros included."""
+    x = torch.randn(2, 8, 6, 5184) * 4
+    x[0, 3, 2] = float("-inf")  # no valid key in this row
+    x[1, :, :, 100:] = float("-inf")  # only the first 100 valid
+    kernels = _scheduled_kernels(_GuardedSoftmax(), x)
+    (softmax,) = [f for n, f in kernels.items() if "softmax" in n]
+    script = softmax.script()
+    assert "T.float32(1.0) / T_softmax_expsum" in script and "] / T_softmax_expsum" not in script, script
+    from surgery.schedules.compat import param_buffers
+
+    shapes = [tuple(int(d) for d in b.shape) for b in param_buffers(softmax) if b.dtype == "float32"]
+    assert sorted(shapes) == [(), tuple(x.shape), tuple(x.shape)], shapes  # input, zeros, output
+    with torch.no_grad():
+        fn, _ = tvm_backend.compile_program(torch.export.export(_GuardedSoftmax(), (x,)), schedules="ours")
+    actual, expected = fn(x)[0], _GuardedSoftmax()(x)
+    assert torch.equal(actual[0, 3, 2], torch.zeros(5184))
+    assert_equivalent(actual, expected)
+
+
+def test_a_constant_of_one_value_is_given_to_an_elementwise_operator_as_a_scalar():
+    """Only where the other operands still broadcast to the result's shape, and only when every
+    element has the same bits (-0.0 and 0.0 differ)."""
+    import numpy as np
+    from tvm import relax
+
+    from surgery.schedules import uniform_constants_as_scalars
+    from surgery.schedules.compat import constant_array
+
+    def rewritten(constant, other_shape):
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType(other_shape, "float32"))
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                out = bb.emit_output(relax.op.add(x, relax.const(constant)))
+            bb.emit_func_output(out)
+        main = uniform_constants_as_scalars(bb.get())["main"]
+        (call,) = [b.value for b in main.body.blocks[0].bindings]
+        return constant_array(call.args[1])
+
+    zeros = np.zeros((4, 8), "float32")
+    assert rewritten(zeros, (4, 8)).shape == ()
+    assert rewritten(zeros, (1, 8)).shape == (4, 8)  # the constant sets the result's shape
+    signed = zeros.copy()
+    signed[1, 2] = -0.0
+    assert rewritten(signed, (4, 8)).shape == (4, 8)
+    nan = np.full((4, 8), np.nan, "float32")
+    assert np.isnan(rewritten(nan, (4, 8))) and rewritten(nan, (4, 8)).shape == ()
+
+
 @pytest.mark.tvm
 @pytest.mark.slow
 def test_tvm_runs_on_every_core_unless_told_otherwise():

@@ -68,7 +68,9 @@ from .relax_passes import (
     pad_matmul_columns,
     positive_squeeze_axes,
     sigmoid_through_exp,
+    softmax_by_reciprocal,
     split_weight_packing,
+    uniform_constants_as_scalars,
 )
 from .row_reduction import RowReduction
 from .winograd import WinogradInput, winograd_convolutions
@@ -108,7 +110,11 @@ def pipeline(target: tvm.target.Target):
       vectorises, where libm's ``expf`` is one scalar call per element. Measured over [-87, 88]:
       at most 4.1e-6 relative (68 ulp) from the exact value, where ``torch.exp`` is within 1 ulp;
       ``sigmoid`` and ``silu`` too, spelled with ``exp`` as PyTorch computes them
-      (``sigmoid_through_exp``);
+      (``sigmoid_through_exp``); a softmax row is multiplied by one reciprocal of its sum
+      instead of dividing every element by it (``softmax_by_reciprocal``, within 1 ulp);
+    - gives an elementwise operator a constant of one value throughout (attention's guard
+      zeros, folded to a tensor of the scores' size) as a 0-d scalar
+      (``uniform_constants_as_scalars``, bit-exact);
     - computes gathers that feed a weighted sum (ROI pooling's taps, the bilinear sampler's four)
       in the sum's kernel (``gathers_into_weighted_sums``);
     - turns ``matmul(broadcast_to(x), y)`` into ``matmul(x, y)``, also with the broadcast merged
@@ -138,10 +144,14 @@ def pipeline(target: tvm.target.Target):
                 + [sigmoid_through_exp]
                 # exp as TVM's fast_exp (a polynomial LLVM vectorises) instead of libm's scalar
                 # expf, one call per element: softmax over 5,184 image tokens was 2/3 exp
+                # softmax rows normalised by one reciprocal each, with fast_exp (below)
+                + [softmax_by_reciprocal]
                 + [relax.transform.FastMathTransform()]
                 # a slice of a constant tuple (the import folds attention's packed in-projection
                 # split into one) becomes that constant, so what follows it can fold too
                 + [relax.transform.CanonicalizeBindings()]
+                # a constant of one value throughout (attention's guard zeros) as a 0-d scalar
+                + [uniform_constants_as_scalars]
                 # matmul(broadcast_to(x), y) -> matmul(x, y): no per-batch copy of a shared operand
                 + [absorb_matmul_broadcasts]
                 # columns no whole number of vectors (91 classes): padded, so the Matmul rule tiles them
@@ -184,7 +194,9 @@ __all__ = [
     "channels_last_convolutions",
     "pad_matmul_columns",
     "positive_squeeze_axes",
+    "softmax_by_reciprocal",
     "split_weight_packing",
+    "uniform_constants_as_scalars",
     "winograd_convolutions",
     "is_fma_kernel",
     "pipeline",
