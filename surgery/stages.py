@@ -27,7 +27,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import operator
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -102,6 +103,97 @@ class StagedFunction:
             data["stage_inputs"],
             data["rest_inputs"],
         )
+
+
+class PromptSession:
+    """Prompts on one image after another, each answered as soon as a single call could.
+
+    The image stage pays for every later prompt, but on its own it can cost more than a whole
+    call of the one-call build (SAM3's geometry encoder on a 2-core EPYC: 34 ms against 12 ms
+    for 3 points + 2 boxes, the one-call build reassociating attention around the few prompt
+    tokens), so a user who clicks once on an image would wait for work only later clicks use.
+    A session answers the first prompt on each image with ``one_call``, then computes the image
+    stage in a background thread (with ``background=False``: when a second prompt on the image
+    arrives, or on ``prepare``); prompts on that image once it is ready run ``staged.rest`` on it
+    alone. Until then they are answered by ``one_call`` too, never by waiting.
+
+    Calls take the original program's full argument list. An image is the same while its
+    stage inputs are the same tensor objects, unmodified (``Tensor._version``); anything else is
+    a new image. Both builds compute the original's operations (each checked against it), so the
+    answers agree within their own tolerances, not bit for bit. A failure of the background
+    image stage is raised by the next call."""
+
+    def __init__(self, one_call: Callable, staged: StagedFunction, background: bool = True):
+        self.one_call, self.staged, self.background = one_call, staged, background
+        self._lock = threading.Lock()
+        self._image: tuple = ()  # (tensor, version) of each stage input of the current image
+        self._frontier: tuple | None = None
+        self._worker: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def _key(self, args) -> tuple:
+        return tuple((args[i], args[i]._version) for i in self.staged.stage_inputs)
+
+    def _same(self, key) -> bool:
+        return len(key) == len(self._image) and all(
+            a is b and va == vb for (a, va), (b, vb) in zip(key, self._image, strict=True)
+        )
+
+    @property
+    def ready(self) -> bool:
+        """Whether prompts on the current image run the prompt stage alone."""
+        return self._frontier is not None
+
+    def forget(self) -> None:
+        """Drop the current image (its image stage, finished or running, is not used)."""
+        with self._lock:
+            self._image, self._frontier = (), None
+
+    def prepare(self, *args) -> None:
+        """Compute the image stage of ``args``' image now, in this thread."""
+        key = self._key(args)
+        with self._lock:
+            if not self._same(key):
+                self._image, self._frontier = key, None
+        self._finish(key, self.staged.stage(*args))
+
+    def wait(self) -> None:
+        """Return once a background image stage has finished."""
+        worker = self._worker
+        if worker is not None:
+            worker.join()
+
+    def _finish(self, key, frontier) -> None:
+        with self._lock:
+            if self._same(key):  # the user may have moved on to another image meanwhile
+                self._frontier = frontier
+
+    def _stage_in_background(self, key, args) -> None:
+        try:
+            self._finish(key, self.staged.stage(*args))
+        except BaseException as exc:  # noqa: BLE001 - raised by the next call, in the caller's thread
+            self._error = exc
+
+    def __call__(self, *args):
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        key = self._key(args)
+        with self._lock:
+            new_image = not self._same(key)
+            if new_image:
+                self._image, self._frontier = key, None
+            frontier = self._frontier
+        if frontier is None and not new_image and not self.background:
+            self.prepare(*args)  # the second prompt on an image: its stage, then the prompt stage
+            frontier = self._frontier
+        if frontier is not None:
+            return self.staged.rest(frontier, *args)
+        outputs = self.one_call(*args)
+        if new_image and self.background:
+            self._worker = threading.Thread(target=self._stage_in_background, args=(key, args), daemon=True)
+            self._worker.start()
+        return outputs
 
 
 def _is_pure(node: fx.Node) -> bool:

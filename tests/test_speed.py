@@ -58,6 +58,90 @@ def test_split_is_bit_exact_in_pytorch(spec, staged):
         assert all(torch.equal(a, e) for a, e in zip(actual, expected))
 
 
+class _Counted:
+    """A callable that records each call under ``name`` in a shared log."""
+
+    def __init__(self, fn, name, log):
+        self.fn, self.name, self.log = fn, name, log
+
+    def __call__(self, *args):
+        self.log.append(self.name)
+        return self.fn(*args)
+
+
+def _session(staged, background, stage=None):
+    from surgery.stages import PromptSession
+
+    program, split = staged
+    log = []
+    composed = split.compose(
+        _Counted(stage or split.stage.module(), "stage", log), _Counted(split.rest.module(), "rest", log)
+    )
+    return PromptSession(_Counted(program.module(), "one call", log), composed, background=background), log
+
+
+def _args(seed):
+    from models.geometry_encoder import PromptShape, example_inputs
+
+    return list(example_inputs(PromptShape(3, 2), seed=seed, valid_points=[2], valid_boxes=[1]))
+
+
+@pytest.mark.sam3
+def test_a_prompt_session_answers_a_new_image_in_one_call_and_later_prompts_by_the_prompt_stage(staged):
+    """The first prompt on an image runs the one-call program; the image stage runs after it in
+    the background; prompts on that image then run the prompt stage alone. A new image (another
+    tensor, or the same one written in place) starts over. The answers are the original's."""
+    program, split = staged
+    session, log = _session(staged, background=True)
+    first, second = _args(0), _args(1)
+    second[6], second[7] = first[6], first[7]  # another prompt on the same image
+
+    with torch.no_grad():
+        for args, ran in ((first, ["one call"]), (second, ["rest"]), (first, ["rest"])):
+            log.clear()
+            actual = session(*args)
+            session.wait()
+            assert [r for r in log if r != "stage"] == ran and session.ready
+            assert all(torch.equal(a, e) for a, e in zip(actual, program.module()(*args)))
+        assert log == ["rest"]  # the image stage ran once, after the first prompt
+
+        log.clear()
+        first[6].add_(0.5)  # the image features written in place: a new image
+        session(*first)
+        session.wait()
+        assert log == ["one call", "stage"]
+        third = _args(2)  # other tensors: a new image
+        log.clear()
+        session(*third)
+        assert log[0] == "one call"
+        session.wait()
+        session.forget()
+        assert not session.ready
+
+
+@pytest.mark.sam3
+def test_a_prompt_session_without_a_thread_stages_the_image_at_its_second_prompt_and_reports_failures(staged):
+    program, split = staged
+    session, log = _session(staged, background=False)
+    args = _args(0)
+    with torch.no_grad():
+        expected = program.module()(*args)
+        for ran in (["one call"], ["stage", "rest"], ["rest"]):
+            log.clear()
+            assert all(torch.equal(a, e) for a, e in zip(session(*args), expected))
+            assert log == ran
+
+    def broken_stage(*_):
+        raise RuntimeError("image stage failed")
+
+    session, log = _session(staged, background=True, stage=broken_stage)
+    with torch.no_grad():
+        session(*args)  # answered by the one call; the stage fails in the background
+        session.wait()
+        with pytest.raises(RuntimeError, match="image stage failed"):
+            session(*args)
+
+
 @pytest.mark.sam3
 def test_split_rejects_what_it_cannot_do(staged, spec):
     program, _ = staged
