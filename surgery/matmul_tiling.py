@@ -8,6 +8,7 @@ wide, so both read the plan from here. Nothing here imports TVM: the rewrites mu
 from __future__ import annotations
 
 import dataclasses
+import math
 
 VECTOR_LANES = 16  # float32 lanes of the vectors the kernels are written in (one AVX-512 register)
 VECTOR_REGISTERS = 32  # AVX-512 has zmm0-zmm31
@@ -24,6 +25,14 @@ L2_PANEL_BYTES = 768 * 1024
 # larger one is cut into blocks of rows of this many bytes, each serving every panel in turn.
 A_CACHED_BYTES = 8 * 1024 * 1024
 ROW_BLOCK_BYTES = 256 * 1024
+# An x86 L1 data cache maps an address to one of 64 sets of 64-byte lines (4 KB apart repeat the
+# set) and holds this many lines per set at the fewest (AMD's 32 KB L1s, 8-way; Intel's 48 KB
+# ones are 12-way). A register tile reads one line of each of its ``mr`` rows of A per k step;
+# rows whose stride is a multiple of 4 KB all fall in one set, and more of them than it holds
+# evict each other on every step (13 x 2048 @ 2048 x 256 on a Zen 1 EPYC: 13 x 8 tiles 13.7
+# G multiply-adds a second, 29.3 with rows of 2064; 1 x 32 tiles 30.0).
+L1_WAYS = 8
+L1_SETS, LINE_BYTES = 64, 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +53,17 @@ class MatmulPlan:
 
 def _divisors(n: int, limit: int) -> list[int]:
     return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
+
+
+def rows_per_cache_set(mr: int, depth: int) -> int:
+    """How many of a tile's ``mr`` rows of a row-major ``A [rows, depth]`` (float32) share one L1
+    set at most: their lines repeat the set every ``L1_SETS / gcd`` rows. A stride that is no
+    whole number of lines straddles lines and spreads over the sets: counted as one row each."""
+    stride = 4 * depth
+    if stride % LINE_BYTES:
+        return 1
+    sets = L1_SETS // math.gcd(stride // LINE_BYTES % L1_SETS, L1_SETS)
+    return -(-mr // sets)
 
 
 def tile_rating(mr: int, b_registers: int) -> tuple[float, int]:
@@ -76,7 +96,8 @@ def plan_matmul(
     cycles); the tile with the best FMA share of those cycles wins, then the one with more
     accumulators, then the taller (measured on SAM3's attention products with AVX-512: 12 x 32
     beats 6 x 64 and 4 x 96 by 5-15%). Accumulators plus B's registers stay within the register
-    file, two spare (on AVX2: 6 x 16, 12 of its 16 registers, as BLIS's kernels)."""
+    file, two spare (on AVX2: 6 x 16, 12 of its 16 registers, as BLIS's kernels), and no more
+    rows than share one L1 set (``rows_per_cache_set``: 13 rows of 2048 floats take 1 x 32 tiles)."""
     # Floats per register of the tile's width: the widest vector that splits the columns into
     # whole registers (300 attention columns take 4-float ones: a quarter of AVX-512's width, far
     # better than no vectors at all).
@@ -89,6 +110,8 @@ def plan_matmul(
             continue
         b_registers = nv
         for mr in _divisors(rows, 16):
+            if rows_per_cache_set(mr, depth) > L1_WAYS:
+                continue  # its rows of A would evict each other from L1 on every k step
             accumulators = mr * b_registers
             if accumulators > min(MAX_ACCUMULATORS, registers - 3) or accumulators + b_registers > registers - 2:
                 continue

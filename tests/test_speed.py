@@ -420,10 +420,12 @@ def test_matmul_plans_stay_within_the_registers_and_read_small_products_once():
     from surgery.matmul_tiling import (
         AVX2_LANES,
         AVX2_REGISTERS,
+        L1_WAYS,
         MAX_ACCUMULATORS,
         VECTOR_LANES,
         VECTOR_REGISTERS,
         plan_matmul,
+        rows_per_cache_set,
     )
 
     @given(
@@ -445,6 +447,7 @@ def test_matmul_plans_stay_within_the_registers_and_read_small_products_once():
         assert accumulators <= MAX_ACCUMULATORS and accumulators + b_registers <= registers - 2
         if plan.k_parts > 1:
             assert depth % plan.k_parts == 0
+        assert rows_per_cache_set(plan.mr, depth) <= L1_WAYS  # a tile's rows of A fit their L1 sets
 
     check()
     # AVX2: 16 registers of 8 floats hold a 6 x 16 tile (12 accumulators), as BLIS's kernel
@@ -461,6 +464,14 @@ def test_matmul_plans_stay_within_the_registers_and_read_small_products_once():
     # a vector-matrix product: one tile over all rows, so the weight is read once
     assert plan_matmul(1, 4, 256, 12544, threads=2).mr == 4
     assert plan_matmul(1, 13, 2048, 256, threads=2).mr == 13
+    # ... unless its rows of A lie 4 KB apart (2048 floats) and would all share one L1 set:
+    # 1-row tiles of 4 registers then, B's panels re-read from L2 by each row
+    assert rows_per_cache_set(13, 2048) == 13 and rows_per_cache_set(13, 2064) == 1
+    assert rows_per_cache_set(13, 512) == 7 and rows_per_cache_set(6, 1024) == 6
+    mlp = plan_matmul(1, 13, 256, 2048, threads=2, registers=AVX2_REGISTERS, lanes=AVX2_LANES)
+    assert (mlp.mr, mlp.nr, mlp.j_major) == (1, 32, True)
+    assert plan_matmul(1, 13, 256, 2064, threads=2, registers=AVX2_REGISTERS, lanes=AVX2_LANES).mr == 13
+    assert plan_matmul(1, 8400, 256, 1024, threads=2).mr <= L1_WAYS  # AVX-512's tiles too
     # a long reduction whose only column panel outgrows L2: split across threads
     assert plan_matmul(1, 256, 112, 5184, threads=2).k_parts == 2
     assert plan_matmul(1, 256, 112, 5184, threads=1).k_parts == 1
