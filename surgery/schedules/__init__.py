@@ -142,10 +142,10 @@ def pipeline(target: tvm.target.Target):
                 + [relax.transform.EliminateCommonSubexpr()]
                 # sigmoid as 1 / (1 + exp(-x)), so that its exp is the fast_exp below
                 + [sigmoid_through_exp]
+                # softmax with fast_exp, each row normalised by one reciprocal of its sum
+                + [softmax_by_reciprocal]
                 # exp as TVM's fast_exp (a polynomial LLVM vectorises) instead of libm's scalar
                 # expf, one call per element: softmax over 5,184 image tokens was 2/3 exp
-                # softmax rows normalised by one reciprocal each, with fast_exp (below)
-                + [softmax_by_reciprocal]
                 + [relax.transform.FastMathTransform()]
                 # a slice of a constant tuple (the import folds attention's packed in-projection
                 # split into one) becomes that constant, so what follows it can fold too
