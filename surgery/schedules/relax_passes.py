@@ -204,26 +204,19 @@ def uniform_constants_as_scalars(mod, _ctx):
 def _fast_softmax_by_reciprocal(x, axis: int):
     """TOPI's ``fast_softmax`` (row max, ``fast_exp`` of the differences, their sum), each row
     normalised by one reciprocal of its sum: ``e * (1 / sum)``, where TOPI divides every element
-    (``e / sum``, a vector division per 8 floats that LLVM cannot hoist)."""
+    (``e / sum``, a vector division per 8 floats that LLVM cannot hoist). TOPI's own steps are
+    reused; only its last one is replaced (the unused division is never lowered)."""
     from tvm import te, topi
 
-    shape = x.shape
-    axis = axis % len(shape)
-    k_max, k_sum = te.reduce_axis((0, shape[axis]), name="k"), te.reduce_axis((0, shape[axis]), name="k")
-    rows = tuple(d for i, d in enumerate(shape) if i != axis)
-
-    def along(index, k):
-        return index[:axis] + (k,) + index[axis:]
-
-    def row(index):
-        return tuple(v for i, v in enumerate(index) if i != axis)
-
-    top = te.compute(rows, lambda *i: te.max(x[along(i, k_max)], axis=k_max), name="T_softmax_maxelem")
-    delta = te.compute(shape, lambda *i: x[i] - top[row(i)], name="T_softmax_delta")
-    exp = topi.math.fast_exp(delta)
-    total = te.compute(rows, lambda *i: te.sum(exp[along(i, k_sum)], axis=k_sum), name="T_softmax_expsum")
+    axis = axis % len(x.shape)
+    divided = topi.nn.fast_softmax(x, axis)
+    exp, total = sorted(divided.op.input_tensors, key=lambda t: -len(t.shape))  # [..., n, ...], [...]
     one = tirx.const(1.0, x.dtype)
-    return te.compute(shape, lambda *i: exp[i] * (one / total[row(i)]), name="T_softmax_norm", attrs={"axis": axis})
+
+    def normalised(*index):
+        return exp[index] * (one / total[index[:axis] + index[axis + 1 :]])
+
+    return te.compute(x.shape, normalised, name="T_softmax_norm", attrs={"axis": axis})
 
 
 @tvm.transform.module_pass(opt_level=0, name="SoftmaxByReciprocal")
