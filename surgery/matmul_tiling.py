@@ -29,8 +29,12 @@ ROW_BLOCK_BYTES = 256 * 1024
 # set) and holds this many lines per set at the fewest (AMD's 32 KB L1s, 8-way; Intel's 48 KB
 # ones are 12-way). A register tile reads one line of each of its ``mr`` rows of A per k step;
 # rows whose stride is a multiple of 4 KB all fall in one set, and more of them than it holds
-# evict each other on every step (13 x 2048 @ 2048 x 256 on a Zen 1 EPYC: 13 x 8 tiles 13.7
-# G multiply-adds a second, 29.3 with rows of 2064; 1 x 32 tiles 30.0).
+# evict each other on every step. On AVX2 that halves the tile's speed (13 x 2048 @ 2048 x 256
+# on a Zen 1 EPYC: 13 x 8 tiles 13.7 G multiply-adds a second, 29.3 with rows of 2064; 1 x 32
+# tiles 30.0), so AVX2 tiles keep their rows within the set's lines. On AVX-512 the refills cost
+# less than any tile that avoids them (the same product on a Zen 5 EPYC, 48 KB 12-way L1: 13 x 32
+# tiles 0.038 ms, 13 x 16 0.053, 1 x 128 0.140; over 1024-float rows 6 x 64 against 12-14 x 32
+# within 5% either way), and its tiles are planned without the limit.
 L1_WAYS = 8
 L1_SETS, LINE_BYTES = 64, 64
 
@@ -96,8 +100,9 @@ def plan_matmul(
     cycles); the tile with the best FMA share of those cycles wins, then the one with more
     accumulators, then the taller (measured on SAM3's attention products with AVX-512: 12 x 32
     beats 6 x 64 and 4 x 96 by 5-15%). Accumulators plus B's registers stay within the register
-    file, two spare (on AVX2: 6 x 16, 12 of its 16 registers, as BLIS's kernels), and no more
-    rows than share one L1 set (``rows_per_cache_set``: 13 rows of 2048 floats take 1 x 32 tiles)."""
+    file, two spare (on AVX2: 6 x 16, 12 of its 16 registers, as BLIS's kernels), and on AVX2
+    no more rows than share one L1 set (``rows_per_cache_set``: 13 rows of 2048 floats take
+    1 x 32 tiles there, 13 x 32 on AVX-512; ``L1_WAYS``)."""
     # Floats per register of the tile's width: the widest vector that splits the columns into
     # whole registers (300 attention columns take 4-float ones: a quarter of AVX-512's width, far
     # better than no vectors at all).
@@ -110,7 +115,7 @@ def plan_matmul(
             continue
         b_registers = nv
         for mr in _divisors(rows, 16):
-            if rows_per_cache_set(mr, depth) > L1_WAYS:
+            if lanes < VECTOR_LANES and rows_per_cache_set(mr, depth) > L1_WAYS:
                 continue  # its rows of A would evict each other from L1 on every k step
             accumulators = mr * b_registers
             if accumulators > min(MAX_ACCUMULATORS, registers - 3) or accumulators + b_registers > registers - 2:

@@ -100,8 +100,8 @@ def pipeline(target: tvm.target.Target):
       weight transposes are evaluated once, at build time;
     - applies an inference batch norm as a scale and shift computed at build time
       (``batch_norm_as_scale_shift``), which fuse into the convolution's write-back;
-    - computes 3x3 convolutions of stride 1 with at least 64 channels in and out as
-      Winograd's F(2x2, 3x3) (``winograd_convolutions``): an input transform, one batched
+    - computes 3x3 convolutions of stride 1 with at least 64 channels in and out (128 on
+      AVX-512) as Winograd's F(2x2, 3x3) (``winograd_convolutions``): an input transform, one batched
       product on the Matmul rule with 2.25x fewer multiply-adds, and an output transform into
       which the convolution's consumers fuse; the weight transformed at build time;
     - packs each convolution's weight into the panels of output channels the Conv rule reads,

@@ -29,15 +29,26 @@ at 128 channels on 80x80 its largest error was 2.2e-6 where ours direct and PyTo
 and 5.2e-6. The output transform multiplies by 0 where ``A^T`` is 0, so an infinite or NaN
 input spreads to whole 2x2 blocks; finite inputs are its domain.
 
-Taken for 3x3 convolutions of stride 1 with at least ``MIN_CHANNELS`` input and output channels
+Taken for 3x3 convolutions of stride 1 with at least ``min_channels`` input and output channels
 (multiples of 8), a constant weight and constant image sizes; the batch may be known only at
-run time (Mask R-CNN's boxes). On the 2-core AVX2 EPYC (Zen 3), convolution + batch norm + ReLU
-against the Conv rule, interleaved, medians of 6 rounds of 10 calls (ms): 64 channels at
-160x160 16.7 -> 12.4 (another run 12.9 -> 12.0), 128 at 80x80 12.0 -> 8.0, 256 at 40x40 10.7
--> 6.9, 512 at 20x20 11.0 -> 7.9, 128 at 100x136 26.2 -> 19.2, 256 at 50x68 22.7 -> 14.3, 512
-at 25x34 23.1 -> 15.4, 256 at 200x272 377 -> 231, 64 at 200x272 30.4 -> 27.0, 100 boxes of 256
-at 14x14 141.9 -> 95.8. At 32 channels (320x320: 15.2 -> 15.0) the product's reduction is too
-short to gain, and the convolution is left to the Conv rule.
+run time (Mask R-CNN's boxes). ``min_channels`` is ``CHANNELS_PER_LANE`` times the CPU's float
+lanes (``min_channels_for``): 64 on AVX2, 128 on AVX-512. The product reads V and writes M
+through memory and does C * K multiply-adds per row of C floats read and K written, 8 per byte
+at C = K = 64: enough for AVX2's FMAs, not for AVX-512's, twice as wide (on the Zen 5 EPYC
+below, the products of 64 channels ran at 77-90 G multiply-adds a second, those of 256 at
+172-177, in RT-DETR's and Mask R-CNN's kernel tables).
+
+Convolution + batch norm + ReLU against the Conv rule, interleaved, medians of 6 rounds of 3-10
+calls (ms). On the 2-core AVX2 EPYC (Zen 3): 64 channels at 160x160 16.7 -> 12.4 (another run
+12.9 -> 12.0), 128 at 80x80 12.0 -> 8.0, 256 at 40x40 10.7 -> 6.9, 512 at 20x20 11.0 -> 7.9,
+128 at 100x136 26.2 -> 19.2, 256 at 50x68 22.7 -> 14.3, 512 at 25x34 23.1 -> 15.4, 256 at
+200x272 377 -> 231, 64 at 200x272 30.4 -> 27.0, 100 boxes of 256 at 14x14 141.9 -> 95.8; at 32
+channels (320x320: 15.2 -> 15.0) the product's reduction is too short to gain. On the 2-core
+AVX-512 EPYC (Zen 5, full-width FMA units): 64 channels at 160x160 5.48 -> 7.76 (a loss), 128
+at 80x80 4.95 -> 4.71, 256 at 40x40 4.18 -> 2.61, 512 at 20x20 4.25 -> 2.30, 256 at 200x272
+147.0 -> 114.7, 256 at 100x136 36.4 -> 27.8, 100 boxes of 256 at 14x14 53.8 -> 34.1. Not
+measured on an AVX-512 CPU with half-width FMA units (Zen 4), which the threshold treats as
+AVX-512.
 """
 
 from __future__ import annotations
@@ -58,7 +69,7 @@ B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtyp
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float64)
 A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64)
 
-MIN_CHANNELS = 64
+CHANNELS_PER_LANE = 8  # taken from 8 channels a float lane: 64 on AVX2, 128 on AVX-512
 INPUT_BLOCK = "winograd_input"  # the input transform's block, which ``WinogradInput`` schedules
 # relax's op patterns: FuseOps fuses nothing into an opaque kernel, and into an out-elementwise-
 # fusable one only elementwise and broadcast consumers
@@ -224,14 +235,23 @@ class _Winograd(relax.PyExprMutator):
         return var
 
 
-def winograd_convolutions(min_channels: int = MIN_CHANNELS):
+def min_channels_for(registers: tuple[int, int]) -> int:
+    """The fewest input and output channels a convolution takes F(2x2, 3x3) from, on a CPU of
+    ``(registers, float lanes)``: ``CHANNELS_PER_LANE`` a lane (the module's docstring)."""
+    return CHANNELS_PER_LANE * registers[1]
+
+
+def winograd_convolutions(min_channels: int | None = None):
     """The pass: every static, constant-weight, channels-last 3x3 convolution of stride 1 with
-    at least ``min_channels`` input and output channels as F(2x2, 3x3), for the current target's
-    registers (run after ``channels_last_convolutions``)."""
+    at least ``min_channels`` input and output channels (by default ``min_channels_for`` the
+    current target) as F(2x2, 3x3), for the target's registers (run after
+    ``channels_last_convolutions``)."""
 
     @tvm.transform.module_pass(opt_level=0, name="WinogradConvolutions")
     def transform(mod, _ctx):
-        mutator = _Winograd(mod, min_channels, vector_registers(tvm.target.Target.current()))
+        registers = vector_registers(tvm.target.Target.current())
+        least = min_channels_for(registers) if min_channels is None else min_channels
+        mutator = _Winograd(mod, least, registers)
         for gv, func in list(mod.functions_items()):
             if isinstance(func, relax.Function):
                 mutator.builder_.update_func(gv, mutator.visit_expr(func))
