@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import surgery  # noqa: E402
 from surgery.atomic import write_text  # noqa: E402
-from surgery.bench import cpu  # noqa: E402
+from surgery.bench import SLOW_CALL_S, WARMUP_S, cpu  # noqa: E402
 from surgery.equivalence.compare import compare  # noqa: E402
 from surgery.stages import PromptSession  # noqa: E402
 from surgery.versions import REPORTED, installed_versions  # noqa: E402
@@ -54,8 +54,6 @@ TARGET_ONE_CALL = 0.5  # shipped TVM one call <= 0.5 x the best peer
 TARGET_PROMPT_FLOOR = 2.0  # prompt stage median <= 2 x its read floor on the same machine
 READ_FLOOR = "  read floor (prompt stage's bytes)"
 SESSION_FIRST = "tvm shipped, session: first prompt on an image"
-SLOW_CALL_S = 0.5  # a system slower than this per call gets 1 untimed + 2 timed calls per round
-WARMUP_S = 0.3  # untimed calls last at least this long: the previous system's threads stop spinning
 
 
 def check(outputs, expected) -> dict:

@@ -14,8 +14,12 @@ Systems (``SYSTEMS``):
   rewrites and our schedules for this CPU.
 
 Timing: every system is called once untimed; then ``rounds`` rounds each run every system in turn
-(interleaved, so drifting load hits all alike): ``warmup`` untimed calls, then ``calls`` timed
-ones (one timed call, for a system slower than ``SLOW_CALL_S`` a call). Each round starts one
+(interleaved, so drifting load hits all alike): ``warmup`` untimed calls lasting at least
+``WARMUP_S``, then ``calls`` timed ones (one timed call, for a system slower than
+``SLOW_CALL_S`` a call). The untimed calls outlast the previous system's threads, which spin on
+the cores after its last call (PyTorch's OpenMP for ~200 ms): two 4 ms calls of the geometry
+encoder did not, and its five timed calls after eager PyTorch took ~7.5 ms where they take ~4
+(Zen 5 EPYC). Each round starts one
 system later than the one before, so that no system always follows the same one: on a 2-core
 EPYC the same ONNX Runtime session took 415.6 ms a call after eager PyTorch and 498.2 ms after
 shipped TVM in one run (RT-DETR, medians of 3 rounds). Medians over all timed
@@ -52,6 +56,7 @@ from .versions import REPORTED, installed_versions
 SYSTEMS = ("eager", "onnxruntime", "tvm_stock", "tvm_shipped")
 PEERS = ("eager", "onnxruntime")
 SLOW_CALL_S = 0.5
+WARMUP_S = 0.3  # untimed calls last at least this long: the previous system's threads stop spinning
 # Shipped TVM's median over the best peer's that the project aims for, per model.
 TARGETS = {"geometry_encoder": 0.5, "rt_detr": 1.0, "deformable_detr": 1.0, "maskrcnn": 1.0}
 
@@ -177,8 +182,11 @@ def check_systems(spec: ModelSpec, systems: list[System], exported, progress=pri
     return checks
 
 
-def time_systems(systems: list[System], args, rounds: int, calls: int, warmup: int, progress=print) -> dict:
-    """Median, min and count of timed calls per system (see the module's docstring)."""
+def time_systems(
+    systems: list[System], args, rounds: int, calls: int, warmup: int, progress=print, warmup_s: float = WARMUP_S
+) -> dict:
+    """Median, min and count of timed calls per system (see the module's docstring): each
+    system's untimed calls in a round are at least ``warmup`` and last at least ``warmup_s``."""
     live = [s for s in systems if s.fn is not None]
     times: dict[str, list[float]] = {s.name: [] for s in live}
     slow = set()
@@ -191,8 +199,11 @@ def time_systems(systems: list[System], args, rounds: int, calls: int, warmup: i
         for round_ in range(rounds):
             start_at = round_ % len(live)
             for system in live[start_at:] + live[:start_at]:
-                for _ in range(0 if system.name in slow else warmup):
+                start = time.perf_counter()
+                done = 0
+                while system.name not in slow and (done < warmup or time.perf_counter() - start < warmup_s):
                     system.fn(*args)
+                    done += 1
                 for _ in range(1 if system.name in slow else calls):
                     start = time.perf_counter()
                     system.fn(*args)
@@ -345,8 +356,8 @@ def markdown(report: dict, chart: str | None) -> str:
         f"Model: {report['description'].get('model')}; inputs: "
         + ", ".join(f"{n} {tuple(s)}" for n, s in report["inputs"].items())
         + ".",
-        f"Command: `{report['command']}`: {report['rounds']} interleaved rounds of {report['warmup']} untimed and "
-        f"{report['calls']} timed calls per system (one timed call a round for systems slower than {SLOW_CALL_S} s); "
+        f"Command: `{report['command']}`: {report['rounds']} interleaved rounds of {report['warmup']} untimed calls "
+        f"(for at least {WARMUP_S} s) and {report['calls']} timed calls per system (one timed call a round for systems slower than {SLOW_CALL_S} s); "
         "medians of the timed calls. Every system's outputs were checked against eager's before timing.",
         "",
     ]

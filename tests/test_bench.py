@@ -49,10 +49,27 @@ def test_each_round_starts_one_system_later_so_none_always_follows_the_same_one(
         return System(name, lambda x: calls.append(name), {})
 
     systems = [recording(name) for name in ("a", "b", "c")]
-    times = time_systems(systems, (torch.zeros(1),), rounds=3, calls=1, warmup=0, progress=lambda m: None)
+    times = time_systems(systems, (torch.zeros(1),), rounds=3, calls=1, warmup=0, progress=lambda m: None, warmup_s=0)
     timed = calls[3:]  # after one untimed call each
     assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b"], timed
     assert all(times[name]["calls"] == 3 for name in "abc")
+
+
+def test_a_fast_systems_untimed_calls_last_until_the_previous_systems_threads_stop_spinning():
+    """A round's untimed calls of a fast system go on for ``warmup_s``, not just ``warmup``
+    calls: the system before it leaves its threads spinning for ~200 ms."""
+    import time
+
+    calls = []
+
+    def timed_call(x):
+        calls.append(time.perf_counter())
+        time.sleep(0.001)
+
+    times = time_systems([System("fast", timed_call, {})], (torch.zeros(1),), 1, 2, 1, lambda m: None, warmup_s=0.05)
+    untimed = calls[1:-2]  # after the first call, before the two timed ones
+    assert len(untimed) > 1 and calls[-2] - untimed[0] >= 0.05, len(untimed)
+    assert times["fast"]["calls"] == 2
 
 
 @pytest.mark.tvm
