@@ -46,7 +46,8 @@ calls (ms). On the 2-core AVX2 EPYC (Zen 3): 64 channels at 160x160 16.7 -> 12.4
 channels (320x320: 15.2 -> 15.0) the product's reduction is too short to gain. On the 2-core
 AVX-512 EPYC (Zen 5, full-width FMA units): 64 channels at 160x160 5.48 -> 7.76 (a loss), 128
 at 80x80 4.95 -> 4.71, 256 at 40x40 4.18 -> 2.61, 512 at 20x20 4.25 -> 2.30, 256 at 200x272
-147.0 -> 114.7, 256 at 100x136 36.4 -> 27.8, 100 boxes of 256 at 14x14 53.8 -> 34.1. Not
+147.0 -> 114.7, 256 at 100x136 36.4 -> 27.8, 100 boxes of 256 at 14x14 53.8 -> 34.1, 128 at
+100x136 9.94 -> 10.17 and at 64x64 2.81 -> 2.26, 64 at 200x272 13.12 -> 17.82 (a loss). Not
 measured on an AVX-512 CPU with half-width FMA units (Zen 4), which the threshold treats as
 AVX-512.
 """
