@@ -1252,7 +1252,7 @@ def test_winograd_convolutions_match_float64_within_pytorchs_own_float32_error(m
 @pytest.mark.tvm
 def test_winograd_takes_wide_3x3_convolutions_of_stride_1_and_fuses_their_consumers(monkeypatch):
     """Of 3x3 (stride 1 and 2) and 1x1 convolutions of 128 and 32 channels, only the 3x3 of
-    stride 1 with at least 128 channels in and out (the threshold on AVX-512) becomes F(2x2, 3x3): its
+    stride 1 with enough channels in and out (64 on AVX2, 128 on AVX-512: 128 on either) becomes F(2x2, 3x3): its
     input transform unrolls the 16 positions inside a vector loop over channels, the batch norm
     and ReLU after it run in the output transform's kernel, and the numbers are PyTorch's. With
     Winograd off, the same program keeps four convolutions."""
