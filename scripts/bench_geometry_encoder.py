@@ -27,7 +27,6 @@ says so, with the compile times recorded when they were built.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import operator
@@ -45,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import surgery  # noqa: E402
 from surgery.atomic import write_text  # noqa: E402
-from surgery.bench import SLOW_CALL_S, WARMUP_S, cpu  # noqa: E402
+from surgery.bench import SLOW_CALL_S, WARMUP_S, cpu, warm_up  # noqa: E402
 from surgery.equivalence.compare import compare  # noqa: E402
 from surgery.stages import PromptSession  # noqa: E402
 from surgery.versions import REPORTED, installed_versions  # noqa: E402
@@ -228,11 +227,7 @@ def measure(systems, args, rounds: int, calls: int, warmup: int) -> dict:
         for _ in range(rounds):
             for name in times:
                 fn = systems[name][0]
-                start = time.perf_counter()
-                for done in itertools.count():
-                    if done >= (1 if name in slow else warmup) and time.perf_counter() - start >= WARMUP_S:
-                        break
-                    fn(*args)
+                warm_up(fn, args, 1 if name in slow else warmup, WARMUP_S)
                 for _ in range(min(calls, 2) if name in slow else calls):
                     start = time.perf_counter()
                     fn(*args)

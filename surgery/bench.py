@@ -19,9 +19,8 @@ Timing: every system is called once untimed; then ``rounds`` rounds each run eve
 ``SLOW_CALL_S`` a call). The untimed calls outlast the previous system's threads, which spin on
 the cores after its last call (PyTorch's OpenMP for ~200 ms): two 4 ms calls of the geometry
 encoder did not, and its five timed calls after eager PyTorch took ~7.5 ms where they take ~4
-(Zen 5 EPYC). Each round starts one
-system later than the one before, so that no system always follows the same one: on a 2-core
-EPYC the same ONNX Runtime session took 415.6 ms a call after eager PyTorch and 498.2 ms after
+(Zen 5 EPYC). Each round starts one system later than the one before, so that no system
+always follows the same one: on a 2-core EPYC the same ONNX Runtime session took 415.6 ms a call after eager PyTorch and 498.2 ms after
 shipped TVM in one run (RT-DETR, medians of 3 rounds). Medians over all timed
 calls; ratios against the faster of eager and ONNX Runtime, from this one run. Compiled TVM
 libraries are cached like ``apply``'s; the report says when a library was reused and how long
@@ -182,6 +181,15 @@ def check_systems(spec: ModelSpec, systems: list[System], exported, progress=pri
     return checks
 
 
+def warm_up(fn: Callable, args, calls: int, seconds: float) -> None:
+    """Untimed calls of ``fn``: at least ``calls`` of them, lasting at least ``seconds``."""
+    start = time.perf_counter()
+    done = 0
+    while done < calls or time.perf_counter() - start < seconds:
+        fn(*args)
+        done += 1
+
+
 def time_systems(
     systems: list[System], args, rounds: int, calls: int, warmup: int, progress=print, warmup_s: float = WARMUP_S
 ) -> dict:
@@ -199,11 +207,8 @@ def time_systems(
         for round_ in range(rounds):
             start_at = round_ % len(live)
             for system in live[start_at:] + live[:start_at]:
-                start = time.perf_counter()
-                done = 0
-                while system.name not in slow and (done < warmup or time.perf_counter() - start < warmup_s):
-                    system.fn(*args)
-                    done += 1
+                if system.name not in slow:
+                    warm_up(system.fn, args, warmup, warmup_s)
                 for _ in range(1 if system.name in slow else calls):
                     start = time.perf_counter()
                     system.fn(*args)
