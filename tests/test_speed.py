@@ -1198,26 +1198,48 @@ def test_conv_im2col_leaves_the_convolutions_the_conv_rule_computes():
         assert_equivalent(shipped.program.module()(x), model(x))
 
 
-def _winograd_from(monkeypatch, channels: int) -> None:
+def _winograd_from(monkeypatch, channels: int | None, tile: str | None = None) -> None:
     """Our pipeline with Winograd taking 3x3 convolutions from ``channels`` channels (at the
-    shipped threshold, 64 or 128 by the CPU, every build of a test would be slow)."""
+    shipped threshold, 64 or 128 by the CPU, every build of a test would be slow; None: that
+    threshold), as the tile named (``"F2"``, ``"F4"``) or the CPU's."""
     from surgery import schedules
     from surgery.schedules import winograd
 
-    monkeypatch.setattr(schedules, "winograd_convolutions", lambda: winograd.winograd_convolutions(channels))
+    chosen = None if tile is None else getattr(winograd, tile)
+    monkeypatch.setattr(schedules, "winograd_convolutions", lambda: winograd.winograd_convolutions(channels, chosen))
+
+
+@pytest.mark.parametrize("tile", ["F2", "F4"])
+def test_winograd_tiles_convolve_exactly_in_float64(tile):
+    """``A^T [(G g G^T) * (B^T d B)] A`` is the 3x3 correlation of each (m + 2)-pixel block, in
+    float64 to its rounding, for F(2x2, 3x3)'s tables and F(4x4, 3x3) built by Toom-Cook."""
+    import numpy as np
+
+    from surgery.schedules import winograd
+
+    t = getattr(winograd, tile)
+    assert t.b_t.shape == (t.size, t.size) and t.g.shape == (t.size, 3) and t.a_t.shape == (t.m, t.size)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        d, g = rng.standard_normal((t.size, t.size)), rng.standard_normal((3, 3))
+        y = t.a_t @ ((t.g @ g @ t.g.T) * (t.b_t @ d @ t.b_t.T)) @ t.a_t.T
+        exact = np.array([[(d[i : i + 3, j : j + 3] * g).sum() for j in range(t.m)] for i in range(t.m)])
+        assert np.abs(y - exact).max() <= 1e-13 * np.abs(d).max() * np.abs(g).sum()
 
 
 @pytest.mark.tvm
-def test_winograd_convolutions_match_float64_within_pytorchs_own_float32_error(monkeypatch):
-    """A 3x3 convolution of stride 1 as F(2x2, 3x3) leaves no convolution kernel, and each output
-    is within 24 units of float32 rounding of its sum of |terms| (|x| * |w| over the window, plus
-    |bias|) from the float64 convolution: the worst PyTorch's own float32 convolution reached on
-    40 random cases of such shapes, up to 128 channels (Winograd's worst: 2.8). Odd sizes (blocks cut by the
+@pytest.mark.parametrize("tile", ["F2", "F4"])
+def test_winograd_convolutions_match_float64_within_pytorchs_own_float32_error(monkeypatch, tile):
+    """A 3x3 convolution of stride 1 as F(2x2, 3x3) or F(4x4, 3x3) leaves no convolution kernel,
+    and each output is within 24 units of float32 rounding of its sum of |terms| (|x| * |w| over
+    the window, plus |bias|) from the float64 convolution: the worst PyTorch's own float32
+    convolution reached on 40 random cases of such shapes, up to 128 channels (F(2x2, 3x3)'s
+    worst: 2.8; F(4x4, 3x3)'s: see ``surgery.schedules.winograd``). Odd sizes (blocks cut by the
     image's edge), no padding, a 1-pixel image, two images and inputs of any scale included."""
     from hypothesis import assume, given, settings
     from hypothesis import strategies as st
 
-    _winograd_from(monkeypatch, 8)
+    _winograd_from(monkeypatch, 8, tile)
     unit = 2.0**-24
 
     @settings(max_examples=12)  # a TVM build an example
@@ -1250,12 +1272,15 @@ def test_winograd_convolutions_match_float64_within_pytorchs_own_float32_error(m
 
 
 @pytest.mark.tvm
-def test_winograd_takes_wide_3x3_convolutions_of_stride_1_and_fuses_their_consumers(monkeypatch):
+@pytest.mark.parametrize("tile", ["F2", "F4"])
+def test_winograd_takes_wide_3x3_convolutions_of_stride_1_and_fuses_their_consumers(monkeypatch, tile):
     """Of 3x3 (stride 1 and 2) and 1x1 convolutions of 128 and 32 channels, only the 3x3 of
-    stride 1 with enough channels in and out (64 on AVX2, 128 on AVX-512: 128 on either) becomes F(2x2, 3x3): its
-    input transform unrolls the 16 positions inside a vector loop over channels, the batch norm
-    and ReLU after it run in the output transform's kernel, and the numbers are PyTorch's. With
-    Winograd off, the same program keeps four convolutions."""
+    stride 1 with enough channels in and out (64 on AVX2, 128 on AVX-512: 128 on either) becomes
+    F(2x2, 3x3) or F(4x4, 3x3): its input transform unrolls the tile's 16 or 36 positions inside
+    a vector loop over channels, the batch norm and ReLU after it run in the output transform's
+    kernel (F(4x4, 3x3)'s unrolls the 4 x 4 places of a block), and the numbers are PyTorch's.
+    With Winograd off, the same program keeps four convolutions."""
+    _winograd_from(monkeypatch, None, tile)
 
     class Stages(torch.nn.Module):
         def __init__(self):
@@ -1275,8 +1300,11 @@ def test_winograd_takes_wide_3x3_convolutions_of_stride_1_and_fuses_their_consum
     kernels = _scheduled_kernels_of(model, (x,))
     assert len([name for name in kernels if "conv2d" in name]) == 3, list(kernels)
     assert [name for name in kernels if "output_transform" in name] == ["fused_output_transform_multiply_add_relu"]
+    positions = {"F2": 16, "F4": 36}[tile]
     script = kernels["input_transform"].script()
-    assert "T.parallel" in script and "T.unroll(T.int64(16))" in script and "T.vectorized" in script, script
+    assert "T.parallel" in script and f"T.unroll(T.int64({positions}))" in script and "T.vectorized" in script, script
+    output = kernels["fused_output_transform_multiply_add_relu"].script()
+    assert ("T.unroll(T.int64(4))" in output) == (tile == "F4"), output  # the block's places
     with torch.no_grad():
         fn, _ = tvm_backend.compile_program(torch.export.export(model, (x,)), schedules="ours")
         assert_equivalent(fn(x)[0], model(x))
@@ -1286,14 +1314,19 @@ def test_winograd_takes_wide_3x3_convolutions_of_stride_1_and_fuses_their_consum
 
 @pytest.mark.tvm
 @pytest.mark.parametrize(
-    ("mcpu", "taken"),
-    [("znver3", {64: True, 128: True}), ("znver5", {64: False, 128: True}), ("skylake-avx512", {64: False, 128: True})],
+    ("mcpu", "taken", "positions"),
+    [
+        ("znver3", {64: True, 128: True}, 16),
+        ("znver5", {64: False, 128: True}, 36),
+        ("skylake-avx512", {64: False, 128: True}, 36),
+    ],
 )
-def test_winograd_takes_convolutions_from_8_channels_a_float_lane_of_the_cpu(mcpu, taken):
-    """Winograd's product moves 16 values of V and of M per block through memory: from 64
-    channels on an AVX2 CPU (8 lanes), from 128 on an AVX-512 one (16 lanes), whose direct
-    convolution runs twice as fast (measured on the Zen 5 EPYC: 64 channels at 160x160, 5.48 ms
-    direct against 7.76 ms as F(2x2, 3x3)). The CPU is the target's, never the build machine's."""
+def test_winograd_takes_convolutions_from_8_channels_a_float_lane_of_the_cpu(mcpu, taken, positions):
+    """Winograd's product moves its positions' values of V and of M per block through memory:
+    from 64 channels on an AVX2 CPU (8 lanes) as F(2x2, 3x3), from 128 on an AVX-512 one (16
+    lanes), whose direct convolution runs twice as fast, as F(4x4, 3x3) (2.25 values a pixel
+    where F(2x2, 3x3) moves 4; measured on the Zen 5 EPYC: ``surgery.schedules.winograd``). The
+    CPU is the target's, never the build machine's."""
     import tvm
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})
@@ -1302,6 +1335,8 @@ def test_winograd_takes_convolutions_from_8_channels_a_float_lane_of_the_cpu(mcp
         kernels = _scheduled_kernels_of(model, (torch.randn(1, channels, 6, 6),), target)
         assert ("input_transform" in kernels) == expected, (mcpu, channels, list(kernels))
         assert any("conv2d" in name for name in kernels) != expected, (mcpu, channels, list(kernels))
+        if expected:
+            assert f"T.unroll(T.int64({positions}))" in kernels["input_transform"].script(), (mcpu, channels)
 
 
 def test_winograd_pads_its_products_rows_a_little_to_a_full_register_tile():
@@ -1368,12 +1403,14 @@ def test_a_small_product_of_columns_no_whole_16_float_vectors_writes_back_in_its
 
 
 @pytest.mark.tvm
-def test_winograd_takes_a_batch_known_only_at_run_time(monkeypatch):
+@pytest.mark.parametrize("tile", ["F2", "F4"])
+def test_winograd_takes_a_batch_known_only_at_run_time(monkeypatch, tile):
     """Mask R-CNN's mask head convolves as many boxes as the model keeps: exported with a
-    dynamic batch, the convolution still becomes F(2x2, 3x3) (its product batched over the
-    images, each image's blocks padded to the tile), and one build gives PyTorch's numbers
-    for 3 boxes and for 1, then the ReLU's output back to channels-first in a kernel of its own."""
-    _winograd_from(monkeypatch, 8)
+    dynamic batch, the convolution still becomes F(2x2, 3x3) or F(4x4, 3x3) (its product
+    batched over the images, each image's blocks padded to the tile), and one build gives
+    PyTorch's numbers for 3 boxes and for 1, then the ReLU's output back to channels-first in a
+    kernel of its own."""
+    _winograd_from(monkeypatch, 8, tile)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU()).eval()
     x = torch.randn(3, 16, 14, 14)
