@@ -1422,3 +1422,48 @@ def test_winograd_takes_a_batch_known_only_at_run_time(monkeypatch, tile):
         fn, _ = tvm_backend.compile_program(torch.export.export(model, (x,), dynamic_shapes=dynamic), schedules="ours")
         for boxes in (3, 1):
             assert_equivalent(fn(x[:boxes])[0], model(x[:boxes]))
+
+
+class _PackedScoresAttention(torch.nn.Module):
+    """Attention's probabilities over keys packed in panels of 64 (the prompt stage's hoisted
+    keys): the product's panels unpacked to rows, then PyTorch's guarded softmax."""
+
+    def forward(self, q, k_packed):  # [8, 6, 32], [8, 81, 32, 64]
+        s = torch.matmul(q.unsqueeze(1), k_packed)  # [8, 81, 6, 64]
+        s = s.reshape(648, 6, 64).reshape(8, 81, 6, 64).permute(0, 2, 1, 3)  # [8, 6, 81, 64]
+        s = s.reshape(8, 6, 5184).reshape(1, 8, 6, 5184)
+        p = torch.softmax(s, -1)
+        masked = (s == float("-inf")).all(-1, keepdim=True)  # [1, 8, 6, 1]
+        return torch.where(masked, torch.zeros_like(p), p)
+
+
+@pytest.mark.tvm
+def test_a_guarded_softmax_over_unpacked_scores_is_one_kernel_with_the_same_numbers(monkeypatch):
+    """Unpacking the scores from the product's panels, the all-masked check and the softmax are
+    one kernel (``guarded_softmax_kernels``) whose numbers are bit for bit those of the three
+    kernels FuseOps makes, a row of -inf scores included (zeros, as PyTorch)."""
+    import tvm
+
+    from surgery import schedules
+
+    torch.manual_seed(0)
+    q, k = torch.randn(8, 6, 32), torch.randn(8, 81, 32, 64)
+    q[2, 4] = 0.0
+    q[2, 4, 0] = float("-inf")
+    k[2, :, 0] = k[2, :, 0].abs() + 0.1  # head 2's query 4 scores -inf against every key
+    model = _PackedScoresAttention().eval()
+    kernels = _scheduled_kernels_of(model, (q, k))
+    grouped = [name for name in kernels if "permute_dims" in name and "softmax" in name and "where" in name]
+    assert len(grouped) == 1 and not any("transpose" in name for name in kernels), list(kernels)
+    monkeypatch.delenv("SURGERY_CACHE", raising=False)  # two builds of one program: neither cached
+    with torch.no_grad():
+        expected = model(q, k)
+        fn, _ = tvm_backend.compile_program(torch.export.export(model, (q, k)), schedules="ours")
+        monkeypatch.setattr(schedules, "guarded_softmax_kernels", lambda: tvm.transform.Sequential([]))
+        apart, info = tvm_backend.compile_program(torch.export.export(model, (q, k)), schedules="ours")
+        assert not info.get("cached")
+        assert len([name for name in _scheduled_kernels_of(model, (q, k)) if "softmax" in name]) == 1
+        out = fn(q, k)[0]
+    assert torch.equal(out, apart(q, k)[0])
+    assert torch.equal(out[0, 2, 4], torch.zeros(5184))
+    assert_equivalent(out, expected)

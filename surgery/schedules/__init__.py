@@ -66,6 +66,7 @@ from .relax_passes import (
     batch_norm_as_scale_shift,
     channels_last_convolutions,
     gathers_into_weighted_sums,
+    guarded_softmax_kernels,
     pad_matmul_columns,
     positive_squeeze_axes,
     sigmoid_through_exp,
@@ -118,6 +119,9 @@ def pipeline(target: tvm.target.Target):
     - gives an elementwise operator a constant of one value throughout (attention's guard
       zeros, folded to a tensor of the scores' size) as a 0-d scalar
       (``uniform_constants_as_scalars``, bit-exact);
+    - computes attention's guarded softmax over scores unpacked from a product's panels (SAM3's
+      prompt stage) in one kernel: the unpacking, the all-masked check and the softmax
+      (``guarded_softmax_kernels``, bit-exact);
     - computes gathers that feed a weighted sum (ROI pooling's taps, the bilinear sampler's four)
       in the sum's kernel (``gathers_into_weighted_sums``);
     - turns ``matmul(broadcast_to(x), y)`` into ``matmul(x, y)``, also with the broadcast merged
@@ -160,6 +164,8 @@ def pipeline(target: tvm.target.Target):
                 + [absorb_matmul_broadcasts]
                 # columns no whole number of vectors (91 classes): padded, so the Matmul rule tiles them
                 + [pad_matmul_columns]
+                # attention's guarded softmax over scores unpacked from a product's panels: one kernel
+                + [guarded_softmax_kernels()]
                 # gathers feeding a weighted sum (ROI pooling's taps, bilinear sampling's) one kernel with it
                 + [gathers_into_weighted_sums()]
                 + cpu.library_dispatch_passes(target)

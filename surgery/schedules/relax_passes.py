@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm import relax, s_tir, tirx
-from tvm.relax.dpl import is_op, is_tuple_get_item, rewrite_call, wildcard
+from tvm.relax.dpl import is_const, is_op, is_tuple, is_tuple_get_item, rewrite_call, wildcard
 
 from .analysis import LAYOUT_REWRITE, root_blocks
 from .compat import RelaxConstant, constant_array, relax_type
@@ -296,6 +296,34 @@ def gathers_into_weighted_sums():
         [("weighted_gather", roi_taps), ("bilinear_gather", bilinear_taps)],
         bind_constants=False,
         annotate_codegen=False,
+    )
+
+
+def guarded_softmax_kernels():
+    """Attention's guarded softmax over keys read back from a packed product, one kernel, before
+    legalisation (``FuseOpsByPattern``, after ``softmax_by_reciprocal``):
+
+        scores = reshape(reshape(permute_dims(reshape(packed))))   # the product's panels unpacked
+        where(not(max(not(scores == -inf))), 0, softmax(scores))   # PyTorch's all-masked rows -> 0
+
+    ``FuseOps`` makes three kernels of it: the unpacking (a transpose, fused into no reduction),
+    the all-masked check and the softmax, each reading the scores. Grouped, ``RowReduction``
+    gathers each row from the panels into a row buffer once and runs the check and the softmax
+    on it: the same terms in the same order, bit for bit. SAM3's prompt stage on the Zen 5
+    EPYC, three kernels against one, interleaved, medians of 8 rounds of 50 calls: 3 + 2 1.487
+    -> 1.472 ms, 8 + 4 2.173 -> 2.103. The pattern matches nothing in the one-call build or the
+    detectors."""
+    packed = wildcard()
+    unpacked = is_op("relax.permute_dims")(is_op("relax.reshape")(packed, wildcard()))
+    scores = is_op("relax.reshape")(is_op("relax.reshape")(unpacked, wildcard()), wildcard())
+    softmax = is_op("relax.call_tir")(wildcard(), is_tuple([scores]))
+    valid = is_op("relax.max")(
+        is_op("relax.astype")(is_op("relax.logical_not")(is_op("relax.equal")(scores, is_const())))
+    )
+    masked = is_op("relax.logical_not")(is_op("relax.astype")(valid))
+    guarded = is_op("relax.where")(masked, is_const(), softmax)
+    return relax.transform.FuseOpsByPattern(
+        [("guarded_softmax", guarded)], bind_constants=False, annotate_codegen=False
     )
 
 

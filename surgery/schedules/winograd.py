@@ -26,7 +26,7 @@ the Matmul rule. Three kernels replace the convolution:
   each entry of ``A^T`` up by the pixel's place in its block, which ``WinogradOutput`` makes
   constants by unrolling the block's 16 places inside its loop over channel vectors, so the
   block's 36 values of M are read once and the zero terms drop out (computed per pixel, 36
-  loads each, it took 10.8 ms of 100 boxes of 256 channels at 14x14; blocked, 2.8 ms).
+  loads each, it took 10.8 ms of 100 boxes of 256 channels at 14x14; blocked, 3.6 ms).
 
 F(4x4, 3x3) is Toom-Cook's construction (``toom_cook``) on the points 0, -1, 1, 1/2 and -2:
 with Lavin and Gray's 0, +-1, +-2 its worst float32 error was twice as large (numpy model of
