@@ -349,9 +349,8 @@ class _Winograd(relax.PyExprMutator):
         rows = product_rows(tiles[0] * tiles[1], channels, outputs, self.registers, tile.positions)
         nr = plan_matmul(tile.positions, rows, outputs, channels, 1, *self.registers).nr
         u = np.einsum("ar,rsck,bs->abck", tile.g, weight.astype(np.float64), tile.g)  # [size, size, C, K], float64
-        u = u.reshape(tile.positions, 1, channels, outputs // nr, nr).transpose(
-            0, 1, 3, 2, 4
-        )  # [positions, 1, K / nr, C, nr]
+        u = u.reshape(tile.positions, 1, channels, outputs // nr, nr)  # [positions, 1, C, K / nr, nr]
+        u = u.transpose(0, 1, 3, 2, 4)  # [positions, 1, K / nr, C, nr]
         u = relax.const(np.ascontiguousarray(u).astype(np.float32))
         pads = (int(call.attrs.padding[0]), int(call.attrs.padding[1]))
         # the input transform computes no producer (the previous convolution's output transform
@@ -404,9 +403,9 @@ def winograd_convolutions(min_channels: int | None = None, tile: WinogradTile | 
 
 
 class WinogradInput(dlight.ScheduleRule):
-    """The input transform: parallel over blocks; per block and vector of channels its 16
-    positions unrolled, each copy's branch resolved to its sum of four pixels, so the block's
-    16 pixels are read once."""
+    """The input transform: parallel over blocks; per block and vector of channels its positions
+    (16, or 36 for F(4x4, 3x3)) unrolled, each copy's branch or looked-up coefficients resolved
+    to constants, so the block's pixels are read once."""
 
     def apply(self, func, target, _tunable):
         sch = schedule_for(func, target)
