@@ -1201,11 +1201,11 @@ def test_conv_im2col_leaves_the_convolutions_the_conv_rule_computes():
 def _winograd_from(monkeypatch, channels: int | None, tile: str | None = None) -> None:
     """Our pipeline with Winograd taking 3x3 convolutions from ``channels`` channels (at the
     shipped threshold, 64 or 128 by the CPU, every build of a test would be slow; None: that
-    threshold), as the tile named (``"F2"``, ``"F4"``) or the CPU's."""
+    threshold), as the tile named (``"F2"``, ``"F4"``; F(2x2, 3x3), the shipped one, if none)."""
     from surgery import schedules
     from surgery.schedules import winograd
 
-    chosen = None if tile is None else getattr(winograd, tile)
+    chosen = winograd.F2 if tile is None else getattr(winograd, tile)
     monkeypatch.setattr(schedules, "winograd_convolutions", lambda: winograd.winograd_convolutions(channels, chosen))
 
 
@@ -1228,18 +1228,17 @@ def test_winograd_tiles_convolve_exactly_in_float64(tile):
 
 
 @pytest.mark.tvm
-@pytest.mark.parametrize("tile", ["F2", "F4"])
-def test_winograd_convolutions_match_float64_within_pytorchs_own_float32_error(monkeypatch, tile):
-    """A 3x3 convolution of stride 1 as F(2x2, 3x3) or F(4x4, 3x3) leaves no convolution kernel,
-    and each output is within 24 units of float32 rounding of its sum of |terms| (|x| * |w| over
-    the window, plus |bias|) from the float64 convolution: the worst PyTorch's own float32
-    convolution reached on 40 random cases of such shapes, up to 128 channels (F(2x2, 3x3)'s
-    worst: 2.8; F(4x4, 3x3)'s: see ``surgery.schedules.winograd``). Odd sizes (blocks cut by the
-    image's edge), no padding, a 1-pixel image, two images and inputs of any scale included."""
+def test_winograd_convolutions_match_float64_within_pytorchs_own_float32_error(monkeypatch):
+    """A 3x3 convolution of stride 1 as F(2x2, 3x3) leaves no convolution kernel, and each output
+    is within 24 units of float32 rounding of its sum of |terms| (|x| * |w| over the window, plus
+    |bias|) from the float64 convolution: the worst PyTorch's own float32 convolution reached on
+    40 random cases of such shapes, up to 128 channels (Winograd's worst: 2.8). Odd sizes (blocks
+    cut by the image's edge), no padding, a 1-pixel image, two images and inputs of any scale
+    included. (F(4x4, 3x3) exceeds this bound, 25.9 units: why it is not shipped.)"""
     from hypothesis import assume, given, settings
     from hypothesis import strategies as st
 
-    _winograd_from(monkeypatch, 8, tile)
+    _winograd_from(monkeypatch, 8)
     unit = 2.0**-24
 
     @settings(max_examples=12)  # a TVM build an example
@@ -1314,19 +1313,15 @@ def test_winograd_takes_wide_3x3_convolutions_of_stride_1_and_fuses_their_consum
 
 @pytest.mark.tvm
 @pytest.mark.parametrize(
-    ("mcpu", "taken", "positions"),
-    [
-        ("znver3", {64: True, 128: True}, 16),
-        ("znver5", {64: False, 128: True}, 36),
-        ("skylake-avx512", {64: False, 128: True}, 36),
-    ],
+    ("mcpu", "taken"),
+    [("znver3", {64: True, 128: True}), ("znver5", {64: False, 128: True}), ("skylake-avx512", {64: False, 128: True})],
 )
-def test_winograd_takes_convolutions_from_8_channels_a_float_lane_of_the_cpu(mcpu, taken, positions):
-    """Winograd's product moves its positions' values of V and of M per block through memory:
-    from 64 channels on an AVX2 CPU (8 lanes) as F(2x2, 3x3), from 128 on an AVX-512 one (16
-    lanes), whose direct convolution runs twice as fast, as F(4x4, 3x3) (2.25 values a pixel
-    where F(2x2, 3x3) moves 4; measured on the Zen 5 EPYC: ``surgery.schedules.winograd``). The
-    CPU is the target's, never the build machine's."""
+def test_winograd_takes_convolutions_from_8_channels_a_float_lane_of_the_cpu(mcpu, taken):
+    """Winograd's product moves 16 values of V and of M per block through memory: from 64
+    channels on an AVX2 CPU (8 lanes), from 128 on an AVX-512 one (16 lanes), whose direct
+    convolution runs twice as fast (measured on the Zen 5 EPYC: 64 channels at 160x160, 5.48 ms
+    direct against 7.76 ms as F(2x2, 3x3)), as F(2x2, 3x3) on both. The CPU is the target's,
+    never the build machine's."""
     import tvm
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})
@@ -1336,7 +1331,7 @@ def test_winograd_takes_convolutions_from_8_channels_a_float_lane_of_the_cpu(mcp
         assert ("input_transform" in kernels) == expected, (mcpu, channels, list(kernels))
         assert any("conv2d" in name for name in kernels) != expected, (mcpu, channels, list(kernels))
         if expected:
-            assert f"T.unroll(T.int64({positions}))" in kernels["input_transform"].script(), (mcpu, channels)
+            assert "T.unroll(T.int64(16))" in kernels["input_transform"].script(), (mcpu, channels)
 
 
 def test_winograd_pads_its_products_rows_a_little_to_a_full_register_tile():

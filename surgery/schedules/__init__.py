@@ -11,8 +11,8 @@ So we ship deterministic rules, applied at build time by ``pipeline`` with dligh
 ``ApplyDefaultSchedule``; the first rule that accepts a kernel wins (``rules()``, in order):
 
 - ``winograd``: ``WinogradInput`` and ``WinogradOutput``, the input transform and (for 4x4
-  tiles) the output transform of the convolutions that ``winograd_convolutions`` (a pass before
-  legalisation) computes as F(2x2, 3x3) or, on AVX-512, F(4x4, 3x3);
+  tiles, on request only) the output transform of the convolutions that
+  ``winograd_convolutions`` (a pass before legalisation) computes as F(2x2, 3x3);
 - ``conv``: ``Conv``, channels-last convolutions tiled by ``surgery.conv_tiling``;
 - ``matmul``: ``Matmul``, register-blocked products laid out by ``surgery.matmul_tiling``;
 - ``row_reduction``: ``RowReduction``, softmax / layer norm rows;
@@ -31,9 +31,9 @@ So we ship deterministic rules, applied at build time by ``pipeline`` with dligh
 
 Schedules change the loop order, never the arithmetic of a single output element except for the
 order in which a reduction is accumulated and its FMA contraction (as with any BLAS); with
-``fast_exp`` and Winograd's F(2x2, 3x3) or F(4x4, 3x3) (see ``pipeline``; their float32 error
-against float64 measured against PyTorch's own convolution's, ``winograd``) that is the shipped
-build's whole numeric difference, and the whole-model property test bounds it (float32, max abs 1e-5 on unit-scale
+``fast_exp`` and Winograd's F(2x2, 3x3) (see ``pipeline``; its float32 error against float64
+measured below the direct convolution's, ``winograd``) that is the shipped build's whole numeric
+difference, and the whole-model property test bounds it (float32, max abs 1e-5 on unit-scale
 inputs).
 """
 
@@ -103,11 +103,10 @@ def pipeline(target: tvm.target.Target):
       weight transposes are evaluated once, at build time;
     - applies an inference batch norm as a scale and shift computed at build time
       (``batch_norm_as_scale_shift``), which fuse into the convolution's write-back;
-    - computes 3x3 convolutions of stride 1 with at least 64 channels in and out as Winograd's
-      F(2x2, 3x3), on AVX-512 from 128 channels as F(4x4, 3x3) (``winograd_convolutions``): an
-      input transform, one batched product on the Matmul rule with 2.25x (4x) fewer
-      multiply-adds, and an output transform into which the convolution's consumers fuse; the
-      weight transformed at build time;
+    - computes 3x3 convolutions of stride 1 with at least 64 channels in and out (128 on
+      AVX-512) as Winograd's F(2x2, 3x3) (``winograd_convolutions``): an input transform, one
+      batched product on the Matmul rule with 2.25x fewer multiply-adds, and an output transform
+      into which the convolution's consumers fuse; the weight transformed at build time;
     - packs each convolution's weight into the panels of output channels the Conv rule reads,
       once, at build time (``split_weight_packing``, then ``FoldConstant``);
     - computes ``exp`` as TVM's ``fast_exp`` (``FastMathTransform``), a polynomial LLVM
@@ -143,8 +142,7 @@ def pipeline(target: tvm.target.Target):
                 # inference batch norm as a constant scale and shift: elementwise steps the
                 # convolution before it computes in its write-back
                 + [batch_norm_as_scale_shift]
-                # 3x3 convolutions of stride 1 as Winograd's F(2x2, 3x3) or F(4x4, 3x3): 2.25x or
-                # 4x fewer multiply-adds
+                # 3x3 convolutions of stride 1 as Winograd's F(2x2, 3x3): 2.25x fewer multiply-adds
                 + [winograd_convolutions()]
                 # the same image + position sum feeds all three layers: compute it once
                 + [relax.transform.EliminateCommonSubexpr()]
