@@ -38,15 +38,14 @@ Contract: its rounding differs from the convolution's (other terms are summed). 
 float64 on 40 random cases (1-2 images, 8-128 channels, 1-14 pixels a side, padding 0 or 1,
 inputs of scale 1e-3 to 1e3), each output was within 2.8 units of float32 rounding of its sum of
 |terms| (|x| * |w| over the window, plus |bias|) for F(2x2, 3x3), and PyTorch's own float32
-convolution within 23.7 (what the test bounds both tiles by). On 19 such cases drawn later on the
-Zen 5 EPYC: F(4x4, 3x3) within 15.7 units (8 of them above 9), F(2x2, 3x3) within 1.9, PyTorch
-there within 3.2. Randomised tests then found F(4x4, 3x3) at 25.9 units, above PyTorch's 23.7
-(8 input and 16 output channels on 5x8; 176 and 168 channels on 8x13, two images): narrow and
-wide convolutions alike, so no channel count bounds it below PyTorch's worst. That is why the
-shipped build keeps F(2x2, 3x3) on every CPU, although F(4x4, 3x3) was faster on AVX-512
-(below) and the detectors' whole-model checks held with it (errors 1-2x eager PyTorch's, within
-their bounds of 16x).
-The transforms add and subtract a block's
+convolution within 23.7 (what the property test bounds F(2x2, 3x3) by). On 19 such cases drawn
+later on the Zen 5 EPYC: F(4x4, 3x3) within 15.7 units (8 of them above 9), F(2x2, 3x3) within
+1.9, PyTorch there within 3.2. Randomised tests then found F(4x4, 3x3) at 25.9 units, above
+PyTorch's 23.7 (8 input and 16 output channels on 5x8; 176 and 168 channels on 8x13, two
+images): narrow and wide convolutions alike, so no channel count bounds it below PyTorch's
+worst. That is why the shipped build keeps F(2x2, 3x3) on every CPU, although F(4x4, 3x3) was
+faster on AVX-512 (below) and the detectors' whole-model checks held with it (errors 1-2x eager
+PyTorch's, within their bounds of 16x). The transforms add and subtract a block's
 values, so an infinite or NaN input spreads to whole blocks; finite inputs are its domain.
 
 Taken for 3x3 convolutions of stride 1 with at least ``min_channels`` input and output channels
