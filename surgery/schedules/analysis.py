@@ -75,17 +75,19 @@ def is_scheduled(sch, block) -> bool:
     return any(sch.get(loop).kind in kinds for loop in sch.get_loops(block))
 
 
-def inline_elementwise(sch: s_tir.Schedule, keep) -> None:
-    """Inline every spatial block but ``keep`` into its consumer or producer where TVM allows.
-    Unlike dlight's ``try_inline``, one block at a time, each into its consumer before its
-    producer, and never ``keep``: the block the rule schedules stays where it is."""
+def inline_elementwise(sch: s_tir.Schedule, keep, into_producers: bool = True) -> None:
+    """Inline every spatial block but ``keep`` into its consumer or (``into_producers``) its
+    producer where TVM allows. Unlike dlight's ``try_inline``, one block at a time, each into its
+    consumer before its producer, and never ``keep``: the block the rule schedules stays where
+    it is."""
+    ways = (sch.compute_inline, sch.reverse_compute_inline) if into_producers else (sch.compute_inline,)
     changed = True
     while changed:
         changed = False
         for block in root_blocks(sch):
             if sch.get(block).same_as(sch.get(keep)) or not is_spatial(sch, block):
                 continue
-            for inline in (sch.compute_inline, sch.reverse_compute_inline):
+            for inline in ways:
                 try:
                     inline(block)
                     changed = True

@@ -90,7 +90,7 @@ from tvm import relax, te, tirx
 from tvm.s_tir import dlight
 
 from ..matmul_tiling import VECTOR_LANES, plan_matmul, tile_rating
-from .analysis import inline_elementwise, is_spatial, root_blocks, schedule_for, static_extent
+from .analysis import inline_elementwise, root_blocks, schedule_for, static_extent
 from .compat import RelaxConstant, constant_array, relax_type
 from .matmul import vector_registers
 
@@ -444,7 +444,7 @@ class WinogradOutput(dlight.ScheduleRule):
             return None
         transform = blocks[0]
         place = int(sch.get(transform).name_hint[len(prefix) :])  # m: the block's places a side
-        _inline_into_consumers(sch, transform)
+        inline_elementwise(sch, transform, into_producers=False)  # the consumers into one block
         consumers = [b for b in root_blocks(sch) if not sch.get(b).same_as(sch.get(transform))]
         if len(consumers) > 1:
             return None
@@ -469,19 +469,3 @@ class WinogradOutput(dlight.ScheduleRule):
             sch.unroll(x_in)
             sch.vectorize(k_in)
         return sch
-
-
-def _inline_into_consumers(sch, keep) -> None:
-    """Inline every spatial block but ``keep`` into its consumers where TVM allows."""
-    changed = True
-    while changed:
-        changed = False
-        for block in root_blocks(sch):
-            if sch.get(block).same_as(sch.get(keep)) or not is_spatial(sch, block):
-                continue
-            try:
-                sch.compute_inline(block)
-            except Exception:  # noqa: BLE001 - TVM refuses: the output, or not inlinable
-                continue
-            changed = True
-            break
