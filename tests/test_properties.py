@@ -324,6 +324,34 @@ def test_sum_over_concat_graph_form(data):
 @pytest.mark.slow
 @settings(max_examples=graph_examples())
 @given(data=st.data())
+def test_gathered_rows_only_graph_form(data):
+    """Taken exactly where a gather of whole rows reads a chain of linear layers nothing else
+    reads, with fewer rows kept than there are; the products then run on the kept rows only (no
+    product has as many rows as the input), as exported and as decomposed to core ATen; results
+    within the bound."""
+    case = data.draw(strategy_for("gathered_rows_only"), label="case")
+    program = torch.export.export(case.module(), case.args())
+    if data.draw(st.booleans(), label="decomposed"):
+        program = program.run_decompositions()
+    rewritten, log = surgery.rewrite_with_log(program, ["gathered_rows_only"])
+    event(f"taken={case.taken()}")
+    assert sum(result.replaced.get("aten.gather.default", 0) for _, result in log) == int(case.taken())
+    batch, rows = case.x.shape[:2]
+    product_rows = [
+        node.meta["val"].shape[0]
+        for node in rewritten.graph.nodes
+        if node.op == "call_function" and node.target in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default)
+    ]
+    if case.taken():
+        assert product_rows and all(r == batch * case.index.shape[1] for r in product_rows), product_rows
+    else:
+        assert all(r == batch * rows for r in product_rows), product_rows
+    assert_equivalent(rewritten.module()(*case.args()), case.reference(), scale=case.scale, context=repr(case))
+
+
+@pytest.mark.slow
+@settings(max_examples=graph_examples())
+@given(data=st.data())
 def test_matmul_packing_graph_form(data):
     """Packed exactly where the rule says (a weight, or an activation with a long enough
     reduction times an activation, or a right-hand side computed from a stage's inputs alone,

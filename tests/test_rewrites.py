@@ -831,6 +831,48 @@ def test_roi_align_taps_takes_large_maps_and_leaves_small_ones_to_the_separable_
     assert_equivalent(rewritten.module()(fine, coarse, boxes), TwoLevels()(fine, coarse, boxes))
 
 
+class _TwoStageHead(torch.nn.Module):
+    """A two-stage DETR's query selection (RT-DETR's, as transformers writes it): every anchor
+    scored and boxed, the best ``queries`` kept by topk, their boxes and features gathered."""
+
+    def __init__(self, queries: int = 6):
+        super().__init__()
+        self.queries = queries
+        self.enc_output = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.LayerNorm(16))
+        self.score_head = torch.nn.Linear(16, 5)
+        self.box_head = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+    def forward(self, memory, anchors):  # [B, anchors, 16], [1, anchors, 4]
+        output = self.enc_output(memory)
+        scores = self.score_head(output)  # [B, anchors, 5]
+        boxes = self.box_head(output) + anchors  # [B, anchors, 4]
+        index = torch.topk(scores.max(-1).values, self.queries, dim=1).indices  # [B, queries]
+        kept = boxes.gather(1, index.unsqueeze(-1).repeat(1, 1, 4))  # [B, queries, 4]
+        target = output.gather(1, index.unsqueeze(-1).repeat(1, 1, 16))  # [B, queries, 16]
+        return kept.sigmoid(), target
+
+
+def test_gathered_rows_only_boxes_just_the_anchors_a_two_stage_detr_keeps():
+    """The box head runs on the 6 kept anchors, not the 40 (the anchors gathered to match); the
+    score head and the features both heads read stay whole; the same numbers within the bound."""
+    torch.manual_seed(0)
+    module = _TwoStageHead().eval()
+    args = (torch.randn(2, 40, 16), torch.randn(1, 40, 4))
+    program = torch.export.export(module, args).run_decompositions()
+    rewritten, log = surgery.rewrite_with_log(program, ["gathered_rows_only"])
+    assert dict(log[0][1].replaced) == {"aten.gather.default": 1}
+    rows = sorted(
+        (str(node.args[-1].target), node.meta["val"].shape[0])
+        for node in rewritten.graph.nodes
+        if node.target is torch.ops.aten.addmm.default
+    )
+    assert [r for _, r in rows] == [2 * 6, 2 * 6, 2 * 40, 2 * 40], rows  # box head on kept rows
+    with torch.no_grad():
+        expected = module(*args)
+    for actual, wanted in zip(rewritten.module()(*args), expected):
+        assert_equivalent(actual, wanted)
+
+
 def test_sum_over_concat_splits_deformable_attentions_sum_over_levels():
     """Deformable DETR's (stack(levels, -2).flatten(-2) * weights).sum(-1): one sum per level,
     no stack left, the same numbers within the bound."""

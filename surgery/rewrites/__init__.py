@@ -13,6 +13,7 @@ from .floor_divide import FloorDivideToFmod
 from .full_like import FullLikeToFull
 from .gather_as_index import GatherAsIndex
 from .gather_through_permute import GatherThroughPermute
+from .gathered_rows_only import GatheredRowsOnly
 from .grid_sample import GridSampleToGather
 from .layout_round_trips import LayoutRoundTrips
 from .masked_gather_padding import MaskedGatherPadding
@@ -52,7 +53,8 @@ ORDER: list[type[Rewrite]] = [
 
 # Speed rewrites: TVM converts their operators correctly, so the probe never asks for them; they
 # make the compiled program faster (``surgery.tvm_backend`` applies them for the shipped build,
-# after the rewrites above). roi_align_taps takes the roi_align calls it pools cheaper (large
+# after the rewrites above). gathered_rows_only runs first: it removes work (rows no one reads)
+# before the others reshape what is left. roi_align_taps takes the roi_align calls it pools cheaper (large
 # maps, small bins) and roi_align_separable the rest; both take the feature map back
 # channels-last, a round trip layout_round_trips then removes. gather_through_permute moves
 # gathers before the permutes left after that; masked_gather_padding moves the masks of the
@@ -63,6 +65,7 @@ ORDER: list[type[Rewrite]] = [
 # conv_as_matmul takes the convolutions whose kernel covers the input (one addmm) before
 # conv_im2col takes the rest.
 SPEED_ORDER: list[type[Rewrite]] = [
+    GatheredRowsOnly,
     RoiAlignTaps,
     RoiAlignSeparable,
     ConvAsMatmul,
@@ -134,6 +137,7 @@ __all__ = [
     "FloorDivideToFmod",
     "FullLikeToFull",
     "GatherAsIndex",
+    "GatheredRowsOnly",
     "GatherThroughPermute",
     "GridSampleToGather",
     "LayoutRoundTrips",
