@@ -14,7 +14,7 @@ so gathering first gives the same rows:
     mlp(gather(memory, 1, index)) + gather(anchors, 1, index)     # 2 x 300 x 256 x 256 + ...
 
 (28x fewer multiply-adds for the box head; Deformable DETR's and DINO's two-stage heads are
-built the same way).
+built the same way, and are taken too where the program does not also return every row).
 
 What counts as row-wise: the rows are the gathered axis with every axis before it (``[B, R]`` of
 a ``[B, R, ...]`` source, or ``[B * R]`` where a view flattens them for a product); the chain of

@@ -10,9 +10,9 @@ stalled after its initial candidates here and each build costs seconds (README, 
 So we ship deterministic rules, applied at build time by ``pipeline`` with dlight's
 ``ApplyDefaultSchedule``; the first rule that accepts a kernel wins (``rules()``, in order):
 
-- ``winograd``: ``WinogradInput`` and ``WinogradOutput``, the input and output transforms of
-  the convolutions that ``winograd_convolutions`` (a pass before legalisation) computes as
-  F(2x2, 3x3);
+- ``winograd``: ``WinogradInput`` and ``WinogradOutput``, the input transform and (for 4x4
+  tiles, on request only) the output transform of the convolutions that
+  ``winograd_convolutions`` (a pass before legalisation) computes as F(2x2, 3x3);
 - ``conv``: ``Conv``, channels-last convolutions tiled by ``surgery.conv_tiling``;
 - ``matmul``: ``Matmul``, register-blocked products laid out by ``surgery.matmul_tiling``;
 - ``row_reduction``: ``RowReduction``, softmax / layer norm rows;

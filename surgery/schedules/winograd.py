@@ -22,16 +22,12 @@ the Matmul rule. Three kernels replace the convolution:
   float64 and rounded once to float32;
 - the output transform ``Y[b, y, x, k] = (A^T M A)[y % m, x % m]``, into which FuseOps fuses
   the convolution's elementwise consumers (batch norm's scale and shift, activation, a residual
-  sum), as the Conv rule fuses them into its write-back. It looks each entry of ``A^T`` up by
-  the pixel's place in its block, which ``WinogradOutput`` makes constants by unrolling the
-  block's m x m places inside its loop over channel vectors, so the block's values of M are
-  read once and the zero terms drop out. Computed per pixel, each pixel reads all of its
-  block's values: F(4x4, 3x3)'s took 10.8 ms of 100 boxes of 256 channels at 14x14 (blocked,
-  3.6 ms); F(2x2, 3x3)'s, which wrote ``A^T``'s entries as arithmetic in ``y % 2``, on the Zen 5
-  EPYC (convolution + batch norm + ReLU, kernel times, interleaved whole-convolution medians in
-  parentheses): 256 channels at 200x272 14.88 -> 7.92 ms (111.9 -> 105.4), at 40x40 0.128 ->
-  0.067 (2.06 -> 1.99), 100 boxes at 14x14 3.28 -> 2.77 (34.4 -> 34.1), 128 at 80x80 0.402
-  -> 0.358 (3.80 -> 3.64); not measured on AVX2.
+  sum), as the Conv rule fuses them into its write-back. F(2x2, 3x3)'s writes ``A^T``'s entries
+  as arithmetic in ``y % 2`` and is scheduled as any elementwise kernel; F(4x4, 3x3)'s looks
+  each entry of ``A^T`` up by the pixel's place in its block, which ``WinogradOutput`` makes
+  constants by unrolling the block's 16 places inside its loop over channel vectors, so the
+  block's 36 values of M are read once and the zero terms drop out (computed per pixel, 36
+  loads each, it took 10.8 ms of 100 boxes of 256 channels at 14x14; blocked, 3.6 ms).
 
 F(4x4, 3x3) is Toom-Cook's construction (``toom_cook``) on the points 0, -1, 1, 1/2 and -2:
 with Lavin and Gray's 0, +-1, +-2 its worst float32 error was twice as large (numpy model of
@@ -44,8 +40,7 @@ inputs of scale 1e-3 to 1e3), each output was within 2.8 units of float32 roundi
 |terms| (|x| * |w| over the window, plus |bias|) for F(2x2, 3x3), and PyTorch's own float32
 convolution within 23.7 (what the property test bounds F(2x2, 3x3) by). On 19 such cases drawn
 later on the Zen 5 EPYC: F(4x4, 3x3) within 15.7 units (8 of them above 9), F(2x2, 3x3) within
-1.9, PyTorch there within 3.2; with F(2x2, 3x3)'s output transform blocked, on 20 cases of 8-256
-channels (two of 176 -> 168 on 8x13), within 2.1, PyTorch within 3.7. Randomised tests then found F(4x4, 3x3) at 25.9 units, above
+1.9, PyTorch there within 3.2. Randomised tests then found F(4x4, 3x3) at 25.9 units, above
 PyTorch's 23.7 (8 input and 16 output channels on 5x8; 176 and 168 channels on 8x13, two
 images): narrow and wide convolutions alike, so no channel count bounds it below PyTorch's
 worst. That is why the shipped build keeps F(2x2, 3x3) on every CPU, although F(4x4, 3x3) was
@@ -156,7 +151,8 @@ F4 = toom_cook(4, (0, -1, 1, 0.5, -2))
 
 CHANNELS_PER_LANE = 8  # taken from 8 channels a float lane: 64 on AVX2, 128 on AVX-512
 INPUT_BLOCK = "winograd_input"  # the input transform's block, which ``WinogradInput`` schedules
-OUTPUT_BY_PLACE_BLOCK = "winograd_output_by_place"  # ``_2``, ``_4``: the places a side; ``WinogradOutput``'s
+OUTPUT_BLOCK = "winograd_output"  # F(2x2, 3x3)'s output transform, scheduled as any elementwise kernel
+OUTPUT_BY_PLACE_BLOCK = "winograd_output_by_place"  # larger tiles' (``_4`` for 4x4): ``WinogradOutput``'s
 # relax's op patterns: FuseOps fuses nothing into an opaque kernel, and into an out-elementwise-
 # fusable one only elementwise and broadcast consumers
 OPAQUE, OUT_ELEMENTWISE_FUSABLE = 8, 4
@@ -240,6 +236,23 @@ def output_transform(m: te.Tensor, shape: list[int], tiles: tuple[int, int], til
     ``[N, H, W, K]``."""
     _, tx = tiles
     nr, size, a_t = m.shape[-1], tile.size, tile.a_t
+
+    if tile.m == 2:
+
+        def coefficient(xi, i):  # A^T[i, xi] for i in {0, 1}, as a line through its two values (no branch)
+            value, slope = tirx.const(a_t[0, xi], "float32"), a_t[1, xi] - a_t[0, xi]
+            return value + tirx.const(slope, "float32") * tirx.Cast("float32", i) if slope else value
+
+        def value(b, y, x, k):
+            t = y // 2 * tx + x // 2
+            total = None
+            for xi in range(size):
+                for nu in range(size):
+                    term = coefficient(xi, y % 2) * coefficient(nu, x % 2) * m[xi * size + nu, b, k // nr, t, k % nr]
+                    total = term if total is None else total + term
+            return total
+
+        return te.compute(shape, value, name=OUTPUT_BLOCK)
 
     def value(b, y, x, k):
         # sum_xi A^T[y % m, xi] (sum_nu A^T[x % m, nu] M[xi, nu]), each coefficient looked up
@@ -413,10 +426,10 @@ class WinogradInput(dlight.ScheduleRule):
 
 
 class WinogradOutput(dlight.ScheduleRule):
-    """The output transform and the consumers fused into it: parallel over rows of blocks; per
-    block and vector of output channels its m x m places unrolled, each copy's branch resolved
-    to its sum, so the block's values of M are read once and the row sums they share computed
-    once. The consumers stay a block of their own that reads the
+    """The output transform of tiles larger than 2x2 and the consumers fused into it: parallel
+    over rows of blocks; per block and vector of output channels its m x m places unrolled, each
+    copy's branch resolved to its sum, so the block's values of M are read once and the row
+    sums they share computed once. The consumers stay a block of their own that reads the
     block's m x m vectors from a small buffer (inlined into the transform, on the Zen 5 EPYC:
     convolution + batch norm + ReLU of 128 channels at 80x80 2.74 ms against 2.39, of 256 at
     40x40 1.89 against 1.35, separate runs)."""
