@@ -104,10 +104,10 @@ def test_deformable_attention_as_shipped_matches_eager(probe):
     """Multi-scale deformable attention as transformers' PyTorch path computes it (a grid sampler
     per level, stacked, weighted and summed), on samples inside, straddling and outside the
     maps: built as shipped, its off-map taps read an appended zero (masked_gather_padding), its
-    taps are read with broadcast indices (gather_as_index) and weighted in the kernel that
-    gathers them (no gather kernel of its own), its sum over levels is split per level
-    (sum_over_concat), its taps are read as channels-last rows (channels_last_gathers), and TVM
-    matches the eager module."""
+    taps are read with broadcast indices (gather_as_index) and weighted, and summed over the
+    points, in the kernel that gathers them (no gather kernel of its own), its sum over levels
+    is split per level (sum_over_concat), its taps are read as channels-last rows
+    (channels_last_gathers), and TVM matches the eager module."""
     import torch.nn.functional as F
     import tvm
 
@@ -149,6 +149,7 @@ def test_deformable_attention_as_shipped_matches_eager(probe):
     kernels = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     gathering = [name for name in kernels if "index_tensor" in name]
     assert len(gathering) == 2 and all(name.startswith("fused_") for name in gathering), kernels  # one a level
+    assert all(name.endswith(("_sum", "_sum1")) for name in gathering), gathering  # with the sum over points
     fn, _ = tvm_backend.compile_program(rewritten, schedules="ours")
     assert_equivalent(fn(*args)[0], DeformableAttention()(*args), context="TVM")
 

@@ -279,7 +279,10 @@ def gathers_into_weighted_sums():
       100x14x14x16x256 floats, 80 MB);
     - ``index_tensor(x, i0) * w0 + ... + index_tensor(x, i3) * w3``: the bilinear sampler's four
       taps (Deformable DETR's: four ``[heads, channels, samples]`` copies, 22 MB each per level
-      and layer).
+      and layer);
+    - ``sum(reshape(those taps) * weight)``: deformable attention's weighted sum over a level's
+      points taken with them, so that no kernel writes the samples (``[heads, queries x points,
+      channels]``, 22 MB a level and layer at Deformable DETR's 512x512) for the sum to read.
 
     ``FuseOps`` cannot do it: apache-tvm 0.27 marks a legalised gather opaque, and a reduction
     takes only elementwise and broadcast producers; marked a broadcast, the gather pulls the
@@ -292,8 +295,10 @@ def gathers_into_weighted_sums():
         return is_op("relax.multiply")(is_op("relax.index_tensor")(wildcard(), wildcard()), wildcard())
 
     bilinear_taps = is_op("relax.add")(is_op("relax.add")(is_op("relax.add")(tap(), tap()), tap()), tap())
+    samples = bilinear_taps | is_op("relax.reshape")(bilinear_taps, wildcard())
+    attention = is_op("relax.sum")(is_op("relax.multiply")(samples, wildcard()))
     return relax.transform.FuseOpsByPattern(
-        [("weighted_gather", roi_taps), ("bilinear_gather", bilinear_taps)],
+        [("weighted_gather", roi_taps), ("attention_gather", attention), ("bilinear_gather", bilinear_taps)],
         bind_constants=False,
         annotate_codegen=False,
     )
