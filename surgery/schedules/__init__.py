@@ -121,8 +121,9 @@ def pipeline(target: tvm.target.Target):
     - computes attention's guarded softmax over scores unpacked from a product's panels (SAM3's
       prompt stage) in one kernel: the unpacking, the all-masked check and the softmax
       (``guarded_softmax_kernels``, bit-exact);
-    - computes gathers that feed a weighted sum (ROI pooling's taps, the bilinear sampler's four)
-      in the sum's kernel (``gathers_into_weighted_sums``);
+    - computes gathers that feed a weighted sum (ROI pooling's taps, the bilinear sampler's four,
+      and with them deformable attention's sum over points) in the sum's kernel
+      (``gathers_into_weighted_sums``);
     - turns ``matmul(broadcast_to(x), y)`` into ``matmul(x, y)``, also with the broadcast merged
       into the batch by a reshape (``absorb_matmul_broadcasts``);
     - pads a product's columns to whole vectors when they are no whole number of 4-float ones,
