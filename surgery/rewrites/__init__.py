@@ -54,8 +54,8 @@ ORDER: list[type[Rewrite]] = [
 # Speed rewrites: TVM converts their operators correctly, so the probe never asks for them; they
 # make the compiled program faster (``surgery.tvm_backend`` applies them for the shipped build,
 # after the rewrites above). gathered_rows_only runs first: it removes work (rows no one reads)
-# before the others reshape what is left. roi_align_taps takes the roi_align calls it pools cheaper (large
-# maps, small bins) and roi_align_separable the rest; both take the feature map back
+# before the others reshape what is left. roi_align_taps takes the roi_align calls it pools
+# cheaper (large maps, small bins) and roi_align_separable the rest; both take the feature map back
 # channels-last, a round trip layout_round_trips then removes. gather_through_permute moves
 # gathers before the permutes left after that; masked_gather_padding moves the masks of the
 # gathers left (per-head indices) onto their indices, and gather_as_index reads those indices
