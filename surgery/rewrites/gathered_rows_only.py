@@ -152,8 +152,8 @@ def _rows_of(rows: _Rows, node, result_shape, prefix: int) -> tuple[str, list[in
     value = node_value(node)
     if not isinstance(node, fx.Node):
         return "same", None  # a number
-    if value is None or value.dim() > len(result_shape):
-        return "other", None
+    if not isinstance(value, Tensor) or value.dim() > len(result_shape):
+        return "other", None  # unknown, or a symbolic number
     shape = [1] * (len(result_shape) - value.dim()) + list(value.shape)
     if shape[prefix - 1] == 1:
         return "same", None
