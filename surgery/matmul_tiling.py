@@ -144,6 +144,29 @@ def plan_matmul(
     return MatmulPlan(mr, nr, j_major, k_parts)
 
 
+# A register tile of fewer rows reads B faster than the FMAs use it: each k step loads ``nr``
+# floats of B (from L2 once its panel outgrows L1) for ``mr * nr`` multiply-adds.
+MIN_TILE_ROWS = 4
+
+
+def padded_rows(
+    batch: int, rows: int, cols: int, depth: int, registers: int = VECTOR_REGISTERS, lanes: int = VECTOR_LANES
+) -> int:
+    """The rows a ``rows x depth @ depth x cols`` product is computed with: ``rows``, or a few
+    more (zero rows whose results are dropped: fewer than 16, at most ~3%) where ``rows`` admits
+    only register tiles of fewer than ``MIN_TILE_ROWS`` rows and the padded count does not. A
+    prime count past 16 (ViT's 197 tokens) otherwise gets 1-row tiles. The least such count;
+    ``rows`` itself when none is near or a tile holds all the rows (a vector-matrix product)."""
+    plan = plan_matmul(batch, rows, cols, depth, 1, registers, lanes)
+    if plan is None or plan.mr >= MIN_TILE_ROWS or plan.mr == rows:
+        return rows
+    for padded in range(rows + 1, rows + min(16, rows // 32 + 7)):
+        wider = plan_matmul(batch, padded, cols, depth, 1, registers, lanes)
+        if wider is not None and wider.mr >= MIN_TILE_ROWS:
+            return padded
+    return rows
+
+
 def row_block(rows: int, depth: int, mr: int) -> int | None:
     """Row tiles per block for a left-hand side ``A [rows, depth]`` that many column panels
     share, or None when A stays in the shared cache (``A_CACHED_BYTES``) across them. A block

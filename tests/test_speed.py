@@ -560,6 +560,59 @@ def test_91_class_logits_are_padded_to_whole_vectors_and_match_pytorch():
     assert not any("T.int64(96)" in f.script() for f in small.values())
 
 
+def test_rows_that_admit_only_1_or_2_row_tiles_are_padded_by_a_few_to_a_taller_tile():
+    """``padded_rows``: a product whose rows admit only register tiles of fewer than 4 rows (a
+    prime count past 16) is computed on the fewest extra zero rows (under 16, at most ~3%) that
+    admit one of 4 or more; any other count is kept, and so is one a single tile holds."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from surgery.matmul_tiling import AVX2_LANES, AVX2_REGISTERS, MIN_TILE_ROWS, padded_rows, plan_matmul
+
+    assert padded_rows(1, 197, 3072, 768) == 198 and plan_matmul(1, 198, 3072, 768, 1).mr >= MIN_TILE_ROWS
+    assert padded_rows(1, 197, 3072, 768, AVX2_REGISTERS, AVX2_LANES) == 198
+    assert [padded_rows(1, rows, 256, 256) for rows in (13, 16, 17, 300, 5184, 8400)] == [13, 16, 18, 300, 5184, 8400]
+
+    @given(st.integers(1, 5000), st.sampled_from([64, 96, 256, 3072]), st.sampled_from([64, 768, 2048]))
+    def check(rows, cols, depth):
+        padded = padded_rows(1, rows, cols, depth)
+        tall = lambda r: plan_matmul(1, r, cols, depth, 1).mr >= MIN_TILE_ROWS  # noqa: E731
+        plan = plan_matmul(1, rows, cols, depth, 1)
+        assert rows <= padded < rows + min(16, rows // 32 + 7)
+        if padded == rows:
+            assert tall(rows) or plan.mr == rows or not any(map(tall, range(rows + 1, rows + min(16, rows // 32 + 7))))
+        else:
+            assert not tall(rows) and tall(padded) and not any(map(tall, range(rows + 1, padded)))
+
+    check()
+
+
+@pytest.mark.tvm
+def test_a_product_of_197_rows_runs_on_198_in_taller_tiles_and_matches_pytorch():
+    """ViT-B/16's 197 tokens (196 patches and a class token), prime: its products get 1-row
+    register tiles, each loading a vector of the weight for every FMA, unless the rows are
+    padded (``pad_matmul_rows``) to 198 and the result sliced back to 197. 13 rows keep one tile
+    of all of them."""
+
+    class Projection(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(256, 512)
+
+        def forward(self, x):
+            return torch.nn.functional.gelu(self.fc(x))
+
+    torch.manual_seed(0)
+    model, x = Projection().eval(), torch.randn(1, 197, 256)
+    [product] = [f.script() for name, f in _scheduled_kernels_of(model, (x,)).items() if "matmul" in name]
+    assert "T.int64(198)" in product and '"local"' in product, product
+    with torch.no_grad():
+        fn, _ = tvm_backend.compile_program(torch.export.export(model, (x,)), schedules="ours")
+        assert_equivalent(fn(x)[0], model(x))
+    few = _scheduled_kernels_of(model, (torch.randn(1, 13, 256),))
+    assert not any("T.int64(14)" in f.script() for name, f in few.items() if "matmul" in name)
+
+
 def test_a_shared_operand_larger_than_the_cache_is_cut_into_whole_row_blocks():
     from surgery.matmul_tiling import A_CACHED_BYTES, ROW_BLOCK_BYTES, row_block
 
@@ -852,6 +905,51 @@ def test_convolutions_are_computed_in_place_channels_last_and_match_pytorch(
         assert_equivalent(fn(x)[0], model(x))
 
 
+# channels, kernel, stride, padding, width, batch: MobileNet's and EfficientNet's 3x3 and 5x5,
+# ConvNeXt's 7x7, channels in vectors of 16, 8 (72) and 4 (20), widths 7 does not divide
+_DEPTHWISE_CONVOLUTIONS = [
+    (32, 3, 1, 1, 16, 1),
+    (72, 5, 2, 2, 15, 1),
+    (96, 7, 1, 3, 14, 2),
+    (20, 3, 2, 1, 9, 1),
+    (48, 3, 1, 0, 11, 1),
+]
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("channels, kernel, stride, padding, width, batch", _DEPTHWISE_CONVOLUTIONS)
+def test_depthwise_convolutions_run_in_vectors_of_channels_and_match_pytorch(
+    channels, kernel, stride, padding, width, batch
+):
+    """A depthwise convolution (as many groups as channels) with batch norm and ReLU after it is
+    one kernel of ours: tiles of a row's output pixels by a vector of channels accumulated in a
+    local buffer, parallel over rows where large enough; its numbers are PyTorch's. One with two
+    output channels per input channel is left to the generic schedule, and is right too."""
+
+    class DepthwiseBnRelu(torch.nn.Module):
+        def __init__(self, multiplier):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(channels, multiplier * channels, kernel, stride, padding, groups=channels)
+            self.norm = torch.nn.BatchNorm2d(multiplier * channels)
+            self.norm.running_var.uniform_(0.5, 1.5)
+            self.norm.running_mean.uniform_(-0.5, 0.5)
+
+        def forward(self, x):
+            return torch.relu(self.norm(self.conv(x)))
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, channels, width + 1, width)
+    lanes = next(v for v in (16, 8, 4) if channels % v == 0)
+    for multiplier in (1, 2):
+        model = DepthwiseBnRelu(multiplier).eval()
+        [conv] = [f.script() for name, f in _scheduled_kernels_of(model, (x,)).items() if "conv2d" in name]
+        taken = '"local"' in conv and f"T.vectorized(T.int64({lanes}))" in conv
+        assert taken == (multiplier == 1), conv
+        with torch.no_grad():
+            fn, _ = tvm_backend.compile_program(torch.export.export(model, (x,)), schedules="ours")
+            assert_equivalent(fn(x)[0], model(x))
+
+
 # batch, width, stride, kernel: images whose pixel count 6 does not divide
 _CUT_SHORT_TILES = [(3, 14, 1, 3), (1, 33, 2, 3), (1, 22, 1, 7), (2, 1, 1, 3)]
 
@@ -937,6 +1035,24 @@ def test_sigmoid_and_silu_compute_exp_in_vectors_and_match_pytorch():
         fn, _ = tvm_backend.compile_program(torch.export.export(Activations(), (x,)), schedules="ours")
     for actual, expected in zip(fn(x), Activations()(x)):
         assert_equivalent(actual, expected)
+
+
+@pytest.mark.tvm
+def test_gelu_computes_erf_in_vectors_and_matches_pytorch():
+    """Legalised as it is, GELU calls libm's scalar erff once per element; spelled with relax's
+    erf, it is the vectorised fast_erf, and the numbers are PyTorch's over the whole float range
+    (fast_erf saturates to +-1 past 4)."""
+
+    class Gelu(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.gelu(x)
+
+    x = torch.cat([torch.linspace(-120.0, 120.0, 2401), torch.randn(4096) * 4, torch.tensor([-1e30, 1e30])])
+    scripts = [f.script() for f in _scheduled_kernels(Gelu(), x).values()]
+    assert not any("T.erf(" in s for s in scripts) and any("fast_erf" in s for s in scripts), scripts
+    with torch.no_grad():
+        fn, _ = tvm_backend.compile_program(torch.export.export(Gelu(), (x,)), schedules="ours")
+    assert_equivalent(fn(x)[0], Gelu()(x))
 
 
 @pytest.mark.tvm

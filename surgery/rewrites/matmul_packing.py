@@ -51,7 +51,7 @@ from hypothesis import strategies as st
 from torch import Tensor, fx
 
 from ..equivalence.strategies import dtypes, seeded_tensor
-from ..matmul_tiling import VECTOR_LANES, VECTOR_REGISTERS, plan_matmul
+from ..matmul_tiling import VECTOR_LANES, VECTOR_REGISTERS, padded_rows, plan_matmul
 from .base import GraphRewrite, node_value
 
 aten = torch.ops.aten
@@ -72,7 +72,9 @@ def panel_width(
     rows: int, cols: int, depth: int, registers: int = VECTOR_REGISTERS, lanes: int = VECTOR_LANES
 ) -> int | None:
     """The kernel's tile width for this product on a CPU with ``registers`` vector registers of
-    ``lanes`` floats, when B is wider than it (else None)."""
+    ``lanes`` floats, when B is wider than it (else None): planned for the rows the kernel
+    computes, ``padded_rows``."""
+    rows = padded_rows(1, rows, cols, depth, registers, lanes)
     plan = plan_matmul(1, rows, cols, depth, threads=1, registers=registers, lanes=lanes)
     if plan is None or cols <= plan.nr or cols % plan.nr:
         return None

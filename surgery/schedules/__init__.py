@@ -14,6 +14,7 @@ So we ship deterministic rules, applied at build time by ``pipeline`` with dligh
   tiles, on request only) the output transform of the convolutions that
   ``winograd_convolutions`` (a pass before legalisation) computes as F(2x2, 3x3);
 - ``conv``: ``Conv``, channels-last convolutions tiled by ``surgery.conv_tiling``;
+- ``depthwise``: ``DepthwiseConv``, channels-last depthwise convolutions (one group a channel);
 - ``matmul``: ``Matmul``, register-blocked products laid out by ``surgery.matmul_tiling``;
 - ``row_reduction``: ``RowReduction``, softmax / layer norm rows;
 - ``column_reduction``: ``ColumnReduction``, reductions over leading axes that keep the innermost one,
@@ -55,6 +56,7 @@ from ..matmul_tiling import (
 )
 from .column_reduction import ColumnReduction
 from .conv import Conv
+from .depthwise import DepthwiseConv
 from .flattening import Checked
 from .fma import FMA_ANNOTATION, is_fma_kernel
 from .injective import Injective
@@ -66,8 +68,10 @@ from .relax_passes import (
     batch_norm_as_scale_shift,
     channels_last_convolutions,
     gathers_into_weighted_sums,
+    gelu_through_erf,
     guarded_softmax_kernels,
     pad_matmul_columns,
+    pad_matmul_rows,
     positive_squeeze_axes,
     sigmoid_through_exp,
     softmax_by_reciprocal,
@@ -84,6 +88,7 @@ def rules() -> tuple:
         WinogradInput(),
         WinogradOutput(),
         Conv(),
+        DepthwiseConv(),
         Matmul(),
         RowReduction(),
         ColumnReduction(),
@@ -113,7 +118,8 @@ def pipeline(target: tvm.target.Target):
       vectorises, where libm's ``expf`` is one scalar call per element. Measured over [-87, 88]:
       at most 4.1e-6 relative (68 ulp) from the exact value, where ``torch.exp`` is within 1 ulp;
       ``sigmoid`` and ``silu`` too, spelled with ``exp`` as PyTorch computes them
-      (``sigmoid_through_exp``); a softmax row is multiplied by one reciprocal of its sum
+      (``sigmoid_through_exp``); ``gelu``'s ``erf`` as ``fast_erf`` (``gelu_through_erf``:
+      within 3.7e-7 of the exact value); a softmax row is multiplied by one reciprocal of its sum
       instead of dividing every element by it (``softmax_by_reciprocal``, within 1 ulp);
     - gives an elementwise operator a constant of one value throughout (attention's guard
       zeros, folded to a tensor of the scores' size) as a 0-d scalar
@@ -149,6 +155,8 @@ def pipeline(target: tvm.target.Target):
                 + [relax.transform.EliminateCommonSubexpr()]
                 # sigmoid as 1 / (1 + exp(-x)), so that its exp is the fast_exp below
                 + [sigmoid_through_exp]
+                # gelu with relax's erf, so that the next pass makes it fast_erf (libm's erff is scalar)
+                + [gelu_through_erf]
                 # softmax with fast_exp, each row normalised by one reciprocal of its sum
                 + [softmax_by_reciprocal]
                 # exp as TVM's fast_exp (a polynomial LLVM vectorises) instead of libm's scalar
@@ -163,6 +171,8 @@ def pipeline(target: tvm.target.Target):
                 + [absorb_matmul_broadcasts]
                 # columns no whole number of vectors (91 classes): padded, so the Matmul rule tiles them
                 + [pad_matmul_columns]
+                # rows that admit only 1- or 2-row register tiles (197 tokens): padded by a few
+                + [pad_matmul_rows]
                 # attention's guarded softmax over scores unpacked from a product's panels: one kernel
                 + [guarded_softmax_kernels()]
                 # gathers feeding a weighted sum (ROI pooling's taps, bilinear sampling's) one kernel with it
@@ -189,6 +199,7 @@ __all__ = [
     "Checked",
     "ColumnReduction",
     "Conv",
+    "DepthwiseConv",
     "MAX_ACCUMULATORS",
     "VECTOR_LANES",
     "VECTOR_REGISTERS",
@@ -203,6 +214,7 @@ __all__ = [
     "batch_norm_as_scale_shift",
     "channels_last_convolutions",
     "pad_matmul_columns",
+    "pad_matmul_rows",
     "positive_squeeze_axes",
     "softmax_by_reciprocal",
     "split_weight_packing",

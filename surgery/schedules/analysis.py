@@ -9,7 +9,7 @@ from tvm.s_tir.dlight.analysis import get_root_block
 from tvm.s_tir.dlight.base import get_extent
 
 from ..matmul_tiling import VECTOR_LANES
-from .compat import region_buffer, stmt_simplify
+from .compat import loaded_buffer_name, region_buffer, stmt_simplify
 
 PARALLEL_MIN_ELEMENTS = 1 << 14  # below this a thread-pool launch costs more than it saves
 
@@ -152,6 +152,39 @@ def inline_consumers(sch: s_tir.Schedule, producer) -> None:
             sch.reverse_compute_inline(consumer)
         except Exception:  # noqa: BLE001 - TVM refuses: left as its own loop nest, scheduled after
             pass
+
+
+def inline_padding_producers(sch: s_tir.Schedule, block, padded) -> None:
+    """Elementwise producers of a convolution's padding copy (``padded``, the buffer ``block``
+    reads its input from) are inlined into it; the copy itself stays (inlined into the
+    reduction, every tap of every pixel would test the border), unless there is no border: then
+    it is a plain copy, and the reduction reads the input itself."""
+    for other in root_blocks(sch):
+        stmt = sch.get(other)
+        copy = isinstance(stmt.body, tirx.BufferStore) and loaded_buffer_name(stmt.body.value) is not None
+        if copy and any(region_buffer(w).same_as(padded) for w in stmt.writes):
+            try:
+                sch.compute_inline(other)
+            except Exception:  # noqa: BLE001 - TVM refuses: the copy stays, as with a border
+                pass
+            break
+    changed = True
+    while changed:
+        changed = False
+        for other in root_blocks(sch):
+            stmt = sch.get(other)
+            if stmt.same_as(sch.get(block)) or any(region_buffer(w).same_as(padded) for w in stmt.writes):
+                continue
+            if not is_spatial(sch, other) or not sch.get_consumers(other):
+                continue
+            if any(sch.get(c).same_as(sch.get(block)) for c in sch.get_consumers(other)):
+                continue
+            try:
+                sch.compute_inline(other)
+                changed = True
+                break
+            except Exception:  # noqa: BLE001 - TVM refuses: left as its own loop nest
+                continue
 
 
 def _realize_of(sch: s_tir.Schedule, block, loop):

@@ -29,6 +29,7 @@ from ..matmul_tiling import VECTOR_LANES
 from .analysis import (
     LAYOUT_REWRITE,
     inline_consumers,
+    inline_padding_producers,
     is_spatial,
     iter_kinds,
     reduction_blocks,
@@ -37,7 +38,7 @@ from .analysis import (
     simplified,
     static_extent,
 )
-from .compat import accessed_buffer, loaded_buffer_name, param_buffers, region_buffer
+from .compat import accessed_buffer, param_buffers, region_buffer
 from .fma import contraction_safe
 from .matmul import PARALLEL_MIN_MACS, _is_mul_add, finish_register_tile, schedule_remaining_spatial, vector_registers
 
@@ -110,7 +111,7 @@ class Conv(dlight.ScheduleRule):
             return None
         name, padded = stmt.name_hint, operands[0]
         contractible = contraction_safe(func)
-        self._inline_producers(sch, block, padded)
+        inline_padding_producers(sch, block, padded)
         loops = sch.get_loops(block)
         if len(loops) != 7:
             return None
@@ -151,35 +152,3 @@ class Conv(dlight.ScheduleRule):
         finish_register_tile(sch, block, ry, accumulator, (pi, fvo, fvi), contractible)
         schedule_remaining_spatial(sch)
         return sch
-
-    @staticmethod
-    def _inline_producers(sch, block, padded) -> None:
-        """Elementwise producers of the padding copy are inlined into it; the copy itself stays
-        (inlined into the reduction, every tap of every pixel would test the border), unless
-        there is no border: then it is a plain copy, and the reduction reads the input itself."""
-        for other in root_blocks(sch):
-            stmt = sch.get(other)
-            copy = isinstance(stmt.body, tirx.BufferStore) and loaded_buffer_name(stmt.body.value) is not None
-            if copy and any(region_buffer(w).same_as(padded) for w in stmt.writes):
-                try:
-                    sch.compute_inline(other)
-                except Exception:  # noqa: BLE001 - TVM refuses: the copy stays, as with a border
-                    pass
-                break
-        changed = True
-        while changed:
-            changed = False
-            for other in root_blocks(sch):
-                stmt = sch.get(other)
-                if stmt.same_as(sch.get(block)) or any(region_buffer(w).same_as(padded) for w in stmt.writes):
-                    continue
-                if not is_spatial(sch, other) or not sch.get_consumers(other):
-                    continue
-                if any(sch.get(c).same_as(sch.get(block)) for c in sch.get_consumers(other)):
-                    continue
-                try:
-                    sch.compute_inline(other)
-                    changed = True
-                    break
-                except Exception:  # noqa: BLE001 - TVM refuses: left as its own loop nest
-                    continue
