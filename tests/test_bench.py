@@ -40,6 +40,51 @@ def test_a_system_with_wrong_outputs_is_not_timed():
     assert right.fn is not None
 
 
+class WideProduct(torch.nn.Module):
+    """Sums of 512 products of magnitude ~700: float32 rounding alone is ~1e-4 there."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(512, 512, bias=False)
+        torch.nn.init.normal_(self.fc.weight)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_a_deep_networks_float32_noise_is_judged_against_float64_when_asked():
+    """The most accurate float32 result there is (computed in float64, rounded once) differs
+    from eager's by more than 1e-5 on large sums: wrong by the fixed bound, right when judged
+    against the program run in float64 (``ModelSpec.judged``, the CLI's ``--judged``), whose
+    bound eager's own error sets. An error of 1e-3 on top is wrong either way."""
+    import copy
+    import dataclasses
+
+    spec = ModelSpec.from_module("wide", WideProduct(), (30 * torch.randn(64, 512),))
+    exported = export(spec, progress=lambda m: None)
+    exact = copy.deepcopy(spec.module).double()
+    rounded = lambda x: (exact(x.double()).float(),)  # noqa: E731
+    off = lambda x: (rounded(x)[0] + 1e-3 * rounded(x)[0].abs().max(),)  # noqa: E731
+    for judged, ok in ((False, False), (True, True)):
+        candidate, wrong = System("tvm_shipped", rounded, {}), System("onnxruntime", off, {})
+        checks = check_systems(dataclasses.replace(spec, judged=judged), [candidate, wrong], exported, lambda m: None)
+        assert checks["tvm_shipped"]["ok"] == ok and not checks["onnxruntime"]["ok"], checks
+
+
+def test_bench_judges_a_saved_program_against_float64_with_judged(tmp_path):
+    path = tmp_path / "wide.pt2"
+    with torch.no_grad():
+        torch.export.save(torch.export.export(WideProduct().eval(), (torch.randn(64, 512),)), path)
+    for flag, bound in (([], "max_abs <= 1e-05"), (["--judged"], "float64")):
+        result = run_cli_in_process(
+            "bench", str(path), *flag, "--systems", "eager", "--rounds", "1", "--calls", "1", "--reports", str(tmp_path)
+        )
+        assert result.returncode == 0, result
+        [row] = json.loads((tmp_path / "bench_wide.json").read_text())["rows"]
+        assert bound in row["check"]["outputs"]["output0"], row
+
+
 def test_each_round_starts_one_system_later_so_none_always_follows_the_same_one():
     """A system's speed depends on what ran just before it (threads still spinning, caches full
     of another's data): the rounds rotate the order, and every system is timed as often."""
