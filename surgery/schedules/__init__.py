@@ -134,6 +134,8 @@ def pipeline(target: tvm.target.Target):
       into the batch by a reshape (``absorb_matmul_broadcasts``);
     - pads a product's columns to whole vectors when they are no whole number of 4-float ones,
       and slices the result (``pad_matmul_columns``);
+    - pads a product's rows by a few when they admit only 1- or 2-row register tiles (a prime
+      count past 16), and slices the result (``pad_matmul_rows``);
     - simplifies index arithmetic left by inlined reshapes over the loop ranges
       (``analysis.simplified``, inside the rules);
     - compiles Matmul and RowReduction kernels with fused multiply-add where no step function
