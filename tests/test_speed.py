@@ -925,6 +925,7 @@ def test_depthwise_convolutions_run_in_vectors_of_channels_and_match_pytorch(
     one kernel of ours: tiles of a row's output pixels by a vector of channels accumulated in a
     local buffer, parallel over rows where large enough; its numbers are PyTorch's. One with two
     output channels per input channel is left to the generic schedule, and is right too."""
+    import tvm
 
     class DepthwiseBnRelu(torch.nn.Module):
         def __init__(self, multiplier):
@@ -948,6 +949,12 @@ def test_depthwise_convolutions_run_in_vectors_of_channels_and_match_pytorch(
         with torch.no_grad():
             fn, _ = tvm_backend.compile_program(torch.export.export(model, (x,)), schedules="ours")
             assert_equivalent(fn(x)[0], model(x))
+    # on an AVX2 CPU the vectors are its 8 floats: a 16-float one takes two of its 16 registers
+    avx2 = tvm.target.Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
+    [conv] = [
+        f.script() for n, f in _scheduled_kernels_of(DepthwiseBnRelu(1).eval(), (x,), avx2).items() if "conv2d" in n
+    ]
+    assert '"local"' in conv and f"T.vectorized(T.int64({min(lanes, 8)}))" in conv, conv
 
 
 # batch, width, stride, kernel: images whose pixel count 6 does not divide

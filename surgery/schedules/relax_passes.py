@@ -127,6 +127,8 @@ def pad_matmul_rows(mod, _ctx):
         sx, sy, out = _static_shape(matches[x]), _static_shape(matches[y]), _static_shape(call)
         if None in (sx, sy, out) or len(sx) < 2 or len(sy) < 2 or int(np.prod(out)) * sx[-1] < PAD_MIN_MACS:
             return call
+        if relax_type(matches[x]).dtype != "float32":
+            return call
         rows = sx[-2]
         padded = padded_rows(int(np.prod(out[:-2])), rows, out[-1], sx[-1], *registers)
         if padded == rows:
