@@ -9,7 +9,7 @@ from tvm.s_tir.dlight.analysis import get_root_block
 from tvm.s_tir.dlight.base import get_extent
 
 from ..matmul_tiling import VECTOR_LANES
-from .compat import loaded_buffer_name, region_buffer, stmt_simplify
+from .compat import accessed_buffer, loaded_buffer_name, region_buffer, stmt_simplify
 
 PARALLEL_MIN_ELEMENTS = 1 << 14  # below this a thread-pool launch costs more than it saves
 
@@ -23,6 +23,17 @@ def static_extent(sch: s_tir.Schedule, loop) -> int | None:
     """A loop's extent when it is a constant."""
     extent = get_extent(sch, loop)
     return extent if isinstance(extent, int) else None
+
+
+def is_var(index, var) -> bool:
+    """``index`` (a buffer index) is the variable ``var`` itself."""
+    return isinstance(index, tirx.Var) and index.same_as(var)
+
+
+def is_mul_add(store: tirx.BufferStore) -> bool:
+    """The store adds a product to something: a reduction's ``C += A * B`` step."""
+    value = store.value
+    return isinstance(value, tirx.Add) and any(isinstance(side, tirx.Mul) for side in (value.a, value.b))
 
 
 def has_root_block(sch: s_tir.Schedule) -> bool:
@@ -152,6 +163,44 @@ def inline_consumers(sch: s_tir.Schedule, producer) -> None:
             sch.reverse_compute_inline(consumer)
         except Exception:  # noqa: BLE001 - TVM refuses: left as its own loop nest, scheduled after
             pass
+
+
+def convolution_block(sch: s_tir.Schedule, operands_of):
+    """``(block, operands_of(its statement))`` of a kernel whose one reduction block is a 2-d
+    convolution's (iterators ``n, y, x, f, ry, rx, rc``, a multiply-add step) and whose other
+    blocks are elementwise, when ``operands_of`` finds its operands; else None."""
+    reductions = reduction_blocks(sch)
+    if len(reductions) != 1 or iter_kinds(sch, reductions[0]) != "SSSSRRR":
+        return None
+    block = reductions[0]
+    stmt = sch.get(block)
+    if not isinstance(stmt.body, tirx.BufferStore) or not is_mul_add(stmt.body):
+        return None
+    if any(not is_spatial(sch, b) for b in root_blocks(sch) if not sch.get(b).same_as(stmt)):
+        return None
+    operands = operands_of(stmt)
+    return None if operands is None else (block, operands)
+
+
+def convolution_operands(stmt, input_channel):
+    """(input buffer, weight buffer) of a channels-last convolution block ``stmt`` (iterators
+    ``n, y, x, f, ry, rx, rc``), else None: the output written at ``[n, y, x, f]``, the weight
+    read at ``[ry, rx, rc, f]`` and the input at ``[n, ..., ..., i]`` where ``input_channel(i,
+    f, rc)`` holds (a dense convolution reads channel ``rc``, a depthwise one ``f + rc``)."""
+    n, y, x, f, ry, rx, rc = (iv.var for iv in stmt.iter_vars)
+    store = stmt.body
+    if len(store.indices) != 4 or not all(is_var(i, v) for i, v in zip(store.indices, (n, y, x, f))):
+        return None
+    weight = image = None
+    for read in stmt.reads:
+        mins = [r.min for r in read.region]
+        if region_buffer(read).same_as(accessed_buffer(store)) or len(mins) != 4:
+            continue
+        if all(is_var(i, v) for i, v in zip(mins, (ry, rx, rc, f))):
+            weight = region_buffer(read)
+        elif is_var(mins[0], n) and input_channel(mins[3], f, rc):
+            image = region_buffer(read)
+    return (image, weight) if image is not None and weight is not None else None
 
 
 def inline_padding_producers(sch: s_tir.Schedule, block, padded) -> None:

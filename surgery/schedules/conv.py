@@ -21,50 +21,30 @@ from __future__ import annotations
 
 import math
 
-from tvm import tirx
 from tvm.s_tir import dlight
 
 from ..conv_tiling import plan_conv
 from ..matmul_tiling import VECTOR_LANES
 from .analysis import (
     LAYOUT_REWRITE,
+    convolution_block,
+    convolution_operands,
     inline_consumers,
     inline_padding_producers,
-    is_spatial,
-    iter_kinds,
-    reduction_blocks,
-    root_blocks,
+    is_var,
     schedule_for,
     simplified,
     static_extent,
 )
-from .compat import accessed_buffer, param_buffers, region_buffer
+from .compat import param_buffers, region_buffer
 from .fma import contraction_safe
-from .matmul import PARALLEL_MIN_MACS, _is_mul_add, finish_register_tile, schedule_remaining_spatial, vector_registers
-
-
-def _same(index, var) -> bool:
-    return isinstance(index, tirx.Var) and index.same_as(var)
+from .matmul import PARALLEL_MIN_MACS, finish_register_tile, schedule_remaining_spatial, vector_registers
 
 
 def _operands(stmt):
-    """(input buffer, weight buffer) of a channels-last convolution block, else None: the
-    weight is read at ``[ry, rx, c, f]`` and the input at ``[n, ..., ..., c]``, the output
-    written at ``[n, y, x, f]``."""
-    n, y, x, f, ry, rx, rc = (iv.var for iv in stmt.iter_vars)
-    store = stmt.body
-    if len(store.indices) != 4 or not all(_same(i, v) for i, v in zip(store.indices, (n, y, x, f))):
-        return None
-    weight = image = None
-    for read in stmt.reads:
-        mins = [r.min for r in read.region]
-        if region_buffer(read).same_as(accessed_buffer(store)) or len(mins) != 4:
-            continue
-        if all(_same(i, v) for i, v in zip(mins, (ry, rx, rc, f))):
-            weight = region_buffer(read)
-        elif _same(mins[0], n) and _same(mins[3], rc):
-            image = region_buffer(read)
-    return (image, weight) if image is not None and weight is not None else None
+    """(input buffer, weight buffer) of a channels-last convolution block reading input channel
+    ``rc`` (``analysis.convolution_operands``), else None."""
+    return convolution_operands(stmt, lambda channel, _f, rc: is_var(channel, rc))
 
 
 def _pack_weight(sch, block, weight_name: str, nr: int) -> None:
@@ -95,20 +75,11 @@ class Conv(dlight.ScheduleRule):
 
     def apply(self, func, target, _tunable):
         sch = schedule_for(func, target)
-        if sch is None:
+        found = None if sch is None else convolution_block(sch, _operands)
+        if found is None:
             return None
-        reductions = reduction_blocks(sch)
-        if len(reductions) != 1 or iter_kinds(sch, reductions[0]) != "SSSSRRR":
-            return None
-        block = reductions[0]
+        block, operands = found
         stmt = sch.get(block)
-        if not isinstance(stmt.body, tirx.BufferStore) or not _is_mul_add(stmt.body):
-            return None
-        if any(not is_spatial(sch, b) for b in root_blocks(sch) if not sch.get(b).same_as(stmt)):
-            return None
-        operands = _operands(stmt)
-        if operands is None:
-            return None
         name, padded = stmt.name_hint, operands[0]
         contractible = contraction_safe(func)
         inline_padding_producers(sch, block, padded)

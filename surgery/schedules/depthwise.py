@@ -21,57 +21,39 @@ from tvm.s_tir import dlight
 
 from ..matmul_tiling import MIN_LANES, VECTOR_LANES
 from .analysis import (
+    convolution_block,
+    convolution_operands,
     inline_consumers,
     inline_padding_producers,
-    is_spatial,
-    iter_kinds,
-    reduction_blocks,
-    root_blocks,
+    is_var,
     schedule_for,
     simplified,
     static_extent,
 )
-from .compat import accessed_buffer, region_buffer
 from .fma import contraction_safe
-from .matmul import PARALLEL_MIN_MACS, _is_mul_add, finish_register_tile, schedule_remaining_spatial, vector_registers
+from .matmul import PARALLEL_MIN_MACS, finish_register_tile, schedule_remaining_spatial, vector_registers
 
 # Output pixels of a tile, the most that divide the row's width: each is an accumulator of one
 # channel vector, the tap's weight vector shared by all of them.
 PIXEL_TILES = (8, 7, 6, 5, 4, 3, 2, 1)
 
 
-def _same(index, var) -> bool:
-    return isinstance(index, tirx.Var) and index.same_as(var)
-
-
-def _channel(index, c, rc) -> bool:
+def _own_channel(index, c, rc) -> bool:
     """``index`` is input channel ``c`` of a group of one: ``c`` or ``c + rc`` (``rc`` only 0)."""
     if isinstance(index, tirx.Add):
-        return (_same(index.a, c) and _same(index.b, rc)) or (_same(index.a, rc) and _same(index.b, c))
-    return _same(index, c)
+        return (is_var(index.a, c) and is_var(index.b, rc)) or (is_var(index.a, rc) and is_var(index.b, c))
+    return is_var(index, c)
 
 
 def _operands(stmt):
     """(input buffer, weight buffer) of a channels-last convolution block of one input channel
     per group and one output channel per input channel (TVM's ``group_conv2d_nhwc`` with as many
-    groups as channels), else None: the output written at ``[n, y, x, c]``, the weight read at
-    ``[ry, rx, rc, c]`` and the input at ``[n, ..., ..., c + rc]``, ``rc`` over one channel."""
-    n, y, x, c, ry, rx, rc = (iv.var for iv in stmt.iter_vars)
-    if not isinstance(stmt.iter_vars[6].dom.extent, tirx.IntImm) or int(stmt.iter_vars[6].dom.extent) != 1:
+    groups as channels: ``rc`` over one channel, the input read at channel ``c + rc``), else
+    None."""
+    extent = stmt.iter_vars[6].dom.extent
+    if not isinstance(extent, tirx.IntImm) or int(extent) != 1:
         return None
-    store = stmt.body
-    if len(store.indices) != 4 or not all(_same(i, v) for i, v in zip(store.indices, (n, y, x, c))):
-        return None
-    weight = image = None
-    for read in stmt.reads:
-        mins = [r.min for r in read.region]
-        if region_buffer(read).same_as(accessed_buffer(store)) or len(mins) != 4:
-            continue
-        if all(_same(i, v) for i, v in zip(mins, (ry, rx, rc, c))):
-            weight = region_buffer(read)
-        elif _same(mins[0], n) and _channel(mins[3], c, rc):
-            image = region_buffer(read)
-    return (image, weight) if image is not None and weight is not None else None
+    return convolution_operands(stmt, _own_channel)
 
 
 class DepthwiseConv(dlight.ScheduleRule):
@@ -80,20 +62,11 @@ class DepthwiseConv(dlight.ScheduleRule):
 
     def apply(self, func, target, _tunable):
         sch = schedule_for(func, target)
-        if sch is None:
+        found = None if sch is None else convolution_block(sch, _operands)
+        if found is None:
             return None
-        reductions = reduction_blocks(sch)
-        if len(reductions) != 1 or iter_kinds(sch, reductions[0]) != "SSSSRRR":
-            return None
-        block = reductions[0]
+        block, operands = found
         stmt = sch.get(block)
-        if not isinstance(stmt.body, tirx.BufferStore) or not _is_mul_add(stmt.body):
-            return None
-        if any(not is_spatial(sch, b) for b in root_blocks(sch) if not sch.get(b).same_as(stmt)):
-            return None
-        operands = _operands(stmt)
-        if operands is None:
-            return None
         name = stmt.name_hint
         contractible = contraction_safe(func)
         inline_padding_producers(sch, block, operands[0])

@@ -30,6 +30,7 @@ from ..matmul_tiling import (
 from .analysis import (
     inline_consumers,
     inline_elementwise,
+    is_mul_add,
     is_scheduled,
     is_spatial,
     iter_kinds,
@@ -57,11 +58,6 @@ def vector_registers(target) -> tuple[int, int]:
     except Exception:  # noqa: BLE001 - not an x86 target: assume the wide register file
         wide = True
     return (VECTOR_REGISTERS, VECTOR_LANES) if wide else (AVX2_REGISTERS, AVX2_LANES)
-
-
-def _is_mul_add(store: tirx.BufferStore) -> bool:
-    value = store.value
-    return isinstance(value, tirx.Add) and any(isinstance(side, tirx.Mul) for side in (value.a, value.b))
 
 
 def _batch_axes_of_rows(stmt) -> list[bool]:
@@ -119,7 +115,7 @@ class Matmul(dlight.ScheduleRule):
         stmt = sch.get(block)
         if kinds.rstrip("R") != "S" * kinds.count("S") or kinds.count("R") != 1 or kinds.count("S") < 2:
             return None
-        if len(stmt.reads) < 2 or not isinstance(stmt.body, tirx.BufferStore) or not _is_mul_add(stmt.body):
+        if len(stmt.reads) < 2 or not isinstance(stmt.body, tirx.BufferStore) or not is_mul_add(stmt.body):
             return None
         if any(not is_spatial(sch, b) for b in root_blocks(sch) if not sch.get(b).same_as(stmt)):
             return None
