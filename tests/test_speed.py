@@ -906,13 +906,14 @@ def test_convolutions_are_computed_in_place_channels_last_and_match_pytorch(
 
 
 # channels, kernel, stride, padding, width, batch: MobileNet's and EfficientNet's 3x3 and 5x5,
-# ConvNeXt's 7x7, channels in vectors of 16, 8 (72) and 4 (20), widths 7 does not divide
+# ConvNeXt's 7x7, channels in vectors of 16, 8 (72) and 4 (20); output rows of 16, 8, 14, 5 and
+# 11 pixels, in tiles of 8, 8, 7, 5 and 1 (11 is prime)
 _DEPTHWISE_CONVOLUTIONS = [
     (32, 3, 1, 1, 16, 1),
     (72, 5, 2, 2, 15, 1),
     (96, 7, 1, 3, 14, 2),
     (20, 3, 2, 1, 9, 1),
-    (48, 3, 1, 0, 11, 1),
+    (48, 3, 1, 1, 11, 1),
 ]
 
 
