@@ -24,6 +24,11 @@ def _static_shape(expr) -> list[int] | None:
     return [int(v) for v in dims]
 
 
+def _float32(expr) -> bool:
+    """A relax expression of float32 values."""
+    return getattr(relax_type(expr), "dtype", None) == "float32"
+
+
 def _rewrite_functions(mod, *rewrites):
     """Each ``(pattern, rewrite)`` in turn (``rewrite_call``) on every relax function of ``mod``."""
     for gv, func in list(mod.functions.items()):
@@ -129,7 +134,7 @@ def pad_matmul_rows(mod, _ctx):
         sx, sy, out = _static_shape(matches[x]), _static_shape(matches[y]), _static_shape(call)
         if None in (sx, sy, out) or len(sx) < 2 or len(sy) < 2 or int(np.prod(out)) * sx[-1] < PAD_MIN_MACS:
             return call
-        if relax_type(matches[x]).dtype != "float32":
+        if not _float32(matches[x]):
             return call
         rows = sx[-2]
         padded = padded_rows(int(np.prod(out[:-2])), rows, out[-1], sx[-1], *registers)
@@ -292,14 +297,11 @@ def sigmoid_through_exp(mod, _ctx):
         one = relax.const(1.0, "float32")
         return relax.op.divide(one, relax.op.add(one, relax.op.exp(relax.op.negative(value))))
 
-    def float32(matches) -> bool:
-        return getattr(relax_type(matches[x]), "dtype", None) == "float32"
-
     def rewrite_sigmoid(call, matches):
-        return through_exp(matches[x]) if float32(matches) else call
+        return through_exp(matches[x]) if _float32(matches[x]) else call
 
     def rewrite_silu(call, matches):
-        return relax.op.multiply(matches[x], through_exp(matches[x])) if float32(matches) else call
+        return relax.op.multiply(matches[x], through_exp(matches[x])) if _float32(matches[x]) else call
 
     return _rewrite_functions(mod, (sigmoid, rewrite_sigmoid), (silu, rewrite_silu))
 
@@ -320,20 +322,17 @@ def gelu_through_erf_or_tanh(mod, _ctx):
     x = wildcard()
     exact, tanh_form = is_op("relax.nn.gelu")(x), is_op("relax.nn.gelu_tanh")(x)
 
-    def float32(matches) -> bool:
-        return getattr(relax_type(matches[x]), "dtype", None) == "float32"
-
     def const(value: float):
         return relax.const(value, "float32")
 
     def rewrite_exact(call, matches):
-        if not float32(matches):
+        if not _float32(matches[x]):
             return call
         erf = relax.op.erf(relax.op.multiply(matches[x], const(0.5**0.5)))
         return relax.op.multiply(matches[x], relax.op.add(const(0.5), relax.op.multiply(erf, const(0.5))))
 
     def rewrite_tanh_form(call, matches):
-        if not float32(matches):
+        if not _float32(matches[x]):
             return call
         v = matches[x]
         cubic = relax.op.add(const(1.0), relax.op.multiply(const(0.044715), relax.op.multiply(v, v)))

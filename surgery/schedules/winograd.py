@@ -89,7 +89,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.s_tir import dlight
 
-from ..matmul_tiling import VECTOR_LANES, plan_matmul, tile_rating
+from ..matmul_tiling import VECTOR_LANES, padding_candidates, plan_matmul, tile_rating
 from .analysis import inline_elementwise, root_blocks, schedule_for, static_extent
 from .compat import RelaxConstant, constant_array, relax_type
 from .matmul import vector_registers
@@ -282,7 +282,7 @@ def product_rows(
     ms); a map's 1600 blocks keep 1602 rows of 6 x 16 (5 x 16 tiles, measured no slower a row
     there, 13600 rows 412 ms against 13602 430, are not measured on other CPUs)."""
     rated = []
-    for rows in range(blocks, blocks + min(16, blocks // 32 + 7)):
+    for rows in padding_candidates(blocks):
         plan = plan_matmul(positions, rows, outputs, channels, 1, *registers)
         if plan is not None:  # B's registers: the plan's tile width in the CPU's vectors
             rating, accumulators = tile_rating(plan.mr, plan.nr // math.gcd(plan.nr, registers[1]))
