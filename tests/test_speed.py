@@ -1324,6 +1324,28 @@ def test_conv_im2col_leaves_the_convolutions_the_conv_rule_computes():
         assert_equivalent(shipped.program.module()(x), model(x))
 
 
+@pytest.mark.tvm
+def test_a_convolution_of_no_whole_vectors_of_channels_compiled_without_speed_rewrites_matches_pytorch():
+    """Without the speed rewrites (``compile_program`` on a program as exported, as a notebook
+    may call it) a convolution whose output channels are no whole 16-float vectors (RegNet's
+    squeeze-excitation, 144 -> 36 on one pixel) reaches the schedule rules as a convolution: the
+    Conv rule declines it, where packing its weight in panels of 16 failed the whole build."""
+
+    class Squeeze(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(144, 36, 1)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x.mean((2, 3), keepdim=True)))
+
+    torch.manual_seed(0)
+    model, x = Squeeze().eval(), torch.randn(1, 144, 7, 7)
+    with torch.no_grad():
+        fn, _ = tvm_backend.compile_program(torch.export.export(model, (x,)), schedules="ours")
+        assert_equivalent(fn(x)[0], model(x))
+
+
 def _winograd_from(monkeypatch, channels: int | None, tile: str | None = None) -> None:
     """Our pipeline with Winograd taking 3x3 convolutions from ``channels`` channels (at the
     shipped threshold, 64 or 128 by the CPU, every build of a test would be slow; None: that

@@ -23,7 +23,7 @@ import math
 
 from tvm.s_tir import dlight
 
-from ..conv_tiling import plan_conv
+from ..conv_tiling import CHANNEL_MULTIPLE, plan_conv
 from ..matmul_tiling import VECTOR_LANES
 from .analysis import (
     LAYOUT_REWRITE,
@@ -91,6 +91,10 @@ class Conv(dlight.ScheduleRule):
         if None in extents:
             return None
         height, width, channels, kh, kw, depth = extents
+        if channels % CHANNEL_MULTIPLE:
+            # no whole vectors of output channels (RegNet's squeeze-excitation, 144 -> 36):
+            # ``conv_im2col`` takes these in the shipped build; compiled without it, the generic rules
+            return None
         registers, _ = vector_registers(target)
         pixels = height * width
         mr, nr = plan_conv(pixels, channels, depth, registers, taps=kh * kw)
