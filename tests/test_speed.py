@@ -958,6 +958,52 @@ def test_depthwise_convolutions_run_in_vectors_of_channels_and_match_pytorch(
     assert '"local"' in conv and f"T.vectorized(T.int64({min(lanes, 8)}))" in conv, conv
 
 
+# channels, groups, kernel, stride, width: ResNeXt's 32 groups of 4 and of 32 channels, RegNet's
+# groups of 16 and of 8 (48 channels: 6 groups) and one of 3 channels a group, which no vector
+# of 4, 8 or 16 fits
+_GROUPED_CONVOLUTIONS = [
+    (128, 32, 3, 1, 14),
+    (1024, 32, 3, 2, 9),
+    (64, 4, 3, 2, 16),
+    (48, 6, 3, 1, 7),
+    (24, 8, 3, 1, 6),
+]
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("channels, groups, kernel, stride, width", _GROUPED_CONVOLUTIONS)
+def test_grouped_convolutions_run_in_vectors_of_a_groups_channels_and_match_pytorch(
+    channels, groups, kernel, stride, width
+):
+    """A grouped convolution (several channels a group) with batch norm and ReLU after it is one
+    kernel of ours where a vector of 16, 8 or 4 of a group's output channels fits in the group:
+    the vector reads one input channel, a broadcast, per tap. A group of 3 channels is left to
+    the generic schedule. Its numbers are PyTorch's either way."""
+
+    class GroupedBnRelu(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(channels, channels, kernel, stride, kernel // 2, groups=groups)
+            self.norm = torch.nn.BatchNorm2d(channels)
+            self.norm.running_var.uniform_(0.5, 1.5)
+            self.norm.running_mean.uniform_(-0.5, 0.5)
+
+        def forward(self, x):
+            return torch.relu(self.norm(self.conv(x)))
+
+    torch.manual_seed(0)
+    x = torch.randn(1, channels, width + 1, width)
+    model = GroupedBnRelu().eval()
+    group = channels // groups
+    lanes = next((v for v in (16, 8, 4) if group % v == 0), None)
+    [conv] = [f.script() for name, f in _scheduled_kernels_of(model, (x,)).items() if "conv2d" in name]
+    taken = '"local"' in conv and f"T.vectorized(T.int64({lanes}))" in conv
+    assert taken == (lanes is not None), conv
+    with torch.no_grad():
+        fn, _ = tvm_backend.compile_program(torch.export.export(model, (x,)), schedules="ours")
+        assert_equivalent(fn(x)[0], model(x))
+
+
 # batch, width, stride, kernel: images whose pixel count 6 does not divide
 _CUT_SHORT_TILES = [(3, 14, 1, 3), (1, 33, 2, 3), (1, 22, 1, 7), (2, 1, 1, 3)]
 

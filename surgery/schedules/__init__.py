@@ -14,7 +14,7 @@ So we ship deterministic rules, applied at build time by ``pipeline`` with dligh
   tiles, on request only) the output transform of the convolutions that
   ``winograd_convolutions`` (a pass before legalisation) computes as F(2x2, 3x3);
 - ``conv``: ``Conv``, channels-last convolutions tiled by ``surgery.conv_tiling``;
-- ``depthwise``: ``DepthwiseConv``, channels-last depthwise convolutions (one group a channel);
+- ``grouped_conv``: ``GroupedConv``, channels-last grouped convolutions, depthwise ones among them;
 - ``matmul``: ``Matmul``, register-blocked products laid out by ``surgery.matmul_tiling``;
 - ``row_reduction``: ``RowReduction``, softmax / layer norm rows;
 - ``column_reduction``: ``ColumnReduction``, reductions over leading axes that keep the innermost one,
@@ -56,9 +56,9 @@ from ..matmul_tiling import (
 )
 from .column_reduction import ColumnReduction
 from .conv import Conv
-from .depthwise import DepthwiseConv
 from .flattening import Checked
 from .fma import FMA_ANNOTATION, is_fma_kernel
+from .grouped_conv import GroupedConv
 from .injective import Injective
 from .matmul import Matmul
 from .parallel_outer import ParallelOuter
@@ -88,7 +88,7 @@ def rules() -> tuple:
         WinogradInput(),
         WinogradOutput(),
         Conv(),
-        DepthwiseConv(),
+        GroupedConv(),
         Matmul(),
         RowReduction(),
         ColumnReduction(),
@@ -203,7 +203,7 @@ __all__ = [
     "Checked",
     "ColumnReduction",
     "Conv",
-    "DepthwiseConv",
+    "GroupedConv",
     "MAX_ACCUMULATORS",
     "VECTOR_LANES",
     "VECTOR_REGISTERS",
