@@ -141,11 +141,12 @@ SCHEDULES = ("ours", "default")
 @functools.cache
 def builder_digest() -> str:
     """A digest of the code that turns a program into a library (this module, the schedule rules
-    and the tile plan): part of a cached library's key, so a library built by other code is
-    never loaded."""
+    and the tile plans of products and convolutions): part of a cached library's key, so a
+    library built by other code is never loaded."""
     here = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for path in sorted([here / "tvm_backend.py", here / "matmul_tiling.py", *(here / "schedules").glob("*.py")]):
+    plans = [here / "matmul_tiling.py", here / "conv_tiling.py"]
+    for path in sorted([here / "tvm_backend.py", *plans, *(here / "schedules").glob("*.py")]):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 

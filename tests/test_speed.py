@@ -196,6 +196,24 @@ def test_a_library_built_by_other_schedule_code_is_not_reused(tmp_path, monkeypa
     assert not info["cached"]
 
 
+@pytest.mark.parametrize("source", ["matmul_tiling.py", "conv_tiling.py", "schedules/conv.py", "tvm_backend.py"])
+def test_the_builder_digest_covers_the_code_that_plans_and_schedules_kernels(source, monkeypatch):
+    """Another version of any file that decides a kernel's schedule (the rules, the products'
+    and convolutions' tile plans) gives another digest, so a cached library built by it is
+    not loaded."""
+    from pathlib import Path
+
+    before = tvm_backend.builder_digest.__wrapped__()  # uncached: the digest is computed once a process
+    read_bytes = Path.read_bytes
+
+    def edited(path):
+        data = read_bytes(path)
+        return data + b"\n# edited\n" if path.as_posix().endswith("surgery/" + source) else data
+
+    monkeypatch.setattr(Path, "read_bytes", edited)
+    assert tvm_backend.builder_digest.__wrapped__() != before
+
+
 def test_cli_split_option_rejects_unknown_inputs(tmp_path):
     result = run_cli_in_process(
         "apply",
