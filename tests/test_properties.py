@@ -368,6 +368,10 @@ def test_matmul_packing_graph_form(data):
     census = surgery.op_census(rewritten)
     assert census["aten.bmm.default"] == int(expected_packed or case.staged)
     assert (census["aten.clone.default"] >= 1) == expected_packed  # the panels' copy
+    padded = expected_packed and case.columns() > case.b.shape[-1]
+    if padded:
+        event("a weight's columns padded to whole vectors")
+    assert (census["aten.constant_pad_nd.default"] >= 1) == padded
     assert_equivalent(
         rewritten.module()(*case.args()), program.module()(*case.args()), scale=case.scale, context=repr(case)
     )

@@ -108,6 +108,23 @@ def test_graph_rewrites_keep_an_input_named_like_a_builtin():
     assert_equivalent(rewritten.module()(x), module(x), scale=float((x.abs() @ module[0].weight.abs().T).max()) + 1)
 
 
+@pytest.mark.parametrize("columns, padded", [(116, 128), (232, 240), (24, None), (128, None)])
+def test_matmul_packing_pads_a_weights_columns_to_whole_vectors_where_cheap(columns, padded):
+    """A linear layer of 116 or 232 outputs (whole 4-float vectors, not 16-float ones) is packed
+    with zero columns up to 128 or 240 and its result sliced back; 24 (a third more) and 128 keep
+    their columns. The program computes what the original does, bias included."""
+    torch.manual_seed(0)
+    module = torch.nn.Linear(64, columns).eval()
+    x = torch.randn(12, 64)
+    rewritten, log = surgery.rewrite_with_log(torch.export.export(module, (x,)), ["matmul_packing"])
+    census = surgery.op_census(rewritten)
+    assert census["aten.constant_pad_nd.default"] == (padded is not None)
+    if padded is not None:
+        [panels] = [n.meta["val"].shape for n in rewritten.graph.nodes if n.target is torch.ops.aten.bmm.default]
+        assert panels[0] * panels[2] == padded and panels[2] % 16 == 0, panels
+    assert_equivalent(rewritten.module()(x), module(x), scale=float((x.abs() @ module.weight.abs().T).max()) + 1)
+
+
 def test_table_rewrites_share_one_retrace_with_the_same_result(program):
     """roi_align, grid_sample, scatter, ... applied in one run_decompositions give the program
     that applying them one after another gives; each counts the calls of the program as given."""

@@ -631,6 +631,69 @@ def test_a_product_of_197_rows_runs_on_198_in_taller_tiles_and_matches_pytorch()
     assert not any("T.int64(14)" in f.script() for name, f in few.items() if "matmul" in name)
 
 
+def test_a_weights_columns_are_padded_to_whole_vectors_where_that_adds_at_most_an_eighth():
+    """``padded_columns``: a weight whose columns are whole 4-float vectors but not whole vectors
+    of the CPU's width is computed with zero columns up to the next whole vector where they add
+    at most an eighth (116 -> 128, 232 -> 240; 120 on AVX2's 8 floats); whole vectors, columns
+    that no 4-float vectors fill (91: another pass's) and a third more (24 -> 32) are kept."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from surgery.matmul_tiling import AVX2_LANES, padded_columns
+
+    assert [padded_columns(n) for n in (116, 232, 1000, 24, 91, 128, 4)] == [128, 240, 1008, 24, 91, 128, 4]
+    assert [padded_columns(n, AVX2_LANES) for n in (116, 232, 1000, 24, 20)] == [120, 232, 1000, 24, 20]
+
+    @given(st.integers(1, 4096), st.sampled_from([8, 16]))
+    def check(cols, lanes):
+        padded = padded_columns(cols, lanes)
+        if padded == cols:
+            assert cols % 4 or cols % lanes == 0 or 8 * (-cols % lanes) > cols
+        else:
+            assert (
+                cols % 4 == 0 and padded % lanes == 0 and cols < padded < cols + lanes and 8 * (padded - cols) <= cols
+            )
+
+    check()
+
+
+@pytest.mark.tvm
+def test_a_product_of_116_columns_runs_in_16_float_vectors_and_matches_pytorch():
+    """ShuffleNetV2's 1x1 convolutions of 116 channels, products after ``conv_im2col``: their
+    weight is padded to 128 columns (``matmul_packing``), so the register tile is built of
+    16-float vectors where 116 admits only 4-float ones, and the result is sliced back."""
+    import tvm
+
+    from surgery import schedules
+
+    class Pointwise(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(116, 116, 1)
+            self.norm = torch.nn.BatchNorm2d(116)
+            self.norm.running_var.uniform_(0.5, 1.5)
+
+        def forward(self, x):
+            return torch.relu(self.norm(self.conv(x)))
+
+    torch.manual_seed(0)
+    model, x = Pointwise().eval(), torch.randn(1, 116, 14, 14)
+    with torch.no_grad():
+        program, _ = tvm_backend.speed_rewrites(torch.export.export(model, (x,)))
+        target = tvm_backend.host_target("ours")
+        with target:
+            mod = schedules.pipeline(target)(tvm_backend.import_program(program))
+        [product] = [
+            f.script()
+            for gv, f in mod.functions_items()
+            if isinstance(f, tvm.tirx.PrimFunc) and "matmul" in gv.name_hint
+        ]
+        lanes = schedules.matmul.vector_registers(target)[1]
+        assert f"T.vectorized(T.int64({lanes}))" in product and "T.int64(116), T.int64(4)" not in product, product
+        fn, _ = tvm_backend.compile_program(program, schedules="ours")
+        assert_equivalent(fn(x)[0], model(x))
+
+
 def test_a_shared_operand_larger_than_the_cache_is_cut_into_whole_row_blocks():
     from surgery.matmul_tiling import A_CACHED_BYTES, ROW_BLOCK_BYTES, row_block
 
