@@ -1,8 +1,9 @@
 """Save torchvision classifiers as ExportedPrograms (``.pt2``) for ``python -m surgery bench PATH
 --judged`` and ``apply PATH``: models beyond the four the project ships adapters for, with the
-operators they bring (depthwise convolutions, GELU, a class token's 197 rows).
+operators they bring (depthwise and grouped convolutions, GELU, a class token's 197 rows,
+channel counts of no whole vectors, long concatenations, shifted windows).
 
-    python scripts/export_torchvision.py                     # the five below, into out/torchvision/
+    python scripts/export_torchvision.py                     # the ten below, into out/torchvision/
     python scripts/export_torchvision.py vit_b_16 --out DIR
 
 Weights are torchvision's random initialisation, seeded (no download); inputs 1x3x224x224.
@@ -17,7 +18,18 @@ from pathlib import Path
 import torch
 import torchvision
 
-MODELS = ("resnet50", "mobilenet_v3_large", "efficientnet_b0", "vit_b_16", "convnext_tiny")
+MODELS = (
+    "resnet50",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "vit_b_16",
+    "convnext_tiny",
+    "resnext50_32x4d",
+    "regnet_y_800mf",
+    "shufflenet_v2_x1_0",
+    "densenet121",
+    "swin_t",
+)
 
 
 def main(argv=None) -> int:
