@@ -18,9 +18,10 @@ Conv rule: inlined, every tap would test the border); elementwise consumers (bia
 activation, a residual sum) run in the tile's write-back.
 
 Left to the generic fallback, such a convolution was one scalar task per output element, each
-padding its own window. On a 2-core Zen 5 EPYC, whole models, interleaved (medians of 60 calls):
-ResNeXt-50 32x4d 133.7 -> 21.2 ms, RegNetY-800MF 33.3 -> 5.1; EfficientNet-B0 19.96 -> 5.16
-(ONNX Runtime 4.2) when this rule took depthwise convolutions only.
+padding its own window. On a 2-core Zen 5 EPYC, whole models: ResNeXt-50 32x4d 133.7 -> 21.2 ms
+a call and RegNetY-800MF 33.3 -> 5.1 (the two builds interleaved in one process, medians of 60
+calls); EfficientNet-B0 19.96 -> 5.16 when this rule took depthwise convolutions only (one
+``surgery bench`` run each).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from .matmul import PARALLEL_MIN_MACS, finish_register_tile, schedule_remaining_
 PIXEL_TILES = (8, 7, 6, 5, 4, 3, 2, 1)
 
 
-def group_widths(index, c, rc) -> tuple[int, int] | None:
+def _group_widths(index, c, rc) -> tuple[int, int] | None:
     """(input channels, output channels) of a group when ``index`` reads output channel ``c``'s
     input channel ``rc`` of its group: ``c`` or ``c + rc`` for one channel a group (a depthwise
     convolution), ``c // out * in + rc`` for several (TVM's ``group_conv2d_nhwc``); else None."""
@@ -74,13 +75,12 @@ def _operands(stmt):
     """(input buffer, weight buffer, (input, output) channels of a group) of a channels-last
     grouped convolution block (TVM's ``group_conv2d_nhwc``: ``rc`` over a group's input
     channels), else None."""
-    c, rc = stmt.iter_vars[3].var, stmt.iter_vars[6].var
-    operands = convolution_operands(stmt, lambda index, c, rc: group_widths(index, c, rc) is not None)
+    operands = convolution_operands(stmt, lambda index, f, rc: _group_widths(index, f, rc) is not None)
     if operands is None:
         return None
     image = operands[0]
     [index] = [r.region[3].min for r in stmt.reads if region_buffer(r).same_as(image)]
-    widths = group_widths(index, c, rc)
+    widths = _group_widths(index, stmt.iter_vars[3].var, stmt.iter_vars[6].var)
     extent = stmt.iter_vars[6].dom.extent
     if not isinstance(extent, tirx.IntImm) or int(extent) != widths[0]:
         return None
@@ -108,7 +108,7 @@ class GroupedConv(dlight.ScheduleRule):
         batch, *extents = (static_extent(sch, loop) for loop in loops)
         if None in extents:
             return None
-        height, width, channels, kh, kw, _ = extents
+        height, width, channels, kh, kw, group_depth = extents
         _, register_lanes = vector_registers(target)  # 8 on AVX2: a 16-float vector would take two registers
         group_in, group_out = operands[2]
         # a vector of output channels reads consecutive input channels (one channel a group) or,
@@ -134,7 +134,7 @@ class GroupedConv(dlight.ScheduleRule):
         sch.reverse_compute_at(accumulator, co, preserve_unit_loops=True)
         inline_consumers(sch, accumulator)
         rows = sch.fuse(n, y)
-        if (batch or 2) * height * width * channels * kh * kw >= PARALLEL_MIN_MACS:
+        if (batch or 2) * height * width * channels * kh * kw * group_depth >= PARALLEL_MIN_MACS:
             sch.parallel(rows)
         finish_register_tile(sch, block, ry, accumulator, (xi, cg, cv), contractible)
         schedule_remaining_spatial(sch)
