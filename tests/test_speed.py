@@ -778,6 +778,21 @@ def _pipelined(module, args, target=None, dynamic_shapes=None):
         return schedules.pipeline(target)(mod)
 
 
+class _ConvBnRelu(torch.nn.Module):
+    """``conv``, then batch norm of running statistics away from 0 and 1, then ReLU: what a
+    convolution rule computes in one kernel, its elementwise steps in the write-back."""
+
+    def __init__(self, conv: torch.nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+        self.norm = torch.nn.BatchNorm2d(conv.out_channels)
+        self.norm.running_var.uniform_(0.5, 1.5)
+        self.norm.running_mean.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        return torch.relu(self.norm(self.conv(x)))
+
+
 def _scheduled_kernels_of(module, args, target=None, dynamic_shapes=None):
     """Our pipeline up to code generation: {kernel name: PrimFunc}."""
     import tvm
@@ -963,19 +978,9 @@ def test_convolutions_are_computed_in_place_channels_last_and_match_pytorch(
     numbers are PyTorch's (Winograd, which would take the 64-channel 3x3 ones, off)."""
     _winograd_from(monkeypatch, 1 << 30)
 
-    class ConvBnRelu(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(channels, out_channels, kernel, stride, padding)
-            self.norm = torch.nn.BatchNorm2d(out_channels)
-            self.norm.running_var.uniform_(0.5, 1.5)
-            self.norm.running_mean.uniform_(-0.5, 0.5)
-
-        def forward(self, x):
-            return torch.relu(self.norm(self.conv(x)))
-
     torch.manual_seed(0)
-    model, x = ConvBnRelu().eval(), torch.randn(batch, channels, width + 1, width)
+    model = _ConvBnRelu(torch.nn.Conv2d(channels, out_channels, kernel, stride, padding)).eval()
+    x = torch.randn(batch, channels, width + 1, width)
     kernels = _scheduled_kernels_of(model, (x,))
     [conv] = [f.script() for name, f in kernels.items() if "conv2d" in name]
     assert '"local"' in conv and "T.vectorized" in conv and "surgery.fma_contractible" in conv, conv
@@ -1009,22 +1014,15 @@ def test_depthwise_convolutions_run_in_vectors_of_channels_and_match_pytorch(
     output channels per input channel is left to the generic schedule, and is right too."""
     import tvm
 
-    class DepthwiseBnRelu(torch.nn.Module):
-        def __init__(self, multiplier):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(channels, multiplier * channels, kernel, stride, padding, groups=channels)
-            self.norm = torch.nn.BatchNorm2d(multiplier * channels)
-            self.norm.running_var.uniform_(0.5, 1.5)
-            self.norm.running_mean.uniform_(-0.5, 0.5)
-
-        def forward(self, x):
-            return torch.relu(self.norm(self.conv(x)))
+    def depthwise(multiplier):
+        conv = torch.nn.Conv2d(channels, multiplier * channels, kernel, stride, padding, groups=channels)
+        return _ConvBnRelu(conv).eval()
 
     torch.manual_seed(0)
     x = torch.randn(batch, channels, width + 1, width)
     lanes = next(v for v in (16, 8, 4) if channels % v == 0)
     for multiplier in (1, 2):
-        model = DepthwiseBnRelu(multiplier).eval()
+        model = depthwise(multiplier)
         [conv] = [f.script() for name, f in _scheduled_kernels_of(model, (x,)).items() if "conv2d" in name]
         taken = '"local"' in conv and f"T.vectorized(T.int64({lanes}))" in conv
         assert taken == (multiplier == 1), conv
@@ -1033,9 +1031,7 @@ def test_depthwise_convolutions_run_in_vectors_of_channels_and_match_pytorch(
             assert_equivalent(fn(x)[0], model(x))
     # on an AVX2 CPU the vectors are its 8 floats: a 16-float one takes two of its 16 registers
     avx2 = tvm.target.Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
-    [conv] = [
-        f.script() for n, f in _scheduled_kernels_of(DepthwiseBnRelu(1).eval(), (x,), avx2).items() if "conv2d" in n
-    ]
+    [conv] = [f.script() for n, f in _scheduled_kernels_of(depthwise(1), (x,), avx2).items() if "conv2d" in n]
     assert '"local"' in conv and f"T.vectorized(T.int64({min(lanes, 8)}))" in conv, conv
 
 
@@ -1063,20 +1059,9 @@ def test_grouped_convolutions_run_in_vectors_of_a_groups_channels_and_match_pyto
     at most its 8 floats."""
     import tvm
 
-    class GroupedBnRelu(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(channels, channels, kernel, stride, kernel // 2, groups=groups)
-            self.norm = torch.nn.BatchNorm2d(channels)
-            self.norm.running_var.uniform_(0.5, 1.5)
-            self.norm.running_mean.uniform_(-0.5, 0.5)
-
-        def forward(self, x):
-            return torch.relu(self.norm(self.conv(x)))
-
     torch.manual_seed(0)
     x = torch.randn(1, channels, width + 1, width)
-    model = GroupedBnRelu().eval()
+    model = _ConvBnRelu(torch.nn.Conv2d(channels, channels, kernel, stride, kernel // 2, groups=groups)).eval()
     group = channels // groups
     lanes = next((v for v in (16, 8, 4) if group % v == 0), None)
     [conv] = [f.script() for name, f in _scheduled_kernels_of(model, (x,)).items() if "conv2d" in name]
