@@ -662,33 +662,14 @@ def test_a_product_of_116_columns_runs_in_16_float_vectors_and_matches_pytorch()
     """ShuffleNetV2's 1x1 convolutions of 116 channels, products after ``conv_im2col``: their
     weight is padded to 128 columns (``matmul_packing``), so the register tile is built of
     16-float vectors where 116 admits only 4-float ones, and the result is sliced back."""
-    import tvm
-
-    from surgery import schedules
-
-    class Pointwise(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(116, 116, 1)
-            self.norm = torch.nn.BatchNorm2d(116)
-            self.norm.running_var.uniform_(0.5, 1.5)
-
-        def forward(self, x):
-            return torch.relu(self.norm(self.conv(x)))
+    from surgery.schedules.matmul import vector_registers
 
     torch.manual_seed(0)
-    model, x = Pointwise().eval(), torch.randn(1, 116, 14, 14)
+    model, x = _ConvBnRelu(torch.nn.Conv2d(116, 116, 1)).eval(), torch.randn(1, 116, 14, 14)
     with torch.no_grad():
         program, _ = tvm_backend.speed_rewrites(torch.export.export(model, (x,)))
-        target = tvm_backend.host_target("ours")
-        with target:
-            mod = schedules.pipeline(target)(tvm_backend.import_program(program))
-        [product] = [
-            f.script()
-            for gv, f in mod.functions_items()
-            if isinstance(f, tvm.tirx.PrimFunc) and "matmul" in gv.name_hint
-        ]
-        lanes = schedules.matmul.vector_registers(target)[1]
+        [product] = [f.script() for name, f in _kernels(_pipelined_program(program)).items() if "matmul" in name]
+        lanes = vector_registers(tvm_backend.host_target("ours"))[1]
         assert f"T.vectorized(T.int64({lanes}))" in product and "T.int64(116), T.int64(4)" not in product, product
         fn, _ = tvm_backend.compile_program(program, schedules="ours")
         assert_equivalent(fn(x)[0], model(x))
@@ -768,14 +749,27 @@ def test_inlined_reshapes_leave_simple_index_arithmetic():
 def _pipelined(module, args, target=None, dynamic_shapes=None):
     """The module exported (with ``dynamic_shapes``, if given) and run through our pipeline up to
     code generation, for ``target`` (default: this CPU)."""
-    from surgery import schedules
-
     with torch.no_grad():
         program = torch.export.export(module.eval(), args, dynamic_shapes=dynamic_shapes)
+    return _pipelined_program(program, target)
+
+
+def _pipelined_program(program, target=None):
+    """An exported program run through our pipeline up to code generation, for ``target``
+    (default: this CPU)."""
+    from surgery import schedules
+
     mod = tvm_backend.import_program(program)
     target = tvm_backend.host_target("ours") if target is None else target
     with target:
         return schedules.pipeline(target)(mod)
+
+
+def _kernels(mod) -> dict:
+    """{kernel name: PrimFunc} of a pipelined module."""
+    import tvm
+
+    return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
 
 
 class _ConvBnRelu(torch.nn.Module):
@@ -795,10 +789,7 @@ class _ConvBnRelu(torch.nn.Module):
 
 def _scheduled_kernels_of(module, args, target=None, dynamic_shapes=None):
     """Our pipeline up to code generation: {kernel name: PrimFunc}."""
-    import tvm
-
-    mod = _pipelined(module, args, target, dynamic_shapes)
-    return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    return _kernels(_pipelined(module, args, target, dynamic_shapes))
 
 
 def _script(name: str):

@@ -23,7 +23,7 @@ import math
 
 from tvm.s_tir import dlight
 
-from ..conv_tiling import CHANNEL_MULTIPLE, plan_conv
+from ..conv_tiling import conv_directly, plan_conv
 from ..matmul_tiling import VECTOR_LANES
 from .analysis import (
     LAYOUT_REWRITE,
@@ -91,9 +91,9 @@ class Conv(dlight.ScheduleRule):
         if None in extents:
             return None
         height, width, channels, kh, kw, depth = extents
-        if channels % CHANNEL_MULTIPLE:
-            # no whole vectors of output channels (RegNet's squeeze-excitation, 144 -> 36):
-            # ``conv_im2col`` takes these in the shipped build; compiled without it, the generic rules
+        if not conv_directly(channels, groups=1, transposed=False):
+            # what ``conv_im2col`` makes a product in the shipped build (RegNet's squeeze-excitation,
+            # 144 -> 36 channels: no whole vectors); compiled without it, the generic rules'
             return None
         registers, _ = vector_registers(target)
         pixels = height * width
