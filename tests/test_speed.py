@@ -1383,6 +1383,69 @@ def test_a_transpose_into_a_concatenation_is_copied_in_tiles():
         assert torch.equal(fn(v, pad)[0], TransposedWithPad()(v, pad))
 
 
+def _lowered(func) -> str:
+    """A scheduled kernel lowered as code generation lowers it, up to loop partitioning."""
+    import tvm
+    from tvm import s_tir, tirx
+
+    passes = [
+        s_tir.transform.LowerInitBlock(),
+        s_tir.transform.ConvertBlocksToOpaque(),
+        s_tir.transform.LowerOpaqueBlock(),
+        tirx.transform.FlattenBuffer(),
+        tirx.transform.NarrowDataType(32),
+        s_tir.transform.LoopPartition(),
+        s_tir.transform.StmtSimplify(),
+    ]
+    return tvm.transform.Sequential(passes)(tvm.IRModule({"main": func}))["main"].script()
+
+
+class _ConcatBnRelu(torch.nn.Module):
+    """DenseNet's step: channels-last features concatenated, then batch norm's scale and shift, ReLU."""
+
+    def forward(self, scale, shift, *parts):
+        return torch.relu(torch.cat(parts, dim=3) * scale + shift)
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize(
+    "widths, partitioned",
+    [((256, 32, 32), True), ((64, 16, 48, 16), True), ((24, 8), True), ((20, 12), True), ((5, 3), False)],
+)
+def test_a_concatenation_along_channels_is_one_loop_per_part(widths, partitioned):
+    """A concatenation along the innermost axis, in whole vectors (of 16, 8 or 4 floats), is
+    lowered to one loop per part, which no element chooses its part in; parts of other widths
+    keep the branches. The result is the same bit for bit either way."""
+    torch.manual_seed(0)
+    parts = [torch.randn(1, 6, 5, w) for w in widths]
+    scale, shift = torch.randn(sum(widths)), torch.randn(sum(widths))
+    args = (scale, shift, *parts)
+    [kernel] = [f for name, f in _scheduled_kernels_of(_ConcatBnRelu(), args).items() if "concatenate" in name]
+    lowered = _lowered(kernel)
+    assert ("if_then_else" not in lowered) == partitioned, lowered
+    if partitioned:
+        assert lowered.count("T.vectorized") == len(widths), lowered  # one vector loop per part
+    with torch.no_grad():
+        fn, _ = tvm_backend.compile_program(torch.export.export(_ConcatBnRelu(), args), schedules="ours")
+        assert torch.equal(fn(*args)[0], _ConcatBnRelu()(*args))
+
+
+@pytest.mark.tvm
+def test_a_concatenation_of_int64_values_keeps_its_branches():
+    """TVM will not narrow a kernel with int64 buffers to 32-bit indices, which the partitioned
+    loops need: such a concatenation keeps its branches, and compiles and computes the same."""
+
+    class Indices(torch.nn.Module):
+        def forward(self, a, b):
+            return torch.cat([a, b], dim=-1) + 1
+
+    args = (torch.arange(4 * 32).reshape(4, 32), torch.arange(4 * 16).reshape(4, 16))
+    [kernel] = [f for name, f in _scheduled_kernels_of(Indices(), args).items() if "concatenate" in name]
+    assert "if_then_else" in _lowered(kernel)
+    fn, _ = tvm_backend.compile_program(torch.export.export(Indices(), args), schedules="ours")
+    assert torch.equal(fn(*args)[0], Indices()(*args))
+
+
 @pytest.mark.tvm
 @pytest.mark.parametrize("part", ["first row", "first columns"])
 def test_a_slice_of_a_product_is_computed_from_the_whole_product(part):

@@ -20,7 +20,8 @@ So we ship deterministic rules, applied at build time by ``pipeline`` with dligh
 - ``column_reduction``: ``ColumnReduction``, reductions over leading axes that keep the innermost one,
   in vectors along it (ROI pooling's taps); then ``reduction.Reduction``: dlight's
   ``cpu.Reduction`` where it computes each reduction once;
-- ``injective``: ``Injective``, elementwise / broadcast / transpose / gather kernels;
+- ``injective``: ``Injective``, elementwise / broadcast / transpose / gather kernels, a
+  concatenation along the innermost axis as one loop per part (TVM's ``LoopPartition``);
 - ``parallel_outer``: ``ParallelOuter``, the fallback for anything else;
 - ``analysis``: what the rules share (blocks, loops, inlining, vectorising);
 - ``fma``: which kernels may be compiled with fused multiply-add (``FMA_ANNOTATION``);

@@ -9,7 +9,14 @@ from tvm.s_tir.dlight.analysis import get_root_block
 from tvm.s_tir.dlight.base import get_extent
 
 from ..matmul_tiling import VECTOR_LANES
-from .compat import accessed_buffer, loaded_buffer_name, region_buffer, stmt_simplify
+from .compat import (
+    accessed_buffer,
+    force_narrow_index_to_int32,
+    loaded_buffer_name,
+    param_buffers,
+    region_buffer,
+    stmt_simplify,
+)
 
 PARALLEL_MIN_ELEMENTS = 1 << 14  # below this a thread-pool launch costs more than it saves
 
@@ -116,6 +123,21 @@ def simplified(sch: s_tir.Schedule) -> s_tir.Schedule:
     iterators' ranges they are ``x[32 * a + b, c]``. Block and loop handles of ``sch`` are not
     valid in the result: take them again."""
     func = stmt_simplify()(tvm.IRModule({"main": sch.mod["main"]}))["main"]
+    return s_tir.Schedule(func)
+
+
+def narrowed(sch: s_tir.Schedule) -> s_tir.Schedule:
+    """A fresh schedule of the function with 32-bit indices (TVM's ``ForceNarrowIndexToInt32``)
+    where every buffer it is given has fewer than 2**31 elements; else, or where the pass
+    declines the function (apache-tvm 0.27: a buffer of int64 values), ``sch`` as it is."""
+    func = sch.mod["main"]
+    sizes = [_elements(b.shape) for b in param_buffers(func)]
+    if any(not isinstance(n, int) or n >= 2**31 for n in sizes):
+        return sch
+    try:
+        func = force_narrow_index_to_int32()(tvm.IRModule({"main": func}))["main"]
+    except tvm.error.InternalError:
+        return sch
     return s_tir.Schedule(func)
 
 

@@ -1,6 +1,7 @@
 """``Injective``: elementwise / broadcast / transpose / gather kernels: one fused loop, parallel
 when large, vectorised inner lanes when the innermost extent allows; transposes are copied in
-tiles. ``schedule_injective`` is also how the other rules schedule the spatial blocks they leave."""
+tiles; a concatenation along the innermost axis is one loop per part. ``schedule_injective`` is
+also how the other rules schedule the spatial blocks they leave."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .analysis import (
     PARALLEL_MIN_ELEMENTS,
     inline_elementwise,
     is_spatial,
+    narrowed,
     product,
     root_blocks,
     schedule_for,
@@ -22,7 +24,7 @@ from .analysis import (
     static_extent,
     vectorize_inner,
 )
-from .compat import PrimExpr, analyzer
+from .compat import PrimExpr, analyzer, dtype_name
 
 TILE = 16  # transposes are copied in TILE x TILE blocks, so reads and writes both stay in cache
 
@@ -49,6 +51,64 @@ def _loads(expr, conditions=()):
     for child in getattr(expr, "args", None) or ():
         if isinstance(child, PrimExpr):
             yield from _loads(child, conditions)
+
+
+def _part_starts(value, var, extent: int) -> list[int]:
+    """Where a concatenation along ``var`` moves from one part to the next: the first index of
+    each part but the first, from the branch conditions ``var`` is compared in (``288 <= c``,
+    ``c < 288``, ``c == 287``), sorted. Conditions of other forms add nothing: the parts are
+    then fewer (coarser), never wrong, since each part's loop keeps its branches."""
+    starts = set()
+    for _, conditions in _loads(value):
+        for condition in conditions:
+            if isinstance(condition, tirx.Not):
+                condition = condition.a
+            if not isinstance(condition, (tirx.LT, tirx.LE, tirx.GT, tirx.GE, tirx.EQ)):
+                continue
+            a, b = condition.a, condition.b
+            if isinstance(a, tirx.Var) and a.same_as(var) and isinstance(b, tirx.IntImm):
+                c, after = b.value, isinstance(condition, (tirx.LE, tirx.GT))  # v <= c, v > c: from c + 1
+            elif isinstance(b, tirx.Var) and b.same_as(var) and isinstance(a, tirx.IntImm):
+                c, after = a.value, isinstance(condition, (tirx.LT, tirx.GE))
+            else:
+                continue
+            starts.add(c + 1 if after else c)
+            if isinstance(condition, tirx.EQ):
+                starts.add(c + 1)
+    return sorted(s for s in starts if 0 < s < extent)
+
+
+def _part_lanes(sch: s_tir.Schedule, block) -> int | None:
+    """For a block that concatenates along its innermost axis (of at least two), each part whole
+    vectors: the vectors' width (16, 8 or 4 floats); else None."""
+    stmt = sch.get(block)
+    if not isinstance(stmt.body, tirx.BufferStore) or len(stmt.iter_vars) < 2:
+        return None
+    dom = stmt.iter_vars[-1].dom
+    if not isinstance(dom.extent, tirx.IntImm):
+        return None
+    extent = int(dom.extent)
+    starts = _part_starts(stmt.body.value, stmt.iter_vars[-1].var, extent)
+    lanes = next((v for v in (VECTOR_LANES, 8, 4) if all(x % v == 0 for x in (extent, *starts))), None)
+    return lanes if starts and lanes is not None and extent > lanes else None
+
+
+def _partition_parts(sch: s_tir.Schedule, block, loop) -> bool:
+    """A concatenation along ``loop`` (the block's innermost iterator) in whole vectors, the loop
+    over its vectors marked for TVM's ``LoopPartition`` (which runs as the kernel is lowered):
+    one loop per part, each reading its part only, the branches between parts decided once per
+    loop instead of per element. DenseNet-121's concatenations of up to 25 parts fused with
+    batch norm and ReLU (14x14x1024) on a Zen 5 EPYC: 0.72 -> 0.026 ms. Only where every part
+    is whole vectors (``_part_lanes``), and the loop's index is 32-bit (``narrowed``): lowering
+    narrows 64-bit loops to 32 bits and drops the mark (apache-tvm 0.27). Returns whether it
+    marked."""
+    lanes = _part_lanes(sch, block)
+    if lanes is None or dtype_name(sch.get(loop).loop_var) != "int32":
+        return False
+    vectors, inner = sch.split(loop, [None, lanes])
+    sch.vectorize(inner)
+    sch.annotate(vectors, "pragma_loop_partition_hint", 1)
+    return True
 
 
 def _as_bound(condition, ranges):
@@ -93,7 +153,9 @@ def _transposed_axis(sch: s_tir.Schedule, block) -> int | None:
     return None
 
 
-def schedule_injective(sch: s_tir.Schedule, block) -> None:
+def schedule_injective(sch: s_tir.Schedule, block, partition_parts: bool = False) -> None:
+    """Schedule one spatial block; with ``partition_parts``, a concatenation along its innermost
+    axis as one loop per part (``_partition_parts``)."""
     loops = sch.get_loops(block)
     if not loops:
         return
@@ -101,7 +163,8 @@ def schedule_injective(sch: s_tir.Schedule, block) -> None:
     if None in extents:
         return
     total = product(extents)
-    across = _transposed_axis(sch, block) if len(loops) == len(sch.get(block).iter_vars) else None
+    unfused = len(loops) == len(sch.get(block).iter_vars)
+    across = _transposed_axis(sch, block) if unfused else None
     if across is not None and extents[across] >= 8 and extents[-1] >= 8:
         # copy in tiles of (read-contiguous axis, write-contiguous axis): both stay in cache
         tile = next((t for t in (TILE, 8) if extents[across] % t == 0 and extents[-1] % t == 0), TILE)
@@ -124,6 +187,8 @@ def schedule_injective(sch: s_tir.Schedule, block) -> None:
     elif total >= PARALLEL_MIN_ELEMENTS and lanes:
         chunk, inner = sch.split(inner, [None, 4096 if extents[-1] % 4096 == 0 else lanes * 64])
         sch.parallel(chunk)
+    if outer and unfused and partition_parts and _partition_parts(sch, block, inner):
+        return
     if lanes:
         vectorize_inner(sch, inner, lanes)
 
@@ -140,6 +205,8 @@ class Injective(dlight.ScheduleRule):
             return None
         inline_elementwise(sch, blocks[-1])
         sch = simplified(sch)
+        if any(_part_lanes(sch, b) and _transposed_axis(sch, b) is None for b in root_blocks(sch)):
+            sch = narrowed(sch)  # 32-bit loops: see _partition_parts
         for block in root_blocks(sch):
-            schedule_injective(sch, block)
+            schedule_injective(sch, block, partition_parts=True)
         return sch
