@@ -1219,7 +1219,8 @@ def _column_sum(reads: str, shape=(12, 5, 4, 16)):
 def test_a_sum_over_leading_axes_runs_in_vectors_along_the_kept_innermost_axis():
     """ColumnReduction takes a sum whose innermost kept axis is the innermost axis of what it
     reads: parallel over the leading axes, vectors along the innermost, numbers as summed in
-    order. It declines a sum over the innermost axis, and one too small to share among cores."""
+    order. With too few leading rows to share among cores it shares the innermost axis's vectors
+    instead. It declines a sum over the innermost axis, and one with too few vectors to share."""
     import numpy as np
     import tvm
 
@@ -1239,8 +1240,43 @@ def test_a_sum_over_leading_axes_runs_in_vectors_along_the_kept_innermost_axis()
         expected = expected + a[:, :, r] * 2
     assert np.array_equal(out.numpy(), expected)
     assert ColumnReduction().apply(_column_sum("row"), target, False) is None
-    few = 4 * int(target.attrs["num-cores"]) - 1  # fewer than 4 rows per core
-    assert ColumnReduction().apply(_column_sum("column", (few, 1, 4, 16)), target, False) is None
+    cores = int(target.attrs["num-cores"])
+    few = 4 * cores - 1  # fewer than 4 rows per core: each row's two vectors shared out
+    shared = ColumnReduction().apply(_column_sum("column", (few, 1, 4, 16)), target, False)
+    assert shared is not None and f"T.parallel({few * 2})" in shared.mod.script(), shared.mod.script()
+    assert ColumnReduction().apply(_column_sum("column", (1, 1, 4, 8)), target, False) is None  # one vector
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("shape", [(1, 112, 112, 32), (1, 7, 7, 1152), (2, 14, 14, 40)])
+def test_a_global_average_pool_shares_its_channel_vectors_among_cores(shape):
+    """Squeeze-and-excitation's mean over a channels-last map (EfficientNet's, one image): too
+    few images to share among cores, so the channels' vectors are, each summed over the map in
+    order and divided in the same task. dlight's reduction rule summed one channel at a time,
+    each element a strided scalar load (0.21 ms for 112x112x32, 0.75 ms of EfficientNet-B0's
+    means). The numbers are the ones the map's elements summed in order give."""
+    import numpy as np
+
+    class Squeeze(torch.nn.Module):
+        def forward(self, x):
+            return x.mean((1, 2), keepdim=True)
+
+    x = torch.randn(*shape)
+    [(name, mean)] = [(n, f) for n, f in _scheduled_kernels_of(Squeeze(), (x,)).items() if "mean" in n]
+    script = mean.script()
+    lanes = "T.vectorized(T.int64(8))"
+    update = script[script.index('T.sblock("x_red_update")') - 200 : script.index('T.sblock("x_red_update")')]
+    assert lanes in update and "T.parallel" in script, script  # the sum runs in vectors
+    assert script.index('T.sblock("T_divide")') > script.index("T.parallel"), script  # divided in the task
+    with torch.no_grad():
+        fn, _ = tvm_backend.compile_program(torch.export.export(Squeeze(), (x,)), schedules="ours")
+    in_order = x.numpy()
+    summed = np.zeros((shape[0], shape[3]), np.float32)
+    for h in range(shape[1]):
+        for w in range(shape[2]):
+            summed = summed + in_order[:, h, w]
+    expected = (summed / np.float32(shape[1] * shape[2])).reshape(shape[0], 1, 1, shape[3])
+    assert np.array_equal(fn(x)[0].numpy(), expected)
 
 
 @pytest.mark.tvm
