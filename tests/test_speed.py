@@ -1262,7 +1262,7 @@ def test_a_global_average_pool_shares_its_channel_vectors_among_cores(shape):
             return x.mean((1, 2), keepdim=True)
 
     x = torch.randn(*shape)
-    [(name, mean)] = [(n, f) for n, f in _scheduled_kernels_of(Squeeze(), (x,)).items() if "mean" in n]
+    [mean] = [f for name, f in _scheduled_kernels_of(Squeeze(), (x,)).items() if "mean" in name]
     script = mean.script()
     lanes = "T.vectorized(T.int64(8))"
     update = script[script.index('T.sblock("x_red_update")') - 200 : script.index('T.sblock("x_red_update")')]
