@@ -11,7 +11,6 @@ from tvm.s_tir.dlight.base import get_extent
 from ..matmul_tiling import VECTOR_LANES
 from .compat import (
     accessed_buffer,
-    force_narrow_index_to_int32,
     loaded_buffer_name,
     param_buffers,
     region_buffer,
@@ -135,7 +134,7 @@ def narrowed(sch: s_tir.Schedule) -> s_tir.Schedule:
     if any(not isinstance(n, int) or n >= 2**31 for n in sizes):
         return sch
     try:
-        func = force_narrow_index_to_int32()(tvm.IRModule({"main": func}))["main"]
+        func = tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))["main"]
     except tvm.error.InternalError:
         return sch
     return s_tir.Schedule(func)

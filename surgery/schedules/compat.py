@@ -20,13 +20,6 @@ def stmt_simplify():
     return StmtSimplify()
 
 
-def force_narrow_index_to_int32():
-    """TIR's ``ForceNarrowIndexToInt32`` pass (``tvm.tirx.transform`` in 0.27, ``tvm.tir.transform``
-    before)."""
-    transform = getattr(tvm, "tirx", None) or tvm.tir
-    return transform.transform.ForceNarrowIndexToInt32()
-
-
 def analyzer():
     """A fresh arithmetic analyzer (``tvm.sym.analyzer`` in 0.27, ``tvm.arith`` before)."""
     try:
