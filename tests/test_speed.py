@@ -1280,6 +1280,24 @@ def test_a_global_average_pool_shares_its_channel_vectors_among_cores(shape):
 
 
 @pytest.mark.tvm
+def test_a_global_average_pool_over_a_batch_of_any_size_compiles():
+    """A mean whose batch is symbolic (its division a step of one value per mean): the
+    column-reduction rule compares the step's size with the mean's as written, builds, and the
+    numbers match PyTorch's for a batch size not traced."""
+
+    class Squeeze(torch.nn.Module):
+        def forward(self, x):
+            return x.mean((1, 2), keepdim=True)
+
+    batch = torch.export.Dim("batch", min=1, max=64)
+    with torch.no_grad():
+        program = torch.export.export(Squeeze(), (torch.randn(2, 14, 14, 32),), dynamic_shapes={"x": {0: batch}})
+        fn, _ = tvm_backend.compile_program(program, schedules="ours")
+    x = torch.randn(3, 14, 14, 32)
+    assert_equivalent(fn(x)[0], Squeeze()(x))
+
+
+@pytest.mark.tvm
 def test_a_channels_last_group_norm_computes_its_statistics_once_and_matches_pytorch():
     """dlight's reduction rule put a channels-last group norm's statistics under the output's
     row loop, computing all of them again for every row (Deformable DETR's input projections:

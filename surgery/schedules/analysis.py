@@ -168,6 +168,17 @@ def _elements(extents) -> int | str:
     return str(list(extents))
 
 
+def one_value_per_element(sch: s_tir.Schedule, consumer, producer) -> bool:
+    """Whether ``consumer`` computes as many values as ``producer`` writes (an elementwise step,
+    a layout of its output), not a part of them (a slice). Symbolic shapes compare as written; a
+    producer of several outputs (a group norm's mean and variance) has no such consumer."""
+    writes = sch.get(producer).writes
+    if len(writes) != 1:
+        return False
+    output = region_buffer(writes[0])
+    return _elements([iv.dom.extent for iv in sch.get(consumer).iter_vars]) == _elements(output.shape)
+
+
 def inline_consumers(sch: s_tir.Schedule, producer) -> None:
     """Reverse-inline into ``producer`` (a tile's write-back) the spatial blocks that compute one
     value per element of its output (bias, batch norm, activation, a residual sum, a layout such
@@ -175,10 +186,8 @@ def inline_consumers(sch: s_tir.Schedule, producer) -> None:
     elements (a slice) stays a loop nest of its own: TVM inlines one that reads a part of the
     output as if it read every element, and the result held the last element written where the
     sliced-off ones collapsed (``linear(x)[:1]`` came out as row 63 of the product)."""
-    (output,) = [region_buffer(w) for w in sch.get(producer).writes]
-    elements = _elements(output.shape)
     for consumer in [b for b in root_blocks(sch) if is_spatial(sch, b) and not sch.get(b).same_as(sch.get(producer))]:
-        if _elements([iv.dom.extent for iv in sch.get(consumer).iter_vars]) != elements:
+        if not one_value_per_element(sch, consumer, producer):
             continue
         try:
             sch.reverse_compute_inline(consumer)

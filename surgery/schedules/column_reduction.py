@@ -30,6 +30,7 @@ from .analysis import (
     inline_elementwise,
     is_spatial,
     iter_kinds,
+    one_value_per_element,
     reduction_blocks,
     root_blocks,
     schedule_for,
@@ -54,17 +55,6 @@ def _innermost_only(indices, var) -> bool:
     return isinstance(last, tirx.Var) and last.same_as(var) and not any(_uses(i, var) for i in outer)
 
 
-def _elementwise_after(sch, epilogue, reduction) -> bool:
-    """No block after the reduction, or one spatial block writing as many elements as the
-    reduction does (the mean's division), which can then run on each part as it is finished."""
-    if epilogue is None:
-        return True
-    if not is_spatial(sch, epilogue):
-        return False
-    written, reduced = region_buffer(sch.get(epilogue).writes[0]), region_buffer(sch.get(reduction).writes[0])
-    return [int(n) for n in written.shape] == [int(n) for n in reduced.shape]
-
-
 class ColumnReduction(dlight.ScheduleRule):
     """Parallel over the leading kept axes, then the reduction, then the innermost kept axis in
     vectors, the output accumulated in place. Where the leading axes are too few to share out
@@ -86,7 +76,9 @@ class ColumnReduction(dlight.ScheduleRule):
             return None
         block = reductions[0]
         epilogue = next((b for b in blocks if not sch.get(b).same_as(sch.get(block))), None)
-        if not _elementwise_after(sch, epilogue, block):
+        # after the sum, at most one step of one value per sum (the mean's division), which
+        # then runs on each part of the output as it is finished
+        if epilogue is not None and not (is_spatial(sch, epilogue) and one_value_per_element(sch, epilogue, block)):
             return None
         stmt = sch.get(block)
         kinds = iter_kinds(sch, block)
@@ -109,12 +101,12 @@ class ColumnReduction(dlight.ScheduleRule):
         if width is None or width % _LANES != 0:
             return None
         outer = sch.fuse(*loops[: kept - 1]) if kept > 2 else loops[0]
-        threads = target_threads(target)
-        if (static_extent(sch, outer) or 0) >= 4 * threads and epilogue is None:
+        threads, rows = target_threads(target), static_extent(sch, outer) or 0
+        if rows >= 4 * threads and epilogue is None:
             sch.reorder(outer, *loops[kept:], loops[kept - 1])
             sch.parallel(outer)
             vectorize_inner(sch, loops[kept - 1], _LANES)
-        elif (static_extent(sch, outer) or 0) * (width // _LANES) >= 2 * threads:
+        elif rows * (width // _LANES) >= 2 * threads:
             vectors, lanes = sch.split(loops[kept - 1], [None, _LANES])
             sch.reorder(outer, vectors, *loops[kept:], lanes)
             shared = sch.fuse(outer, vectors)
