@@ -4,6 +4,7 @@ compiled-library cache, our schedules on small programs, and the CLI options tha
 configurations, in test_tvm.py.)"""
 
 import math
+import re
 import subprocess
 import sys
 
@@ -985,13 +986,25 @@ def test_convolutions_are_computed_in_place_channels_last_and_match_pytorch(
 # channels, kernel, stride, padding, width, batch: MobileNet's and EfficientNet's 3x3 and 5x5,
 # ConvNeXt's 7x7, channels in vectors of 16, 8 (72) and 4 (20); output rows of 16, 8, 14, 5 and
 # 11 pixels, in tiles of 8, 8, 7, 5 and 1 (11 is prime)
+# channels, kernel, stride, padding, width, batch: whole vectors of 16 (32, 96, 48 channels), and
+# channels that end in part of one: ShuffleNetV2's 58, 72 (16-float vectors), 20 and fewer than
+# a vector (10)
 _DEPTHWISE_CONVOLUTIONS = [
     (32, 3, 1, 1, 16, 1),
     (72, 5, 2, 2, 15, 1),
     (96, 7, 1, 3, 14, 2),
     (20, 3, 2, 1, 9, 1),
     (48, 3, 1, 1, 11, 1),
+    (58, 3, 1, 1, 14, 1),
+    (10, 3, 2, 1, 9, 2),
 ]
+_AVX512 = {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2}
+_AVX2 = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}
+
+
+def _vectorized(script: str, lanes: int) -> bool:
+    """Whether a kernel's script has a loop vectorised over ``lanes`` (64-bit or 32-bit)."""
+    return re.search(rf"T\.vectorized\((T\.int64\()?{lanes}\b", script) is not None
 
 
 @pytest.mark.tvm
@@ -1000,9 +1013,12 @@ def test_depthwise_convolutions_run_in_vectors_of_channels_and_match_pytorch(
     channels, kernel, stride, padding, width, batch
 ):
     """A depthwise convolution (as many groups as channels) with batch norm and ReLU after it is
-    one kernel of ours: tiles of a row's output pixels by a vector of channels accumulated in a
-    local buffer, parallel over rows where large enough; its numbers are PyTorch's. One with two
-    output channels per input channel is left to the generic schedule, and is right too."""
+    one kernel of ours: tiles of a row's output pixels by a vector of channels of the target
+    CPU's width (16 floats on AVX-512, 8 on AVX2: a 16-float one takes two of its 16 registers)
+    accumulated in a local buffer, parallel over rows where large enough. Where the vectors do
+    not divide the channels, the last one's loops are cut to the channels left as the kernel is
+    lowered: a narrower vector, no test per lane. Its numbers are PyTorch's. One with two output
+    channels per input channel is left to the generic schedule, and is right too."""
     import tvm
 
     def depthwise(multiplier):
@@ -1011,19 +1027,40 @@ def test_depthwise_convolutions_run_in_vectors_of_channels_and_match_pytorch(
 
     torch.manual_seed(0)
     x = torch.randn(batch, channels, width + 1, width)
-    lanes = next(v for v in (16, 8, 4) if channels % v == 0)
+    for target, lanes in ((_AVX512, 16), (_AVX2, 8)):
+        convs = {}
+        for multiplier in (1, 2):
+            kernels = _scheduled_kernels_of(depthwise(multiplier), (x,), tvm.target.Target(target))
+            [convs[multiplier]] = [f for name, f in kernels.items() if "conv2d" in name]
+            script = convs[multiplier].script()
+            taken = '"local"' in script and _vectorized(script, lanes)
+            assert taken == (multiplier == 1), (target, script)
+        lowered = _lowered(convs[1])
+        left = channels % lanes
+        assert (left == 0 or _vectorized(lowered, left)) and not re.search(r"^\s*if ", lowered, re.M), lowered
     for multiplier in (1, 2):
         model = depthwise(multiplier)
-        [conv] = [f.script() for name, f in _scheduled_kernels_of(model, (x,)).items() if "conv2d" in name]
-        taken = '"local"' in conv and f"T.vectorized(T.int64({lanes}))" in conv
-        assert taken == (multiplier == 1), conv
         with torch.no_grad():
             fn, _ = tvm_backend.compile_program(torch.export.export(model, (x,)), schedules="ours")
             assert_equivalent(fn(x)[0], model(x))
-    # on an AVX2 CPU the vectors are its 8 floats: a 16-float one takes two of its 16 registers
-    avx2 = tvm.target.Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
-    [conv] = [f.script() for n, f in _scheduled_kernels_of(depthwise(1), (x,), avx2).items() if "conv2d" in n]
-    assert '"local"' in conv and f"T.vectorized(T.int64({min(lanes, 8)}))" in conv, conv
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("channels, taken", [(58, False), (32, True)])
+def test_a_depthwise_convolution_over_a_batch_of_any_size_runs_in_whole_vectors_only(channels, taken):
+    """With a batch of any size the kernel keeps 64-bit indices, where lowering drops the marks
+    that cut the last vector's loops: channels that whole vectors divide (32) are still one
+    kernel of ours; others (58) go to the generic schedule. Both match PyTorch."""
+    torch.manual_seed(0)
+    model = _ConvBnRelu(torch.nn.Conv2d(channels, channels, 3, 1, 1, groups=channels)).eval()
+    x = torch.randn(2, channels, 9, 8)
+    dynamic = {"x": {0: torch.export.Dim("batch", min=1, max=64)}}
+    [conv] = [f.script() for n, f in _scheduled_kernels_of(model, (x,), dynamic_shapes=dynamic).items() if "conv2d" in n]
+    assert ('"local"' in conv) == taken, conv
+    with torch.no_grad():
+        fn, _ = tvm_backend.compile_program(torch.export.export(model, (x,), dynamic_shapes=dynamic), schedules="ours")
+        for n in (1, 3):
+            assert_equivalent(fn(x[:1].repeat(n, 1, 1, 1))[0], model(x[:1].repeat(n, 1, 1, 1)))
 
 
 # channels, groups, kernel, stride, width: ResNeXt's 32 groups of 4 and of 32 channels, RegNet's

@@ -24,6 +24,12 @@ PARALLEL_MIN_ELEMENTS = 1 << 14  # below this a thread-pool launch costs more th
 # SplitLayoutRewritePreproc to move into a function of its own (MetaSchedule's name for it).
 LAYOUT_REWRITE = "meta_schedule.layout_rewrite_preproc"
 
+# The loop annotation that asks TVM's LoopPartition (run as a kernel is lowered) to cut a loop
+# where a condition in its body changes, each piece without the condition. Lowering narrows
+# 64-bit loops to 32 bits first and drops the mark (apache-tvm 0.27): mark loops of a kernel
+# with 32-bit indices (``narrowed``).
+PARTITION_HINT = "pragma_loop_partition_hint"
+
 
 def static_extent(sch: s_tir.Schedule, loop) -> int | None:
     """A loop's extent when it is a constant."""

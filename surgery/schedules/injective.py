@@ -14,6 +14,7 @@ from tvm.s_tir.dlight.analysis import collect_vars_used_in_prim_expr
 from ..matmul_tiling import VECTOR_LANES
 from .analysis import (
     PARALLEL_MIN_ELEMENTS,
+    PARTITION_HINT,
     inline_elementwise,
     is_spatial,
     narrowed,
@@ -107,7 +108,7 @@ def _partition_parts(sch: s_tir.Schedule, block, loop) -> bool:
         return False
     vectors, inner = sch.split(loop, [None, lanes])
     sch.vectorize(inner)
-    sch.annotate(vectors, "pragma_loop_partition_hint", 1)
+    sch.annotate(vectors, PARTITION_HINT, 1)
     return True
 
 
