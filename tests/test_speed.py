@@ -1055,7 +1055,9 @@ def test_a_depthwise_convolution_over_a_batch_of_any_size_runs_in_whole_vectors_
     model = _ConvBnRelu(torch.nn.Conv2d(channels, channels, 3, 1, 1, groups=channels)).eval()
     x = torch.randn(2, channels, 9, 8)
     dynamic = {"x": {0: torch.export.Dim("batch", min=1, max=64)}}
-    [conv] = [f.script() for n, f in _scheduled_kernels_of(model, (x,), dynamic_shapes=dynamic).items() if "conv2d" in n]
+    [conv] = [
+        f.script() for n, f in _scheduled_kernels_of(model, (x,), dynamic_shapes=dynamic).items() if "conv2d" in n
+    ]
     assert ('"local"' in conv) == taken, conv
     with torch.no_grad():
         fn, _ = tvm_backend.compile_program(torch.export.export(model, (x,), dynamic_shapes=dynamic), schedules="ours")
