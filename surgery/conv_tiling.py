@@ -42,6 +42,9 @@ _AVX2_TILES = ((6, 16), (5, 16), (4, 16), (2, 32), (3, 16), (2, 16))
 # A convolution of several taps takes 6 x 16 on every image, its last tile cut short: see
 # ``plan_conv``.
 _AVX2_RAGGED_TILE = _AVX2_TILES[0]
+# A tile of fewer pixels than this, the largest divisor of an image's pixels, is cut from a
+# listed tile instead where the convolution has several taps (see ``plan_conv``).
+MIN_DIVIDING_PIXELS = 5
 # From this many input channels to twice as many, 8 x 32 first (see above).
 _WIDE_INPUT_CHANNELS = 256
 
@@ -68,7 +71,17 @@ def plan_conv(
     14.3; 64 at 160x160 13.6 -> 13.7; 256 at 40x40 12.0 -> 12.2. A 1x1 convolution keeps the
     dividing tile: its reduction is one loop, out of which LLVM does not move the predicate,
     and the cut tile's accumulators stay in memory (256 to 1024 channels at 50x68: 14.3 ->
-    25.8 ms)."""
+    25.8 ms).
+
+    On AVX-512, where no listed tile divides the pixels, the tile takes their largest divisor up
+    to 14; for a convolution of several taps where that is under ``MIN_DIVIDING_PIXELS`` (a
+    prime row width: SqueezeNet's 13x13, Inception's 109x109, whose divisor is 1, a 1-pixel tile
+    that loads a vector of the weight for every FMA), the first listed tile whose channels
+    divide, cut short the same way. Zen 5, medians of 7 x 50 interleaved calls, 3x3 convolution
+    and ReLU, 1 x 32 against 5 x 64: 64 -> 256 channels at 13x13 0.417 -> 0.117 ms, 32 -> 64 at
+    109x109 3.96 -> 1.18, 48 -> 192 at 13x13 0.238 -> 0.069 (8 x 32, 12 x 32 and 6 x 64 within
+    6% of 5 x 64); where a divisor of 9 served (27x27, 111x111), 5 x 64 cut short ran the same
+    within 1%."""
     wide = registers >= VECTOR_REGISTERS
     if not wide and taps > 1:
         return min(_AVX2_RAGGED_TILE[0], pixels), _AVX2_RAGGED_TILE[1]
@@ -82,4 +95,9 @@ def plan_conv(
     nr = 32 if wide and out_channels % 32 == 0 else CHANNEL_MULTIPLE
     accumulators = nr // (16 if wide else 8)
     mr = max(d for d in range(1, 15) if pixels % d == 0 and d * accumulators <= (24 if wide else 12))
+    if mr < MIN_DIVIDING_PIXELS and taps > 1:
+        # a prime row width's (13x13): the first tile whose channels divide, the image's last
+        # tile cut short, as on AVX2
+        mr, nr = next((mr, nr) for mr, nr in tiles if out_channels % nr == 0)
+        return min(mr, pixels), nr
     return mr, nr

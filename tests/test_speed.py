@@ -910,14 +910,15 @@ def test_the_flattening_check_agrees_with_evaluating_every_point():
 
 def test_conv_tiles_divide_the_image_or_are_cut_short_and_fit_the_registers():
     """A tile of output pixels divides the image's pixel count (it may span a row's end; the
-    Conv rule then indexes its write-back by pixel), except on AVX2 for a convolution of several
-    taps, whose tile is 6 pixels whatever the image (the last one cut short) and never more
-    pixels than the image has; it divides the output channels, and its accumulators plus the
-    weight's vectors fit the register file with two spare, on AVX-512 and on AVX2."""
+    Conv rule then indexes its write-back by pixel), except for a convolution of several taps:
+    on AVX2 its tile is 6 pixels whatever the image, on AVX-512 at least 2 (a prime row width's
+    image, 13x13, takes a listed tile of at least 5, cut short), the last one cut short, and
+    never more pixels than the image has; it divides the output channels, and its accumulators
+    plus the weight's vectors fit the register file with two spare, on AVX-512 and on AVX2."""
     from hypothesis import given
     from hypothesis import strategies as st
 
-    from surgery.conv_tiling import CHANNEL_MULTIPLE, plan_conv
+    from surgery.conv_tiling import CHANNEL_MULTIPLE, MIN_DIVIDING_PIXELS, plan_conv
     from surgery.matmul_tiling import AVX2_LANES, AVX2_REGISTERS, MAX_ACCUMULATORS, VECTOR_LANES, VECTOR_REGISTERS
 
     @given(
@@ -932,6 +933,9 @@ def test_conv_tiles_divide_the_image_or_are_cut_short_and_fit_the_registers():
         mr, nr = plan_conv(pixels, out_channels, in_channels, registers, taps=taps)
         if registers == AVX2_REGISTERS and taps > 1:
             assert mr == min(6, pixels)
+        elif taps > 1:
+            assert mr <= pixels and mr >= min(2, pixels)
+            assert pixels % mr == 0 or mr >= MIN_DIVIDING_PIXELS
         else:
             assert pixels % mr == 0
         assert out_channels % nr == 0 and nr % lanes == 0
@@ -943,6 +947,8 @@ def test_conv_tiles_divide_the_image_or_are_cut_short_and_fit_the_registers():
     assert plan_conv(25 * 34, 512, 512) == (5, 64)  # across rows: no divisor 5 of 34, one of 850
     assert plan_conv(128 * 128, 64, 64) == (8, 32)  # no divisor 5: 8 x 32 before 4 x 64
     assert plan_conv(3 * 11, 64, 64)[0] == 11  # an odd pixel count: its largest divisor that fits
+    assert plan_conv(13 * 13, 256, 64, taps=9) == (5, 64)  # 34 tiles, the last of 4, not 169 of 1
+    assert plan_conv(13 * 13, 64, 512) == (1, 32)  # a 1x1 convolution: no tile cut short
     assert plan_conv(14 * 14, 256, 256, AVX2_REGISTERS, taps=9) == (6, 16)  # the mask head: 33 tiles, the last of 4
     assert plan_conv(80 * 80, 128, 128, AVX2_REGISTERS, taps=1) == (5, 16)  # 10 accumulators, not 4 x 16's 8
 
@@ -957,6 +963,7 @@ _DIRECT_CONVOLUTIONS = [
     (1, 1, 3, 256, 32, 20, 1),
     (1, 1, 3, 64, 64, 34, 1),  # 5-pixel tiles across the ends of 34-pixel rows
     (1, 1, 3, 32, 64, 14, 3),  # 14x14 images of a batch (Mask R-CNN's mask head): 4 x 64 across rows
+    (2, 1, 3, 32, 64, 25, 1),  # 13x13 out (SqueezeNet's): on AVX-512 5 x 64, the last tile of 4
 ]
 
 
@@ -984,11 +991,9 @@ def test_convolutions_are_computed_in_place_channels_last_and_match_pytorch(
 
 
 # channels, kernel, stride, padding, width, batch: MobileNet's and EfficientNet's 3x3 and 5x5,
-# ConvNeXt's 7x7, channels in vectors of 16, 8 (72) and 4 (20); output rows of 16, 8, 14, 5 and
-# 11 pixels, in tiles of 8, 8, 7, 5 and 1 (11 is prime)
-# channels, kernel, stride, padding, width, batch: whole vectors of 16 (32, 96, 48 channels), and
-# channels that end in part of one: ShuffleNetV2's 58, 72 (16-float vectors), 20 and fewer than
-# a vector (10)
+# ConvNeXt's 7x7; channels in whole 16-float vectors (32, 96, 48) and ending in part of one
+# (ShuffleNetV2's 58, 72, 20, and 10: less than one); output rows of 16, 8, 14, 5, 11, 14 and 5
+# pixels, in tiles of 8, 8, 7, 5, 1 (11 is prime), 7 and 5
 _DEPTHWISE_CONVOLUTIONS = [
     (32, 3, 1, 1, 16, 1),
     (72, 5, 2, 2, 15, 1),
