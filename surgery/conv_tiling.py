@@ -42,9 +42,11 @@ _AVX2_TILES = ((6, 16), (5, 16), (4, 16), (2, 32), (3, 16), (2, 16))
 # A convolution of several taps takes 6 x 16 on every image, its last tile cut short: see
 # ``plan_conv``.
 _AVX2_RAGGED_TILE = _AVX2_TILES[0]
-# A tile of fewer pixels than this, the largest divisor of an image's pixels, is cut from a
-# listed tile instead where the convolution has several taps (see ``plan_conv``).
+# On AVX-512, a tile of fewer pixels than this, the largest divisor of an image's pixels, is
+# replaced by a listed tile cut short (see ``plan_conv``); for a 1x1 convolution, by one of
+# these (5 x 64's 20 accumulators ran 15-25% slower cut short than 8 x 32's 16).
 MIN_DIVIDING_PIXELS = 5
+_AVX512_POINTWISE_CUT_TILES = ((8, 32), (14, 16))
 # From this many input channels to twice as many, 8 x 32 first (see above).
 _WIDE_INPUT_CHANNELS = 256
 
@@ -74,14 +76,16 @@ def plan_conv(
     25.8 ms).
 
     On AVX-512, where no listed tile divides the pixels, the tile takes their largest divisor up
-    to 14; for a convolution of several taps where that is under ``MIN_DIVIDING_PIXELS`` (a
-    prime row width: SqueezeNet's 13x13, Inception's 109x109, whose divisor is 1, a 1-pixel tile
-    that loads a vector of the weight for every FMA), the first listed tile whose channels
-    divide, cut short the same way. Zen 5, medians of 7 x 50 interleaved calls, 3x3 convolution
-    and ReLU, 1 x 32 against 5 x 64: 64 -> 256 channels at 13x13 0.417 -> 0.117 ms, 32 -> 64 at
-    109x109 3.96 -> 1.18, 48 -> 192 at 13x13 0.238 -> 0.069 (8 x 32, 12 x 32 and 6 x 64 within
-    6% of 5 x 64); where a divisor of 9 served (27x27, 111x111), 5 x 64 cut short ran the same
-    within 1%."""
+    to 14; where that is under ``MIN_DIVIDING_PIXELS`` (a prime row width: SqueezeNet's 13x13,
+    Inception's 109x109, whose divisor is 1, a 1-pixel tile that loads a vector of the weight
+    for every FMA), a tile cut short the same way: for several taps the first listed tile whose
+    channels divide, for one 8 x 32 or 14 x 16. Zen 5, medians of 7 x 50 interleaved calls,
+    convolution and ReLU (ms): 3x3, 1 x 32 -> 5 x 64, 64 -> 256 channels at 13x13 0.417 ->
+    0.117, 32 -> 64 at 109x109 3.96 -> 1.18, 48 -> 192 at 13x13 0.238 -> 0.069 (8 x 32, 12 x
+    32, 6 x 64 and 13 x 16 within 8% of 5 x 64); where a divisor of 9 served (27x27, 111x111),
+    5 x 64 cut short ran the same within 1%. 1x1, 1 x 32 -> 8 x 32: 512 -> 64 at 13x13 0.096 ->
+    0.036 (14 x 16 0.038, 5 x 64 0.045), 64 -> 256 0.053 -> 0.023, 48 -> 192 0.042 -> 0.018,
+    768 -> 192 at 17x17 0.671 -> 0.206 (5 x 64 0.287)."""
     wide = registers >= VECTOR_REGISTERS
     if not wide and taps > 1:
         return min(_AVX2_RAGGED_TILE[0], pixels), _AVX2_RAGGED_TILE[1]
@@ -95,9 +99,9 @@ def plan_conv(
     nr = 32 if wide and out_channels % 32 == 0 else CHANNEL_MULTIPLE
     accumulators = nr // (16 if wide else 8)
     mr = max(d for d in range(1, 15) if pixels % d == 0 and d * accumulators <= (24 if wide else 12))
-    if mr < MIN_DIVIDING_PIXELS and taps > 1:
-        # a prime row width's (13x13): the first tile whose channels divide, the image's last
-        # tile cut short, as on AVX2
-        mr, nr = next((mr, nr) for mr, nr in tiles if out_channels % nr == 0)
+    if mr < MIN_DIVIDING_PIXELS and wide:
+        # a prime row width's (13x13): a tile cut short at the image's end, as on AVX2
+        cut = tiles if taps > 1 else _AVX512_POINTWISE_CUT_TILES
+        mr, nr = next((mr, nr) for mr, nr in cut if out_channels % nr == 0)
         return min(mr, pixels), nr
     return mr, nr

@@ -910,11 +910,12 @@ def test_the_flattening_check_agrees_with_evaluating_every_point():
 
 def test_conv_tiles_divide_the_image_or_are_cut_short_and_fit_the_registers():
     """A tile of output pixels divides the image's pixel count (it may span a row's end; the
-    Conv rule then indexes its write-back by pixel), except for a convolution of several taps:
-    on AVX2 its tile is 6 pixels whatever the image, on AVX-512 at least 2 (a prime row width's
-    image, 13x13, takes a listed tile of at least 5, cut short), the last one cut short, and
-    never more pixels than the image has; it divides the output channels, and its accumulators
-    plus the weight's vectors fit the register file with two spare, on AVX-512 and on AVX2."""
+    Conv rule then indexes its write-back by pixel), except on AVX2 for a convolution of several
+    taps, whose tile is 6 pixels whatever the image, and on AVX-512 where a prime row width's
+    image (13x13) takes a tile of at least 5 pixels (else at least 2): the last one cut short,
+    and never more pixels than the image has. It divides the output channels, and its
+    accumulators plus the weight's vectors fit the register file with two spare, on AVX-512 and
+    on AVX2."""
     from hypothesis import given
     from hypothesis import strategies as st
 
@@ -933,11 +934,11 @@ def test_conv_tiles_divide_the_image_or_are_cut_short_and_fit_the_registers():
         mr, nr = plan_conv(pixels, out_channels, in_channels, registers, taps=taps)
         if registers == AVX2_REGISTERS and taps > 1:
             assert mr == min(6, pixels)
-        elif taps > 1:
+        elif registers == AVX2_REGISTERS:
+            assert pixels % mr == 0
+        else:
             assert mr <= pixels and mr >= min(2, pixels)
             assert pixels % mr == 0 or mr >= MIN_DIVIDING_PIXELS
-        else:
-            assert pixels % mr == 0
         assert out_channels % nr == 0 and nr % lanes == 0
         accumulators = mr * nr // lanes
         assert accumulators <= MAX_ACCUMULATORS and accumulators + nr // lanes <= registers - 2
@@ -948,7 +949,8 @@ def test_conv_tiles_divide_the_image_or_are_cut_short_and_fit_the_registers():
     assert plan_conv(128 * 128, 64, 64) == (8, 32)  # no divisor 5: 8 x 32 before 4 x 64
     assert plan_conv(3 * 11, 64, 64)[0] == 11  # an odd pixel count: its largest divisor that fits
     assert plan_conv(13 * 13, 256, 64, taps=9) == (5, 64)  # 34 tiles, the last of 4, not 169 of 1
-    assert plan_conv(13 * 13, 64, 512) == (1, 32)  # a 1x1 convolution: no tile cut short
+    assert plan_conv(13 * 13, 64, 512) == (8, 32)  # a 1x1 convolution: 22 tiles, the last of 1
+    assert plan_conv(13 * 13, 64, 512, AVX2_REGISTERS) == (1, 16)  # on AVX2 a 1x1 one is never cut
     assert plan_conv(14 * 14, 256, 256, AVX2_REGISTERS, taps=9) == (6, 16)  # the mask head: 33 tiles, the last of 4
     assert plan_conv(80 * 80, 128, 128, AVX2_REGISTERS, taps=1) == (5, 16)  # 10 accumulators, not 4 x 16's 8
 
@@ -964,6 +966,7 @@ _DIRECT_CONVOLUTIONS = [
     (1, 1, 3, 64, 64, 34, 1),  # 5-pixel tiles across the ends of 34-pixel rows
     (1, 1, 3, 32, 64, 14, 3),  # 14x14 images of a batch (Mask R-CNN's mask head): 4 x 64 across rows
     (2, 1, 3, 32, 64, 25, 1),  # 13x13 out (SqueezeNet's): on AVX-512 5 x 64, the last tile of 4
+    (2, 0, 1, 48, 64, 25, 1),  # 1x1 to 13x13: on AVX-512 8 x 32, the last tile of 1
 ]
 
 
