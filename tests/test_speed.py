@@ -1382,6 +1382,41 @@ class _ConvThen(torch.nn.Module):
 
 
 @pytest.mark.tvm
+@pytest.mark.parametrize(
+    "after, same_as_clip",
+    [
+        (torch.nn.ReLU6(), True),
+        (lambda y: y.clamp(-0.5, 0.5), True),
+        (lambda y: y.clamp(min=0.25), True),
+        (torch.nn.Hardswish(), False),
+    ],
+)
+def test_a_clip_after_a_convolution_runs_in_its_write_back(after, same_as_clip, monkeypatch):
+    """``clip`` (ReLU6, hard-swish's, a clamp) after a convolution is spelled ``minimum`` then
+    ``maximum``, which ConvertLayout takes channels-last, so it runs in the convolution's
+    write-back: no kernel of its own between transposes. Its numbers are PyTorch's, and where
+    nothing else moves into the write-back, bit for bit those of TVM's ``clip`` (NaN included:
+    both compare the same way)."""
+    from surgery.schedules import relax_passes
+
+    torch.manual_seed(0)
+    model, x = _ConvThen(after).eval(), torch.randn(1, 16, 10, 10) * 4
+    kernels = _scheduled_kernels_of(model, (x,))
+    [conv] = [name for name in kernels if "conv2d" in name]
+    assert "minimum" in conv and "maximum" in conv and not any("clip" in name for name in kernels), list(kernels)
+    with torch.no_grad():
+        program = torch.export.export(model, (x,))
+        fn, _ = tvm_backend.compile_program(program, schedules="ours")
+        assert_equivalent(fn(x)[0], model(x))
+        if same_as_clip:
+            x[0, 3, 4, 5] = float("nan")
+            ours = fn(x)[0]
+            monkeypatch.setattr(relax_passes, "clip_as_minimum_maximum", lambda mod: mod)
+            clipped, _ = tvm_backend.compile_program(program, schedules="ours")
+            assert torch.equal(ours.view(torch.int32), clipped(x)[0].view(torch.int32))
+
+
+@pytest.mark.tvm
 def test_a_negative_squeeze_axis_does_not_stop_convolutions_going_channels_last():
     """apache-tvm 0.27's ConvertLayout fails on ``squeeze(x, axis=[-1])`` anywhere in the
     program (RT-DETR's query selection has one): the axis is made positive first, and the

@@ -68,6 +68,7 @@ from .relax_passes import (
     absorb_matmul_broadcasts,
     batch_norm_as_scale_shift,
     channels_last_convolutions,
+    clip_as_minimum_maximum,
     gathers_into_weighted_sums,
     gelu_through_erf_or_tanh,
     guarded_softmax_kernels,
@@ -107,6 +108,9 @@ def pipeline(target: tvm.target.Target):
       tuple (the import turns attention's packed in-projection split into one) is made that
       constant (``CanonicalizeBindings``), and ``FoldConstant`` runs again after fusion, so
       weight transposes are evaluated once, at build time;
+    - spells ``clip`` (ReLU6, hard-swish's) as the ``minimum`` and ``maximum`` TVM computes it
+      with, which ``ConvertLayout`` takes channels-last, so that it runs in the convolution's
+      write-back (``clip_as_minimum_maximum``, inside ``channels_last_convolutions``);
     - applies an inference batch norm as a scale and shift computed at build time
       (``batch_norm_as_scale_shift``), which fuse into the convolution's write-back;
     - computes 3x3 convolutions of stride 1 with at least 64 channels in and out (128 on
@@ -218,6 +222,7 @@ __all__ = [
     "absorb_matmul_broadcasts",
     "batch_norm_as_scale_shift",
     "channels_last_convolutions",
+    "clip_as_minimum_maximum",
     "pad_matmul_columns",
     "pad_matmul_rows",
     "positive_squeeze_axes",

@@ -424,6 +424,29 @@ def positive_squeeze_axes(mod, _ctx):
     return _rewrite_functions(mod, (pattern, rewrite))
 
 
+@tvm.transform.module_pass(opt_level=0, name="ClipAsMinimumMaximum")
+def clip_as_minimum_maximum(mod, _ctx):
+    """``clip(x, lo, hi)`` -> ``maximum(minimum(x, hi), lo)``: what TVM legalises ``clip`` to
+    (``topi.clip``: the same two operations in the same order, so the same numbers, NaN
+    included), spelled with operators ``ConvertLayout`` knows. apache-tvm 0.27 has no layout
+    rule for ``clip``, so a ReLU6 or hard-swish after a channels-last convolution (MobileNetV2,
+    MobileNetV3) ran as a kernel of its own between two transposes back to NCHW and forward
+    again, which also kept it out of the convolution's write-back."""
+    x = wildcard()
+    pattern = is_op("relax.clip")(x, varg_default_wildcard=True)  # the bounds are PrimExprs
+
+    def rewrite(call, matches):
+        dtype = str(getattr(relax_type(matches[x]), "dtype", ""))
+        # a bound is a PrimExpr (FloatImm), or in older releases a PrimValue holding one
+        bounds = [getattr(getattr(b, "value", None), "value", getattr(b, "value", None)) for b in call.args[1:]]
+        if not dtype.startswith("float") or len(bounds) != 2 or any(not isinstance(b, (int, float)) for b in bounds):
+            return call  # integers (an infinite bound has no integer constant), bounds computed at run time
+        lo, hi = (relax.const(b, dtype) for b in bounds)
+        return relax.op.maximum(relax.op.minimum(matches[x], hi), lo)
+
+    return _rewrite_functions(mod, (pattern, rewrite))
+
+
 @tvm.transform.module_pass(opt_level=0, name="ChannelsLastConvolutions")
 def channels_last_convolutions(mod, _ctx):
     """Every ``conv2d`` channels-last, its weight HWIO (the Conv rule's layout), by TVM's
@@ -434,7 +457,8 @@ def channels_last_convolutions(mod, _ctx):
     same, its convolutions left to the generic rules (slow: the shipped build's ``conv_im2col``
     leaves them for the Conv rule)."""
     try:
-        return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(positive_squeeze_axes(mod))
+        mod = clip_as_minimum_maximum(positive_squeeze_axes(mod))
+        return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)
     except tvm.error.InternalError:  # a TVM check failed (or std::bad_alloc) inside the pass
         return mod
 
