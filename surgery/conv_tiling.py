@@ -44,7 +44,7 @@ _AVX2_TILES = ((6, 16), (5, 16), (4, 16), (2, 32), (3, 16), (2, 16))
 _AVX2_RAGGED_TILE = _AVX2_TILES[0]
 # On AVX-512, a tile of fewer pixels than this, the largest divisor of an image's pixels, is
 # replaced by a listed tile cut short (see ``plan_conv``); for a 1x1 convolution, by one of
-# these (5 x 64's 20 accumulators ran 15-25% slower cut short than 8 x 32's 16).
+# these (cut short, 5 x 64's 20 accumulators ran 10-40% slower than 8 x 32's 16 on four shapes).
 MIN_DIVIDING_PIXELS = 5
 _AVX512_POINTWISE_CUT_TILES = ((8, 32), (14, 16))
 # From this many input channels to twice as many, 8 x 32 first (see above).
