@@ -58,6 +58,15 @@ def constant_array(const):
     return (value if value is not None else const.data).numpy()
 
 
+def prim_number(expr) -> int | float | None:
+    """The number of a constant scalar argument of a relax call (``relax.clip``'s bounds): an
+    ``IntImm``/``FloatImm`` in 0.27, or a ``PrimValue`` holding one; None for anything else (a
+    bound computed at run time)."""
+    value = getattr(expr, "value", None)
+    value = getattr(value, "value", value)
+    return value if isinstance(value, (int, float)) else None
+
+
 def relax_type(expr):
     """A relax expression's type (``.ty`` in 0.27, ``.struct_info`` before)."""
     return getattr(expr, "ty", None) or getattr(expr, "struct_info", None)

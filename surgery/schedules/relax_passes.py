@@ -12,7 +12,7 @@ from tvm.relax.dpl import is_const, is_op, is_tuple, is_tuple_get_item, rewrite_
 
 from ..matmul_tiling import padded_rows
 from .analysis import LAYOUT_REWRITE, root_blocks
-from .compat import RelaxConstant, constant_array, relax_type
+from .compat import RelaxConstant, constant_array, prim_number, relax_type
 from .matmul import vector_registers
 
 
@@ -437,9 +437,8 @@ def clip_as_minimum_maximum(mod, _ctx):
 
     def rewrite(call, matches):
         dtype = str(getattr(relax_type(matches[x]), "dtype", ""))
-        # a bound is a PrimExpr (FloatImm), or in older releases a PrimValue holding one
-        bounds = [getattr(getattr(b, "value", None), "value", getattr(b, "value", None)) for b in call.args[1:]]
-        if not dtype.startswith("float") or len(bounds) != 2 or any(not isinstance(b, (int, float)) for b in bounds):
+        bounds = [prim_number(b) for b in call.args[1:]]
+        if not dtype.startswith("float") or len(bounds) != 2 or None in bounds:
             return call  # integers (an infinite bound has no integer constant), bounds computed at run time
         lo, hi = (relax.const(b, dtype) for b in bounds)
         return relax.op.maximum(relax.op.minimum(matches[x], hi), lo)
