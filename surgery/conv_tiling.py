@@ -49,6 +49,18 @@ MIN_DIVIDING_PIXELS = 5
 _AVX512_POINTWISE_CUT_TILES = ((8, 32), (14, 16))
 # From this many input channels to twice as many, 8 x 32 first (see above).
 _WIDE_INPUT_CHANNELS = 256
+# Output channels an odd number of 16-float vectors (48, 80, 144, 240, 400: the widths of
+# MobileNet, EfficientNet, MNASNet, RegNet) fit none of the tiles above but 14 x 16, whose 14
+# accumulators load a vector of the weight for every 14 FMAs. Three or five vectors wide, the
+# first whose channels divide (its pixels dividing, else the image's last tile cut short). Zen 5,
+# convolution + batch norm + ReLU, medians of 6-10 interleaved rounds of 100 calls, kernel alone
+# (ms), 14 x 16 (or the largest divisor's 7 x 16, 5 x 16) -> this: 1x1, 192 -> 48 at 56x56 0.139
+# -> 0.125, 24 -> 144 at 56x56 0.076 -> 0.065, 144 -> 144 at 28x28 0.079 -> 0.072, 40 -> 240 at
+# 28x28 0.045 -> 0.040, 288 -> 48 at 25x25 (cut) 0.062 -> 0.039, 480 -> 80 at 14x14 0.038 ->
+# 0.035, 400 -> 400 at 7x7 (cut) 0.046 -> 0.038; 3x3, 48 at 56x56 0.324 -> 0.288, 80 at 28x28
+# 0.226 -> 0.203. Seven vectors (112, 784) measured slower at 2 x 112 and 3 x 112, so such widths
+# keep 16.
+_AVX512_ODD_VECTOR_TILES = ((8, 48), (7, 48), (4, 80))
 
 
 def conv_directly(out_channels: int, groups: int, transposed: bool) -> bool:
@@ -62,7 +74,8 @@ def plan_conv(
     """The register tile ``(mr, nr)``: ``mr`` consecutive output pixels of one image (of its
     ``pixels``, row after row, so a tile may span a row's end) by ``nr`` output channels (of
     ``out_channels``), dividing both; on AVX-512, wide inputs prefer the 8 x 32 tile (see
-    ``_AVX512_TILES``).
+    ``_AVX512_TILES``), and output channels an odd number of vectors a tile three or five
+    vectors wide (``_AVX512_ODD_VECTOR_TILES``).
 
     On AVX2 a convolution of several ``taps`` (3x3, 7x7) takes 6 x 16 whatever the pixels:
     where 6 does not divide them, the image's last tile is cut short by a predicate, which LLVM
@@ -89,6 +102,10 @@ def plan_conv(
     wide = registers >= VECTOR_REGISTERS
     if not wide and taps > 1:
         return min(_AVX2_RAGGED_TILE[0], pixels), _AVX2_RAGGED_TILE[1]
+    if wide and out_channels % 32:
+        odd = [(mr, nr) for mr, nr in _AVX512_ODD_VECTOR_TILES if out_channels % nr == 0]
+        if odd:
+            return next(((mr, nr) for mr, nr in odd if pixels % mr == 0), (min(odd[0][0], pixels), odd[0][1]))
     tiles = _AVX512_TILES if wide else _AVX2_TILES
     if wide and _WIDE_INPUT_CHANNELS <= in_channels < 2 * _WIDE_INPUT_CHANNELS:
         tiles = ((8, 32), *tiles)

@@ -912,8 +912,9 @@ def test_conv_tiles_divide_the_image_or_are_cut_short_and_fit_the_registers():
     """A tile of output pixels divides the image's pixel count (it may span a row's end; the
     Conv rule then indexes its write-back by pixel), except on AVX2 for a convolution of several
     taps, whose tile is 6 pixels whatever the image, and on AVX-512 where a prime row width's
-    image (13x13) takes a tile of at least 5 pixels (else at least 2): the last one cut short,
-    and never more pixels than the image has. It divides the output channels, and its
+    image (13x13) takes a tile of at least 5 pixels (else at least 2), and output channels an
+    odd number of vectors one of 8 pixels three vectors wide or 4 five wide: the last one cut
+    short, and never more pixels than the image has. It divides the output channels, and its
     accumulators plus the weight's vectors fit the register file with two spare, on AVX-512 and
     on AVX2."""
     from hypothesis import given
@@ -938,7 +939,7 @@ def test_conv_tiles_divide_the_image_or_are_cut_short_and_fit_the_registers():
             assert pixels % mr == 0
         else:
             assert mr <= pixels and mr >= min(2, pixels)
-            assert pixels % mr == 0 or mr >= MIN_DIVIDING_PIXELS
+            assert pixels % mr == 0 or mr >= (4 if nr == 80 else MIN_DIVIDING_PIXELS)
         assert out_channels % nr == 0 and nr % lanes == 0
         accumulators = mr * nr // lanes
         assert accumulators <= MAX_ACCUMULATORS and accumulators + nr // lanes <= registers - 2
@@ -953,6 +954,13 @@ def test_conv_tiles_divide_the_image_or_are_cut_short_and_fit_the_registers():
     assert plan_conv(13 * 13, 64, 512, AVX2_REGISTERS) == (1, 16)  # on AVX2 a 1x1 one is never cut
     assert plan_conv(14 * 14, 256, 256, AVX2_REGISTERS, taps=9) == (6, 16)  # the mask head: 33 tiles, the last of 4
     assert plan_conv(80 * 80, 128, 128, AVX2_REGISTERS, taps=1) == (5, 16)  # 10 accumulators, not 4 x 16's 8
+    # output channels an odd number of 16-float vectors: three or five vectors wide, not 14 x 16
+    assert plan_conv(56 * 56, 144, 24) == (8, 48)  # MobileNetV2's expansion: 24 accumulators, not 14
+    assert plan_conv(14 * 14, 240, 40) == (7, 48)  # 48 before 80 where both divide the channels
+    assert plan_conv(7 * 7, 400, 400) == (4, 80)  # RegNetX's: 13 tiles, the last of 1
+    assert plan_conv(25 * 25, 48, 288) == (8, 48)  # Inception's: 79 tiles, the last of 1, not 5 x 16
+    assert plan_conv(14 * 14, 112, 672) == (14, 16)  # seven vectors: no wider tile measured faster
+    assert plan_conv(56 * 56, 144, 24, AVX2_REGISTERS) == (4, 16)  # AVX2's 16 floats are two vectors
 
 
 # stride, padding, kernel, input channels, output channels, width, batch: the detectors' kinds
@@ -967,6 +975,9 @@ _DIRECT_CONVOLUTIONS = [
     (1, 1, 3, 32, 64, 14, 3),  # 14x14 images of a batch (Mask R-CNN's mask head): 4 x 64 across rows
     (2, 1, 3, 32, 64, 25, 1),  # 13x13 out (SqueezeNet's): on AVX-512 5 x 64, the last tile of 4
     (2, 0, 1, 48, 64, 25, 1),  # 1x1 to 13x13: on AVX-512 8 x 32, the last tile of 1
+    (1, 0, 1, 24, 144, 8, 2),  # on AVX-512 8 x 48 (three vectors of 16), dividing 9x8 pixels
+    (1, 0, 1, 64, 80, 6, 1),  # on AVX-512 4 x 80 over 7x6 pixels, the last tile of 2
+    (1, 1, 3, 16, 48, 4, 1),  # on AVX-512 8 x 48 over 5x4 pixels, the last tile of 4
 ]
 
 
