@@ -732,6 +732,33 @@ def test_panels_of_a_shared_operand_run_inside_its_row_tiles_when_they_fit_in_l2
 
 
 @pytest.mark.tvm
+def test_the_panels_of_a_batched_product_run_in_order_inside_each_parallel_row_tile():
+    """``[P, 1, 1, M, K] @ [P, 1, T, K, 32]`` (a Winograd convolution's product: P positions, T
+    panels of the weight): the parallel loop runs over positions and row tiles only, each task
+    running its row tile against the T panels in order; with too few of those tasks to share
+    evenly among the threads (three positions of one row tile) the panels are parallel too. Either way the
+    numbers are PyTorch's."""
+
+    class Panels(torch.nn.Module):
+        def __init__(self, positions, panels):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(positions, 1, panels, 128, 32) / 128**0.5)
+
+        def forward(self, v):
+            return torch.matmul(v, self.weight)
+
+    for positions, rows, fused in ((16, 56, "i0_i3_0_fused"), (3, 14, "i0_i3_0_i1_i2_i4_0_fused")):
+        torch.manual_seed(0)
+        model, v = Panels(positions, 4).eval(), torch.randn(positions, 1, 1, rows, 128)
+        [func] = [f for name, f in _scheduled_kernels_of(model, (v,)).items() if "matmul" in name]
+        [loop] = [line.split()[1] for line in func.script().splitlines() if "T.parallel" in line]
+        assert loop == fused, func.script()
+        with torch.no_grad():
+            fn, _ = tvm_backend.compile_program(torch.export.export(model, (v,)), schedules="ours")
+            assert_equivalent(fn(v)[0], model(v))
+
+
+@pytest.mark.tvm
 def test_inlined_reshapes_leave_simple_index_arithmetic():
     """A transpose through reshapes: after our schedule, no division or modulo per element."""
 
