@@ -736,8 +736,8 @@ def test_the_panels_of_a_batched_product_run_in_order_inside_each_parallel_row_t
     """``[P, 1, 1, M, K] @ [P, 1, T, K, 32]`` (a Winograd convolution's product: P positions, T
     panels of the weight): the parallel loop runs over positions and row tiles only, each task
     running its row tile against the T panels in order; with too few of those tasks to share
-    evenly among the threads (three positions of one row tile) the panels are parallel too. Either way the
-    numbers are PyTorch's."""
+    evenly among the threads (three positions of one row tile) the panels are parallel too.
+    Either way the numbers are PyTorch's."""
 
     class Panels(torch.nn.Module):
         def __init__(self, positions, panels):
@@ -1003,7 +1003,7 @@ _DIRECT_CONVOLUTIONS = [
     (2, 1, 3, 32, 64, 25, 1),  # 13x13 out (SqueezeNet's): on AVX-512 5 x 64, the last tile of 4
     (2, 0, 1, 48, 64, 25, 1),  # 1x1 to 13x13: on AVX-512 8 x 32, the last tile of 1
     (1, 0, 1, 24, 144, 8, 2),  # on AVX-512 8 x 48 (three vectors of 16), dividing 9x8 pixels
-    (1, 0, 1, 64, 80, 6, 1),  # on AVX-512 4 x 80 over 7x6 pixels, the last tile of 2
+    (1, 0, 1, 64, 80, 6, 2),  # on AVX-512 4 x 80 over 7x6 pixels, each image's last tile of 2
     (1, 1, 3, 16, 48, 4, 1),  # on AVX-512 8 x 48 over 5x4 pixels, the last tile of 4
 ]
 
