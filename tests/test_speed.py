@@ -732,6 +732,32 @@ def test_panels_of_a_shared_operand_run_inside_its_row_tiles_when_they_fit_in_l2
 
 
 @pytest.mark.tvm
+def test_a_packed_weights_panels_run_in_order_inside_each_parallel_row_tile():
+    """A linear layer's product with its weight packed in panels (``matmul_packing``): with
+    rows enough for the threads, a parallel task is one row tile running the 4 panels in order
+    (the parallel loop is the row tiles' alone), and the numbers are PyTorch's."""
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(64, 128) / 8)
+
+        def forward(self, x):
+            return x @ self.weight
+
+    torch.manual_seed(0)
+    model, x = Linear().eval(), torch.randn(840, 64)
+    with torch.no_grad():
+        program, _ = tvm_backend.speed_rewrites(torch.export.export(model, (x,)))
+    [func] = [f for name, f in _kernels(_pipelined_program(program)).items() if "matmul" in name]
+    [loop] = [line.split()[1] for line in func.script().splitlines() if "T.parallel" in line]
+    assert loop == "i1_0_fused", func.script()
+    fn, _ = tvm_backend.compile_program(program, schedules="ours")
+    with torch.no_grad():
+        assert_equivalent(fn(x)[0], model(x))
+
+
+@pytest.mark.tvm
 def test_the_panels_of_a_batched_product_run_in_order_inside_each_parallel_row_tile():
     """``[P, 1, 1, M, K] @ [P, 1, T, K, 32]`` (a Winograd convolution's product: P positions, T
     panels of the weight): the parallel loop runs over positions and row tiles only, each task
