@@ -146,16 +146,18 @@ def plan_matmul(
 
 def padded_columns(cols: int, lanes: int = VECTOR_LANES) -> int:
     """The columns a product with a weight of ``cols`` columns is computed with: ``cols``, or the
-    next whole number of the CPU's ``lanes``-float vectors where ``cols`` is a whole number of
-    4-float ones but not of those and the zero columns add at most an eighth. Otherwise the
-    register tile is built of 4- or 8-float vectors: on a 2-core Zen 5 EPYC (AVX-512), interleaved
-    kernel times, ShuffleNetV2's 1x1 convolutions as products, 196 x 116 @ 116 x 116 48.2 us in
-    tiles of 4 floats, 13.8 padded to 128 columns; 784 rows 193 -> 52; 49 x 232 @ 232 x 232 27.5
-    in tiles of 8, 12.1 padded to 240. Where padding adds more (24 -> 32 columns, a third) it
-    gained nothing (36.5 -> 38.0 us over 3136 rows). Columns no whole number of 4-float vectors
-    (91 classes) are padded by ``pad_matmul_columns`` instead."""
+    next whole number of the CPU's ``lanes``-float vectors where the zero columns add at most an
+    eighth. Otherwise the register tile is built of 4- or 8-float vectors: on a 2-core Zen 5 EPYC
+    (AVX-512), interleaved kernel times, ShuffleNetV2's 1x1 convolutions as products, 196 x 116 @
+    116 x 116 48.2 us in tiles of 4 floats, 13.8 padded to 128 columns; 784 rows 193 -> 52; 49 x
+    232 @ 232 x 232 27.5 in tiles of 8, 12.1 padded to 240. Where padding adds more (24 -> 32
+    columns, a third) it gained nothing (36.5 -> 38.0 us over 3136 rows). Columns that fill no
+    4-float vector (91 classes) are padded the same way, so the weight is packed into panels: left
+    to ``pad_matmul_columns`` (padded, not packed), Mask R-CNN's mask logits, 78400 x 256 @ 256 x
+    91, ran in 14 x 32 tiles over a row-major weight, 12.4 ms a call against 10.6 packed (kernel
+    tables of interleaved builds, medians of 6 rounds, same Zen 5)."""
     extra = -cols % lanes
-    if cols % MIN_LANES or not extra or 8 * extra > cols:
+    if not extra or 8 * extra > cols:
         return cols
     return cols + extra
 

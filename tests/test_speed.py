@@ -633,27 +633,26 @@ def test_a_product_of_197_rows_runs_on_198_in_taller_tiles_and_matches_pytorch()
 
 
 def test_a_weights_columns_are_padded_to_whole_vectors_where_that_adds_at_most_an_eighth():
-    """``padded_columns``: a weight whose columns are whole 4-float vectors but not whole vectors
-    of the CPU's width is computed with zero columns up to the next whole vector where they add
-    at most an eighth (116 -> 128, 232 -> 240; 120 on AVX2's 8 floats); whole vectors, columns
-    that no 4-float vectors fill (91: another pass's) and a third more (24 -> 32) are kept."""
+    """``padded_columns``: a weight whose columns are no whole vectors of the CPU's width is
+    computed with zero columns up to the next whole vector where they add at most an eighth (116
+    -> 128, 232 -> 240, 91 -> 96; 120 on AVX2's 8 floats); whole vectors and a third more (24 ->
+    32, 4 -> 16) are kept."""
     from hypothesis import given
     from hypothesis import strategies as st
 
     from surgery.matmul_tiling import AVX2_LANES, padded_columns
 
-    assert [padded_columns(n) for n in (116, 232, 1000, 24, 91, 128, 4)] == [128, 240, 1008, 24, 91, 128, 4]
-    assert [padded_columns(n, AVX2_LANES) for n in (116, 232, 1000, 24, 20)] == [120, 232, 1000, 24, 20]
+    assert [padded_columns(n) for n in (116, 232, 1000, 24, 91, 128, 4)] == [128, 240, 1008, 24, 96, 128, 4]
+    assert [padded_columns(n, AVX2_LANES) for n in (116, 232, 1000, 24, 20, 91)] == [120, 232, 1000, 24, 20, 96]
+    assert [padded_columns(n) for n in (56, 57)] == [56, 64]  # 8 zero columns: over an eighth, then 7: under
 
     @given(st.integers(1, 4096), st.sampled_from([8, 16]))
     def check(cols, lanes):
         padded = padded_columns(cols, lanes)
         if padded == cols:
-            assert cols % 4 or cols % lanes == 0 or 8 * (-cols % lanes) > cols
+            assert cols % lanes == 0 or 8 * (-cols % lanes) > cols
         else:
-            assert (
-                cols % 4 == 0 and padded % lanes == 0 and cols < padded < cols + lanes and 8 * (padded - cols) <= cols
-            )
+            assert padded % lanes == 0 and cols < padded < cols + lanes and 8 * (padded - cols) <= cols
 
     check()
 
@@ -672,6 +671,27 @@ def test_a_product_of_116_columns_runs_in_16_float_vectors_and_matches_pytorch()
         [product] = [f.script() for name, f in _kernels(_pipelined_program(program)).items() if "matmul" in name]
         lanes = vector_registers(tvm_backend.host_target("ours"))[1]
         assert f"T.vectorized(T.int64({lanes}))" in product and "T.int64(116), T.int64(4)" not in product, product
+        fn, _ = tvm_backend.compile_program(program, schedules="ours")
+        assert_equivalent(fn(x)[0], model(x))
+
+
+@pytest.mark.tvm
+def test_a_weight_of_91_columns_is_packed_padded_to_whole_vectors_and_matches_pytorch():
+    """Mask R-CNN's mask logits, a 1x1 convolution of 91 output channels (a product after
+    ``conv_im2col``): its weight is padded to 96 columns and packed in panels of whole vectors
+    (``padded_columns``, ``matmul_packing``), where ``pad_matmul_columns`` would only pad it and
+    leave it row-major; the result is sliced back to 91."""
+    from surgery.schedules.matmul import vector_registers
+
+    torch.manual_seed(0)
+    model, x = torch.nn.Conv2d(256, 91, 1).eval(), torch.randn(2, 256, 28, 28)
+    with torch.no_grad():
+        program, _ = tvm_backend.speed_rewrites(torch.export.export(model, (x,)))
+        [product] = [f.script() for name, f in _kernels(_pipelined_program(program)).items() if "matmul" in name]
+        lanes = vector_registers(tvm_backend.host_target("ours"))[1]
+        shapes = re.findall(r"T\.Buffer\(\(T\.int64\((\d+)\), T\.int64\((\d+)\), T\.int64\((\d+)\)\)", product)
+        weight = [tuple(map(int, shape)) for shape in shapes if shape[1] == "256"]  # [panels, K, width]
+        assert len(weight) == 1 and weight[0][0] * weight[0][2] == 96 and weight[0][2] % lanes == 0, shapes
         fn, _ = tvm_backend.compile_program(program, schedules="ours")
         assert_equivalent(fn(x)[0], model(x))
 
@@ -1830,6 +1850,51 @@ def test_winograd_takes_wide_3x3_convolutions_of_stride_1_and_fuses_their_consum
         assert_equivalent(fn(x)[0], model(x))
     _winograd_from(monkeypatch, 1 << 30)
     assert len([name for name in _scheduled_kernels_of(model, (x,)) if "conv2d" in name]) == 4
+
+
+@pytest.mark.tvm
+def test_winograd_output_transform_runs_a_panel_of_channels_at_a_time(monkeypatch):
+    """F(2x2, 3x3)'s output transform with batch norm and ReLU fused in (``WinogradOutputByPanel``):
+    parallel over rows of blocks; in each, M's panels in order outside the blocks of the row, so a
+    row reads 16 streams of M rather than 16 per panel; a block's 2 x 2 places unrolled inside its
+    vector of channels. On an even image and on an odd one (its last row and column of blocks cut
+    short), the numbers are PyTorch's."""
+    _winograd_from(monkeypatch, 8)
+
+    class ConvBnRelu(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(64, 64, 3, padding=1)
+            self.norm = torch.nn.BatchNorm2d(64)
+            self.norm.running_var.uniform_(0.5, 1.5)
+
+        def forward(self, x):
+            return torch.relu(self.norm(self.conv(x)))
+
+    for height, width in ((8, 12), (9, 7)):
+        torch.manual_seed(0)
+        model, x = ConvBnRelu().eval(), torch.randn(images := 2, 64, height, width)
+        kernels = _scheduled_kernels_of(model, (x,))
+        [output] = [f.script() for name, f in kernels.items() if "output_transform" in name]
+        # M [16 positions, images, panels, blocks, nr]
+        [shape] = re.findall(
+            rf"T\.Buffer\(\(T\.int64\(16\), T\.int64\({images}\), T\.int64\((\d+)\), T\.int64\(\d+\), T\.int64\((\d+)\)\)",
+            output,
+        )
+        panels, nr = map(int, shape)
+        assert panels * nr == 64, shape
+        loops = [line.strip() for line in output.splitlines() if line.strip().startswith("for ")]
+        assert (
+            loops[0].startswith("for b_y_0_fused in T.parallel") and f"T.int64({images * -(-height // 2)})" in loops[0]
+        ), loops
+        assert re.fullmatch(
+            rf"for k_0, x_0, k_1_0 in T\.grid\(T\.int64\({panels}\), T\.int64\({-(-width // 2)}\), T\.int64\({nr // 16}\)\):",
+            loops[1],
+        ), loops
+        assert loops[2:4] == ["for y_1 in T.unroll(T.int64(2)):", "for x_1 in T.unroll(T.int64(2)):"], loops
+        with torch.no_grad():
+            fn, _ = tvm_backend.compile_program(torch.export.export(model, (x,)), schedules="ours")
+            assert_equivalent(fn(x)[0], model(x))
 
 
 @pytest.mark.tvm

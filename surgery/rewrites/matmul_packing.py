@@ -30,9 +30,9 @@ per-head ``Q_h @ K_h^T`` in its prompt stage reads each head's keys ``[32, 5184]
 a time, 20 KB apart: 4.0 ms for the 8-head product at 13 queries on a 2-core EPYC, 0.7 ms packed.
 
 The panel width is the tile the kernel picks on the CPU it is built for (``registers`` and
-``lanes``: an AVX2-only CPU tiles narrower than AVX-512). A weight whose columns are whole
-4-float vectors but not whole vectors of that CPU's width (ShuffleNetV2's 116 channels) is
-packed with zero columns up to the next whole vector where they add at most an eighth
+``lanes``: an AVX2-only CPU tiles narrower than AVX-512). A weight whose columns are
+no whole number of vectors of that CPU's width (ShuffleNetV2's 116 channels, Mask R-CNN's 91
+classes) is packed with zero columns up to the next whole vector where they add at most an eighth
 (``matmul_tiling.padded_columns``), and the product's result is sliced back: the kernel's tile is
 then built of the CPU's vectors, not of 4-float ones (3.5x faster at 116 columns).
 

@@ -10,9 +10,10 @@ stalled after its initial candidates here and each build costs seconds (README, 
 So we ship deterministic rules, applied at build time by ``pipeline`` with dlight's
 ``ApplyDefaultSchedule``; the first rule that accepts a kernel wins (``rules()``, in order):
 
-- ``winograd``: ``WinogradInput`` and ``WinogradOutput``, the input transform and (for 4x4
-  tiles, on request only) the output transform of the convolutions that
-  ``winograd_convolutions`` (a pass before legalisation) computes as F(2x2, 3x3);
+- ``winograd``: ``WinogradInput``, ``WinogradOutput`` and ``WinogradOutputByPanel``, the input
+  transform and the output transforms (of 4x4 tiles, on request only; of 2x2 tiles, a panel of
+  output channels at a time) of the convolutions that ``winograd_convolutions`` (a pass before
+  legalisation) computes as F(2x2, 3x3);
 - ``conv``: ``Conv``, channels-last convolutions tiled by ``surgery.conv_tiling``;
 - ``grouped_conv``: ``GroupedConv``, channels-last grouped convolutions, depthwise ones among them;
 - ``matmul``: ``Matmul``, register-blocked products laid out by ``surgery.matmul_tiling``;
@@ -81,7 +82,7 @@ from .relax_passes import (
     uniform_constants_as_scalars,
 )
 from .row_reduction import RowReduction
-from .winograd import WinogradInput, WinogradOutput, winograd_convolutions
+from .winograd import WinogradInput, WinogradOutput, WinogradOutputByPanel, winograd_convolutions
 
 
 @functools.cache
@@ -89,6 +90,7 @@ def rules() -> tuple:
     rules = (
         WinogradInput(),
         WinogradOutput(),
+        WinogradOutputByPanel(),
         Conv(),
         GroupedConv(),
         Matmul(),

@@ -101,7 +101,9 @@ def pad_matmul_columns(mod, _ctx):
     -> ``matmul(x, pad(y, zeros to a multiple of 8))[..., :N]``: the Matmul rule tiles only whole
     vectors, and the scalar kernel TVM falls back to ran Mask R-CNN's 78400 x 256 @ 256 x 91
     mask logits at 7.5 G multiply-adds a second. Each kept column is the same dot product; the
-    zero columns are computed and dropped. A constant ``y`` (a weight) is padded at build time."""
+    zero columns are computed and dropped. A constant ``y`` (a weight) is padded at build time;
+    most weights come here padded and packed already (``matmul_packing``, ``padded_columns``),
+    so this pass serves the rest (a right-hand side computed per call, a batched weight)."""
     x, y = wildcard(), wildcard()
     pattern = is_op("relax.matmul")(x, y)
 
