@@ -516,7 +516,7 @@ class WinogradOutputByPanel(dlight.ScheduleRule):
             or None in (static_extent(sch, y), static_extent(sch, x))
         ):
             return None
-        y_block, y_place = sch.split(y, [None, F2.m])  # an odd row or column: its block's last, cut
+        y_block, y_place = sch.split(y, [None, F2.m])  # an odd height or width: the last block cut short
         x_block, x_place = sch.split(x, [None, F2.m])
         panel, within = sch.split(k, [None, nr])
         vector, lane = sch.split(within, [None, VECTOR_LANES])
