@@ -635,8 +635,8 @@ def test_a_product_of_197_rows_runs_on_198_in_taller_tiles_and_matches_pytorch()
 def test_a_weights_columns_are_padded_to_whole_vectors_where_that_adds_at_most_an_eighth():
     """``padded_columns``: a weight whose columns are no whole vectors of the CPU's width is
     computed with zero columns up to the next whole vector where they add at most an eighth (116
-    -> 128, 232 -> 240, 91 -> 96; 120 on AVX2's 8 floats); whole vectors and a third more (24 ->
-    32, 4 -> 16) are kept."""
+    -> 128, 232 -> 240, 91 -> 96; 120 on AVX2's 8 floats); whole vectors are kept, and so are
+    counts that more zeros would pad (24 and 4, a third and three times more)."""
     from hypothesis import given
     from hypothesis import strategies as st
 
